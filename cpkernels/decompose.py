@@ -1,0 +1,202 @@
+"""CP decomposition of conv weights with TensorLy's ``parafac``.
+
+TensorLy is imported as ``tensorly`` (never ``tl``, which names ``triton.language`` in the kernels) and
+always used inside ``tensorly.backend_context("pytorch")``, so nothing global changes.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .factors import CPFactors, params_per_rank
+
+RankSpec = Union[int, float]
+
+
+def resolve_rank(
+    rank: RankSpec,
+    weight_shape: tuple[int, int, int, int],
+    groups: int = 1,
+) -> int:
+    """Turn a rank policy into an integer rank.
+
+    Args:
+        rank: an ``int >= 1``, or a ``float`` in (0, 1]: that fraction of the dense parameter count.
+        weight_shape: ``(Cout, Cin/G, kh, kw)``.
+        groups: the conv's groups.
+    """
+    cout, cin_g, kh, kw = weight_shape
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
+        raise TypeError(f"rank must be an int >= 1 or a float in (0, 1], got {rank!r}")
+    if isinstance(rank, numbers.Integral):
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        return int(rank)
+    if not (0.0 < rank <= 1.0) or math.isnan(rank):
+        raise ValueError(f"a fractional rank must lie in (0, 1], got {rank}")
+    dense = cout * cin_g * kh * kw
+    per_rank = params_per_rank(cout, cin_g * groups, (kh, kw), groups)
+    return max(1, int(rank * dense // per_rank))
+
+
+def max_useful_rank(weight_shape: tuple[int, int, int, int], groups: int = 1) -> int:
+    """The largest rank whose factors hold fewer values than the dense weight (at least 1)."""
+    cout, cin_g, kh, kw = weight_shape
+    dense = cout * cin_g * kh * kw
+    per_rank = params_per_rank(cout, cin_g * groups, (kh, kw), groups)
+    return max(1, (dense - 1) // per_rank)
+
+
+def _check_weight(weight: Tensor, groups: int) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(
+            "expected a 4-D conv weight [Cout, Cin/groups, kh, kw], got "
+            f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}"
+        )
+    if not weight.is_floating_point():
+        raise TypeError(f"expected a floating point weight, got {weight.dtype}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    if weight.shape[0] % groups != 0:
+        raise ValueError(f"out_channels ({weight.shape[0]}) must be divisible by groups ({groups})")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("cannot decompose a weight holding NaN or infinite values")
+
+
+def _parafac_one(w: Tensor, rank: int, *, init, n_iter_max, tol, random_state, l2_reg) -> list[Tensor]:
+    """CP of one 4-D slice, with the CP weights folded into the output factor."""
+    import tensorly
+    from tensorly.decomposition import parafac
+
+    if not bool(w.any()):
+        # parafac divides by the norm: an all-zero slice has the exact all-zero CP.
+        return [w.new_zeros(dim, rank) for dim in w.shape]
+
+    def run(init_, l2):
+        with tensorly.backend_context("pytorch"), warnings.catch_warnings():
+            # The SVD start asks for R singular vectors of each unfolding, more than the kh/kw modes
+            # have whenever R > kh; TensorLy warns and pads them, which is expected here.
+            warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
+            cp = parafac(
+                w, rank, n_iter_max=n_iter_max, init=init_, tol=tol,
+                random_state=random_state, l2_reg=l2, normalize_factors=False,
+            )
+        weights, factors = cp
+        factors = [f.to(w.dtype) for f in factors]
+        factors[0] = factors[0] * weights.to(w.dtype)[None, :]
+        return factors
+
+    try:
+        factors = run(init, l2_reg)
+    except (ValueError, RuntimeError, torch.linalg.LinAlgError):
+        # Tiny or over-ranked slices (1-channel inputs, 1xk kernels) break the SVD start or make the
+        # ALS normal equations singular. A random start with a whisper of ridge regularisation
+        # solves those; it is only used after the requested settings failed.
+        ridge = max(l2_reg, 1e-10 * float(torch.linalg.vector_norm(w)) ** 2)
+        factors = run("random", ridge)
+    if not all(bool(torch.isfinite(f).all()) for f in factors):
+        raise RuntimeError(f"parafac returned non-finite factors for a weight of shape {tuple(w.shape)}")
+    return factors
+
+
+def _decompose_at_rank(weight: Tensor, rank: int, groups: int, compute_dtype, options) -> CPFactors:
+    w = weight.detach().to(compute_dtype)
+    cout_g = weight.shape[0] // groups
+    per_group = [
+        _parafac_one(w[g * cout_g:(g + 1) * cout_g], rank, **options) for g in range(groups)
+    ]
+    stacked = [torch.stack([pg[m] for pg in per_group]) for m in range(4)]
+    return CPFactors(*stacked)
+
+
+def decompose_conv(
+    weight: Tensor,
+    rank: Optional[RankSpec] = None,
+    *,
+    groups: int = 1,
+    target_error: Optional[float] = None,
+    init: str = "svd",
+    n_iter_max: int = 100,
+    tol: float = 1e-8,
+    random_state: int = 0,
+    l2_reg: float = 0.0,
+    compute_dtype: torch.dtype = torch.float64,
+) -> CPFactors:
+    """CP-decompose a conv weight ``[Cout, Cin/groups, kh, kw]``, one CP per group.
+
+    Args:
+        weight: the dense conv weight; it is never modified.
+        rank: an ``int >= 1``, or a ``float`` in (0, 1] (that fraction of the dense parameter count).
+            Leave it ``None`` when giving ``target_error``.
+        groups: the conv's groups; each ``[Cout/G, Cin/G, kh, kw]`` slice gets its own CP.
+        target_error: find the smallest rank whose relative weight error is at most this.
+        init, n_iter_max, tol, random_state, l2_reg: passed to TensorLy's ``parafac``.
+        compute_dtype: dtype of the ALS iterations (float64 by default); the factors come back in
+            the weight's dtype and on its device.
+
+    Returns:
+        CPFactors with factors of shapes ``(G, Cout/G, R)``, ``(G, Cin/G, R)``, ``(G, kh, R)``, ``(G, kw, R)``.
+    """
+    _check_weight(weight, groups)
+    shape = (weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3])
+    options = dict(init=init, n_iter_max=n_iter_max, tol=tol, random_state=random_state, l2_reg=l2_reg)
+
+    if target_error is not None:
+        if rank is not None:
+            raise ValueError("give either rank or target_error, not both")
+        factors = _search_rank(weight, float(target_error), groups, compute_dtype, options)
+        return factors.to(weight.dtype)
+    if rank is None:
+        raise ValueError("decompose_conv needs a rank (int or fraction) or a target_error")
+
+    r = resolve_rank(rank, shape, groups)
+    dense = shape[0] * shape[1] * shape[2] * shape[3]
+    if r * params_per_rank(shape[0], shape[1] * groups, shape[2:], groups) >= dense:
+        warnings.warn(
+            f"rank {r} holds at least as many values as the dense weight {tuple(shape)} "
+            f"({dense}); the CP form saves nothing",
+            stacklevel=2,
+        )
+    return _decompose_at_rank(weight, r, groups, compute_dtype, options).to(weight.dtype)
+
+
+def _search_rank(weight: Tensor, target_error: float, groups: int, compute_dtype, options) -> CPFactors:
+    """Smallest rank whose relative error is <= target_error: doubling, then bisection.
+
+    ALS error is not strictly monotone in the rank, so the answer is the smallest rank the bisection
+    saw meet the target, which is what the search can promise without trying every rank.
+    """
+    if not (target_error > 0.0) or math.isnan(target_error):
+        raise ValueError(f"target_error must be > 0, got {target_error}")
+    shape = tuple(weight.shape)
+    high_cap = max_useful_rank(shape, groups)
+    tried: dict[int, tuple[float, CPFactors]] = {}
+
+    def error_at(r: int) -> float:
+        if r not in tried:
+            f = _decompose_at_rank(weight, r, groups, compute_dtype, options)
+            tried[r] = (f.relative_error(weight), f)
+        return tried[r][0]
+
+    low, high = 0, 1  # error_at(low) > target (rank 0 = nothing), error_at(high) to be found
+    while error_at(high) > target_error:
+        if high >= high_cap:
+            warnings.warn(
+                f"no rank up to {high_cap} (the largest that saves parameters) reaches a relative "
+                f"error of {target_error}; using rank {high} with error {tried[high][0]:.3g}",
+                stacklevel=3,
+            )
+            return tried[high][1]
+        low, high = high, min(2 * high, high_cap)
+    while high - low > 1:
+        mid = (low + high) // 2
+        if error_at(mid) <= target_error:
+            high = mid
+        else:
+            low = mid
+    return tried[high][1]

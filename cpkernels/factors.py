@@ -1,0 +1,134 @@
+"""The CP factors of a (possibly grouped) conv weight.
+
+A conv weight ``W[Cout, Cin/G, kh, kw]`` with ``G`` groups is approximated group by group::
+
+    W[g*Cog + o, c, i, j] ~= sum_r output[g, o, r] * input[g, c, r] * vertical[g, i, r] * horizontal[g, j, r]
+
+Every factor carries a leading group dimension, ``G = 1`` included, so every consumer (the reference
+op, the fused kernel, the module) reads one layout and never special-cases groups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class CPFactors:
+    """Four CP factors of a conv weight, each of shape ``(G, dim, R)``.
+
+    Attributes:
+        output: ``(G, Cout/G, R)``, the last 1x1 conv (R -> Cout).
+        input: ``(G, Cin/G, R)``, the first 1x1 conv (Cin -> R).
+        vertical: ``(G, kh, R)``, the kh x 1 depthwise conv.
+        horizontal: ``(G, kw, R)``, the 1 x kw depthwise conv.
+    """
+
+    output: Tensor
+    input: Tensor
+    vertical: Tensor
+    horizontal: Tensor
+
+    def __post_init__(self) -> None:
+        factors = self.as_tuple()
+        if any(f.dim() != 3 for f in factors):
+            raise ValueError(
+                "CPFactors expects four 3-D factors (G, dim, R), got shapes "
+                f"{[tuple(f.shape) for f in factors]}"
+            )
+        groups = {f.shape[0] for f in factors}
+        ranks = {f.shape[2] for f in factors}
+        if len(groups) != 1 or len(ranks) != 1:
+            raise ValueError(
+                "all CP factors must share the group and rank dimensions, got shapes "
+                f"{[tuple(f.shape) for f in factors]}"
+            )
+        if len({f.dtype for f in factors}) != 1 or len({f.device for f in factors}) != 1:
+            raise ValueError("all CP factors must share one dtype and one device")
+
+    def as_tuple(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return (self.output, self.input, self.vertical, self.horizontal)
+
+    @property
+    def rank(self) -> int:
+        return self.output.shape[2]
+
+    @property
+    def groups(self) -> int:
+        return self.output.shape[0]
+
+    @property
+    def out_channels(self) -> int:
+        return self.groups * self.output.shape[1]
+
+    @property
+    def in_channels(self) -> int:
+        return self.groups * self.input.shape[1]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (self.vertical.shape[1], self.horizontal.shape[1])
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        """Shape of the dense weight these factors stand for: ``(Cout, Cin/G, kh, kw)``."""
+        return (self.out_channels, self.input.shape[1], *self.kernel_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.output.device
+
+    @property
+    def num_params(self) -> int:
+        """Number of values held by the four factors."""
+        return sum(f.numel() for f in self.as_tuple())
+
+    @property
+    def dense_num_params(self) -> int:
+        """Number of values in the dense weight (bias excluded)."""
+        cout, cin_g, kh, kw = self.weight_shape
+        return cout * cin_g * kh * kw
+
+    def to_dense(self) -> Tensor:
+        """The reconstructed weight ``[Cout, Cin/G, kh, kw]``."""
+        w = torch.einsum("gor,gcr,gir,gjr->gocij", *self.as_tuple())
+        return w.reshape(self.weight_shape)
+
+    def relative_error(self, weight: Tensor) -> float:
+        """``||W - W_hat|| / ||W||`` in float64 (0 when both are zero)."""
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} does not match the factors' {self.weight_shape}"
+            )
+        w = weight.detach().to(device=self.device, dtype=torch.float64)
+        approx = self.to(torch.float64).to_dense()
+        norm = torch.linalg.vector_norm(w)
+        diff = torch.linalg.vector_norm(w - approx.detach())
+        if norm == 0:
+            return 0.0 if diff == 0 else float("inf")
+        return float(diff / norm)
+
+    def to(self, *args, **kwargs) -> "CPFactors":
+        """Like ``Tensor.to``, applied to each factor."""
+        return CPFactors(*(f.to(*args, **kwargs) for f in self.as_tuple()))
+
+    def detach(self) -> "CPFactors":
+        return CPFactors(*(f.detach() for f in self.as_tuple()))
+
+    def __repr__(self) -> str:
+        cout, cin_g, kh, kw = self.weight_shape
+        return (
+            f"CPFactors(rank={self.rank}, groups={self.groups}, weight_shape=({cout}, {cin_g}, {kh}, {kw}), "
+            f"num_params={self.num_params}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+def params_per_rank(out_channels: int, in_channels: int, kernel_size: tuple[int, int], groups: int) -> int:
+    """Factor values added by one more rank: one column in each factor of each group."""
+    return out_channels + in_channels + groups * (kernel_size[0] + kernel_size[1])

@@ -1,0 +1,1 @@
+"""Triton kernels (imported lazily: ``import cpkernels`` does not import triton)."""

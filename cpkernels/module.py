@@ -1,0 +1,228 @@
+"""``CPConv2d``: a drop-in ``nn.Conv2d`` whose weight is held as CP factors."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .decompose import RankSpec, decompose_conv, resolve_rank
+from .factors import CPFactors
+from .ops import conv_args
+from .ops.cp_conv2d import BACKENDS, cp_conv2d
+
+
+class CPConv2d(nn.Module):
+    """2-D convolution with a rank-R CP weight ``W[o,c,i,j] = sum_r A[o,r] B[c,r] V[i,r] H[j,r]``.
+
+    It takes ``nn.Conv2d``'s arguments and has its attributes (``in_channels``, ``out_channels``,
+    ``kernel_size``, ``stride``, ``padding``, ``dilation``, ``groups``, ``padding_mode``, ``bias``), plus
+    ``rank`` and ``backend``. The factors are parameters of shape ``(G, dim, R)``:
+    ``output_factor (G, Cout/G, R)``, ``input_factor (G, Cin/G, R)``, ``vertical_factor (G, kh, R)``,
+    ``horizontal_factor (G, kw, R)``.
+
+    ``backend``: ``"auto"`` runs the fused Triton kernel on CUDA and the reference four-stage path on
+    the CPU; ``"reference"`` and ``"triton"`` force one.
+
+    Build one from a trained conv with :meth:`from_conv`.
+    """
+
+    __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels",
+                     "kernel_size", "rank"]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: conv_args.IntPair,
+        rank: RankSpec,
+        stride: conv_args.IntPair = 1,
+        padding: conv_args.Padding = 0,
+        dilation: conv_args.IntPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if groups <= 0:
+            raise ValueError("groups must be a positive integer")
+        if in_channels % groups != 0:
+            raise ValueError("in_channels must be divisible by groups")
+        if out_channels % groups != 0:
+            raise ValueError("out_channels must be divisible by groups")
+        kernel_size_ = conv_args.pair(kernel_size, "kernel_size")
+        stride_ = conv_args.pair(stride, "stride")
+        dilation_ = conv_args.pair(dilation, "dilation")
+        conv_args.check_padding_arg(padding, stride_)
+        if padding_mode not in conv_args.PADDING_MODES:
+            raise ValueError(
+                f"padding_mode must be one of {list(conv_args.PADDING_MODES)}, but got padding_mode='{padding_mode}'"
+            )
+        weight_shape = (out_channels, in_channels // groups, *kernel_size_)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size_
+        self.stride = stride_
+        self.padding = padding if isinstance(padding, str) else conv_args.pair(padding, "padding")
+        self.dilation = dilation_
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.rank = resolve_rank(rank, weight_shape, groups)
+        self.backend = backend
+
+        kw = dict(device=device, dtype=dtype)
+        r, g = self.rank, groups
+        self.output_factor = nn.Parameter(torch.empty(g, out_channels // g, r, **kw))
+        self.input_factor = nn.Parameter(torch.empty(g, in_channels // g, r, **kw))
+        self.vertical_factor = nn.Parameter(torch.empty(g, kernel_size_[0], r, **kw))
+        self.horizontal_factor = nn.Parameter(torch.empty(g, kernel_size_[1], r, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    @property
+    def factors(self) -> CPFactors:
+        """The factors as a :class:`CPFactors` view of the parameters (no copy, autograd intact)."""
+        return CPFactors(self.output_factor, self.input_factor, self.vertical_factor, self.horizontal_factor)
+
+    def reset_parameters(self) -> None:
+        """Random factors whose product has ``nn.Conv2d``'s default weight variance.
+
+        ``nn.Conv2d`` draws its weight from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), of variance 1/(3 fan_in).
+        With four independent N(0, s^2) factors, a weight entry sums R products of four, of variance
+        R s^8; s is chosen to match.
+        """
+        fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+        std = (1.0 / (3.0 * fan_in * self.rank)) ** 0.125
+        for f in (self.output_factor, self.input_factor, self.vertical_factor, self.horizontal_factor):
+            nn.init.normal_(f, 0.0, std)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        rank: Optional[RankSpec] = None,
+        *,
+        target_error: Optional[float] = None,
+        backend: str = "auto",
+        **decompose_kwargs,
+    ) -> "CPConv2d":
+        """A CPConv2d approximating ``conv``: its hyperparameters, bias, device and dtype; ``conv`` is untouched.
+
+        Args:
+            conv: exactly an ``nn.Conv2d`` (not a subclass, a transposed or a lazy conv).
+            rank: an ``int``, or a ``float`` in (0, 1] (fraction of the dense parameters).
+            target_error: instead of ``rank``: the smallest rank with relative weight error <= this.
+            backend: the new module's backend.
+            decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, tol,
+                random_state, l2_reg, ...).
+        """
+        if type(conv) is not nn.Conv2d:
+            kind = type(conv).__name__
+            if isinstance(conv, nn.modules.lazy.LazyModuleMixin):
+                reason = "a lazy conv has no weight yet; run a forward pass first, then copy it into an nn.Conv2d"
+            elif isinstance(conv, nn.modules.conv._ConvTransposeNd):
+                reason = "transposed convolutions are not supported"
+            elif isinstance(conv, nn.Conv2d):
+                reason = "subclasses may change forward(), which a CP form cannot reproduce"
+            else:
+                reason = "only nn.Conv2d is supported"
+            raise TypeError(f"CPConv2d.from_conv expects exactly nn.Conv2d, got {kind}: {reason}")
+        factors = decompose_conv(
+            conv.weight.detach(), rank, groups=conv.groups, target_error=target_error, **decompose_kwargs
+        )
+        return cls.from_factors(
+            factors,
+            bias=None if conv.bias is None else conv.bias.detach(),
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            padding_mode=conv.padding_mode,
+            backend=backend,
+        )
+
+    @classmethod
+    def from_factors(
+        cls,
+        factors: CPFactors,
+        bias: Optional[Tensor] = None,
+        stride: conv_args.IntPair = 1,
+        padding: conv_args.Padding = 0,
+        dilation: conv_args.IntPair = 1,
+        padding_mode: str = "zeros",
+        backend: str = "auto",
+    ) -> "CPConv2d":
+        """A CPConv2d holding copies of ``factors`` (and ``bias``)."""
+        module = cls(
+            factors.in_channels, factors.out_channels, factors.kernel_size, factors.rank,
+            stride=stride, padding=padding, dilation=dilation, groups=factors.groups,
+            bias=bias is not None, padding_mode=padding_mode,
+            device=factors.device, dtype=factors.dtype, backend=backend,
+        )
+        with torch.no_grad():
+            for param, value in zip(module.factors.as_tuple(), factors.as_tuple()):
+                param.copy_(value)
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+    # ---------------------------------------------------------------------------------------------
+    def to_dense_weight(self) -> Tensor:
+        """The effective weight ``[Cout, Cin/G, kh, kw]`` (differentiable w.r.t. the factors)."""
+        return self.factors.to_dense()
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function, on the same device and dtype."""
+        ref = self.output_factor
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
+            padding_mode=self.padding_mode, device=ref.device, dtype=ref.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.to_dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cp_conv2d(
+            x, self.factors, self.bias, self.stride, self.padding, self.dilation, self.padding_mode, self.backend
+        )
+
+    def extra_repr(self) -> str:
+        s = "{in_channels}, {out_channels}, kernel_size={kernel_size}, rank={rank}, stride={stride}"
+        if self.padding != (0,) * len(self.kernel_size):
+            s += ", padding={padding}"
+        if self.dilation != (1,) * len(self.dilation):
+            s += ", dilation={dilation}"
+        if self.groups != 1:
+            s += ", groups={groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += ", padding_mode={padding_mode}"
+        if self.backend != "auto":
+            s += ", backend={backend}"
+        return s.format(**self.__dict__, backend=self.backend)

@@ -1,0 +1,215 @@
+"""``cp_conv2d``: the package's one functional op, and its ``torch.library`` registration.
+
+Chain: :func:`cp_conv2d` (Python API: argument checks, padding modes, autocast, unbatched input)
+-> ``torch.ops.cpkernels.cp_conv2d`` (custom op: fake impl, autograd) -> the reference four-stage
+path (:mod:`cpkernels.ops.reference`) or the fused Triton kernel (:mod:`cpkernels.kernels.cp_conv2d_fused`).
+
+Autograd: the backward is the reference maths (:func:`cp_conv2d_reference_backward`) whichever backend
+ran forward, so gradients for ``x``, every factor and the bias are exact up to rounding.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..factors import CPFactors
+from . import conv_args
+from .reference import cp_conv2d_reference, cp_conv2d_reference_backward
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend selection
+# --------------------------------------------------------------------------------------------------
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, x: Tensor) -> bool:
+    """Whether the fused Triton kernel runs for ``x`` (else the reference path does).
+
+    ``"auto"`` picks the fused kernel for CUDA tensors and the reference path elsewhere. float64 always
+    takes the reference path: the kernel accumulates in fp32, and float64 must not silently lose
+    precision.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        return x.device.type == "cuda" and x.dtype != torch.float64 and triton_available()
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+    if x.device.type != "cuda" and not triton_interpreter_enabled():
+        raise RuntimeError(
+            f"backend='triton' runs on CUDA tensors; got a {x.device.type} tensor. On the CPU the kernel "
+            "runs only under the Triton interpreter: set TRITON_INTERPRET=1 before the first call"
+        )
+    return x.dtype != torch.float64
+
+
+# --------------------------------------------------------------------------------------------------
+# The custom op
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("cpkernels::cp_conv2d", mutates_args=())
+def _cp_conv2d_op(
+    x: Tensor,
+    input_factor: Tensor,
+    vertical_factor: Tensor,
+    horizontal_factor: Tensor,
+    output_factor: Tensor,
+    bias: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    use_triton: bool,
+) -> Tensor:
+    """CP conv of a 4-D ``x``; ``padding`` is ``(top, bottom, left, right)`` zero padding."""
+    if use_triton:
+        from ..kernels.cp_conv2d_fused import cp_conv2d_fused
+
+        return cp_conv2d_fused(
+            x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation
+        )
+    return cp_conv2d_reference(
+        x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation
+    )
+
+
+@_cp_conv2d_op.register_fake
+def _(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation, use_triton):
+    kernel_size = (vertical_factor.shape[1], horizontal_factor.shape[1])
+    oh, ow = conv_args.output_size(tuple(x.shape[2:]), kernel_size, stride, padding, dilation)
+    cout = output_factor.shape[0] * output_factor.shape[1]
+    return x.new_empty((x.shape[0], cout, oh, ow)).contiguous(memory_format=conv_args.memory_format_of(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x, f_in, f_v, f_h, f_out, bias, stride, padding, dilation, _ = inputs
+    ctx.save_for_backward(x, f_in, f_v, f_h, f_out)
+    ctx.has_bias = bias is not None
+    ctx.conv = (stride, padding, dilation)
+
+
+def _backward(ctx, grad_y):
+    x, f_in, f_v, f_h, f_out = ctx.saved_tensors
+    grads = cp_conv2d_reference_backward(
+        grad_y.contiguous(memory_format=conv_args.memory_format_of(x)),
+        x, f_in, f_v, f_h, f_out, ctx.has_bias, *ctx.conv, ctx.needs_input_grad[:6],
+    )
+    return (*grads, None, None, None, None)
+
+
+_cp_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# The public function
+# --------------------------------------------------------------------------------------------------
+def _check_input(x: Tensor, factors: CPFactors, bias: Optional[Tensor]) -> None:
+    """``F.conv2d``'s checks, in its wording, before any work is done."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"cp_conv2d(): input must be a Tensor, not {type(x).__name__}")
+    if x.dim() not in (3, 4):
+        raise RuntimeError(
+            f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: {list(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise RuntimeError(f"cp_conv2d expects a floating point input, got {x.dtype}")
+    channels = x.shape[-3]
+    if channels != factors.in_channels:
+        shape = list(x.shape) if x.dim() == 4 else [1, *x.shape]
+        raise RuntimeError(
+            f"Given groups={factors.groups}, weight of size {list(factors.weight_shape)}, expected "
+            f"input{shape} to have {factors.in_channels} channels, but got {channels} channels instead"
+        )
+    tensors = [("weight", factors.output)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in tensors:
+        if t.device != x.device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two devices, "
+                f"{x.device} and {t.device}!"
+            )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != factors.out_channels):
+        raise RuntimeError(
+            f"Given weight of size {list(factors.weight_shape)}, expected bias to be 1-dimensional with "
+            f"{factors.out_channels} elements, but got bias of size {list(bias.shape)} instead"
+        )
+    if not torch.is_autocast_enabled(x.device.type):
+        for name, t in tensors:
+            if t.dtype != x.dtype:
+                raise RuntimeError(f"Input type ({x.dtype}) and {name} type ({t.dtype}) should be the same")
+
+
+def _autocast(tensors: list[Optional[Tensor]], device_type: str) -> list[Optional[Tensor]]:
+    """Cast like autocast casts ``conv2d``'s arguments: fp16/bf16/fp32 to the autocast dtype, fp64 left alone."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return [
+        t.to(dtype) if t is not None and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+        for t in tensors
+    ]
+
+
+def cp_conv2d(
+    x: Tensor,
+    factors: CPFactors,
+    bias: Optional[Tensor] = None,
+    stride: conv_args.IntPair = 1,
+    padding: conv_args.Padding = 0,
+    dilation: conv_args.IntPair = 1,
+    padding_mode: str = "zeros",
+    backend: str = "auto",
+) -> Tensor:
+    """2-D convolution with a CP-factored weight; same semantics as ``F.conv2d`` with ``factors.to_dense()``.
+
+    Args:
+        x: ``(N, Cin, H, W)`` or unbatched ``(Cin, H, W)``, any strides (NCHW, channels_last, views).
+        factors: the CP factors of the weight (their groups are the conv's groups).
+        bias: ``(Cout,)`` or None.
+        stride, padding, dilation: as ``nn.Conv2d`` (ints, pairs, ``"same"``, ``"valid"``).
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``, as ``nn.Conv2d``.
+        backend: ``"auto"`` (fused kernel on CUDA, reference elsewhere), ``"reference"`` or ``"triton"``.
+
+    Returns:
+        ``(N, Cout, OH, OW)`` (or unbatched), in ``x``'s dtype and memory format.
+    """
+    _check_input(x, factors, bias)
+    stride_ = conv_args.pair(stride, "stride")
+    dilation_ = conv_args.pair(dilation, "dilation")
+    if any(s < 1 for s in stride_):
+        raise RuntimeError("non-positive stride is not supported")
+    if any(d < 1 for d in dilation_):
+        raise RuntimeError("dilation should be greater than zero")
+    conv_args.check_padding_arg(padding, stride_)
+    if padding_mode not in conv_args.PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {conv_args.PADDING_MODES}, got {padding_mode!r}")
+    pad = conv_args.explicit_padding(padding, factors.kernel_size, dilation_)
+    use_triton = resolve_backend(backend, x)
+
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if padding_mode != "zeros" and any(pad):
+        pt, pb, pl, pr = pad
+        x = F.pad(x, (pl, pr, pt, pb), mode=padding_mode)
+        pad = (0, 0, 0, 0)
+
+    tensors = [x, *(f for f in (factors.input, factors.vertical, factors.horizontal, factors.output)), bias]
+    if torch.is_autocast_enabled(x.device.type):
+        # A custom op has no autocast rule of its own (the Autocast key falls through): cast here.
+        tensors = _autocast(tensors, x.device.type)
+    y = _cp_conv2d_op(*tensors, list(stride_), list(pad), list(dilation_), use_triton)
+    return y.squeeze(0) if unbatched else y

@@ -1,0 +1,140 @@
+"""The reference CP conv: four PyTorch convs, and their backward.
+
+    x --1x1 (Cin->R, groups G)--> t1 --kh x 1 (groups G*R)--> t2 --1 x kw (groups G*R)--> t3 --1x1 (R->Cout, groups G)+bias--> y
+
+The vertical stage carries the vertical stride/padding/dilation and the horizontal stage the
+horizontal ones; zero padding of the rank-R intermediate equals zero padding of ``x`` because stage 1
+has no bias. This is the correctness oracle's structure, the CPU path and a benchmark baseline.
+
+Everything here takes already-normalised arguments: 4-D ``x``, factors ``(G, dim, R)``,
+``stride``/``dilation`` pairs and ``padding`` as ``(top, bottom, left, right)`` zero padding.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def stage_weights(
+    input_factor: Tensor, vertical_factor: Tensor, horizontal_factor: Tensor, output_factor: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four conv weights of the factors ``(G, dim, R)``, channel ``g*R + r`` for rank ``r`` of group ``g``."""
+    g, cin_g, r = input_factor.shape
+    kh, kw = vertical_factor.shape[1], horizontal_factor.shape[1]
+    w_in = input_factor.transpose(1, 2).reshape(g * r, cin_g, 1, 1)
+    w_vert = vertical_factor.transpose(1, 2).reshape(g * r, 1, kh, 1)
+    w_horz = horizontal_factor.transpose(1, 2).reshape(g * r, 1, 1, kw)
+    w_out = output_factor.reshape(-1, r, 1, 1)
+    return w_in, w_vert, w_horz, w_out
+
+
+def _split_padding(lo: int, hi: int) -> tuple[tuple[int, int], int]:
+    """Symmetric part for the conv, and the explicit (lo, hi) pad still needed before it."""
+    if lo == hi:
+        return (0, 0), lo
+    return (lo, hi), 0
+
+
+def cp_conv2d_reference(
+    x: Tensor,
+    input_factor: Tensor,
+    vertical_factor: Tensor,
+    horizontal_factor: Tensor,
+    output_factor: Tensor,
+    bias: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """Four-stage CP conv of a 4-D ``x``; see the module docstring for the argument conventions."""
+    groups, _, rank = input_factor.shape
+    w_in, w_vert, w_horz, w_out = stage_weights(input_factor, vertical_factor, horizontal_factor, output_factor)
+    (sh, sw), (pt, pb, pl, pr), (dh, dw) = stride, padding, dilation
+    pad_v, ph = _split_padding(pt, pb)
+    pad_h, pw = _split_padding(pl, pr)
+
+    t = F.conv2d(x, w_in, None, 1, 0, 1, groups)
+    if pad_v != (0, 0):
+        t = F.pad(t, (0, 0, *pad_v))
+    t = F.conv2d(t, w_vert, None, (sh, 1), (ph, 0), (dh, 1), groups * rank)
+    if pad_h != (0, 0):
+        t = F.pad(t, pad_h)
+    t = F.conv2d(t, w_horz, None, (1, sw), (0, pw), (1, dw), groups * rank)
+    y = F.conv2d(t, w_out, bias, 1, 0, 1, groups)
+    # The output follows the input's memory format, whatever the conv backends chose.
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return y.contiguous(memory_format=torch.channels_last)
+    return y.contiguous()
+
+
+def cp_conv2d_reference_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    input_factor: Tensor,
+    vertical_factor: Tensor,
+    horizontal_factor: Tensor,
+    output_factor: Tensor,
+    has_bias: bool,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    needs_grad: Sequence[bool],
+) -> tuple[Optional[Tensor], ...]:
+    """Gradients of :func:`cp_conv2d_reference` for ``(x, input, vertical, horizontal, output, bias)``.
+
+    Written with ``aten.convolution_backward`` rather than ``torch.autograd.grad`` so that it traces
+    under ``torch.compile``/``torch.export`` as the backward of the custom op. The intermediates are
+    recomputed (one extra forward) instead of being kept alive between forward and backward.
+    """
+    groups, _, rank = input_factor.shape
+    gr = groups * rank
+    w_in, w_vert, w_horz, w_out = stage_weights(input_factor, vertical_factor, horizontal_factor, output_factor)
+    (sh, sw), (pt, pb, pl, pr), (dh, dw) = stride, padding, dilation
+    pad_v, ph = _split_padding(pt, pb)
+    pad_h, pw = _split_padding(pl, pr)
+    need_x, need_in, need_v, need_h, need_out, need_b = needs_grad
+    conv_bwd = torch.ops.aten.convolution_backward.default
+
+    # Forward again, keeping what each stage's backward needs.
+    t1 = F.conv2d(x, w_in, None, 1, 0, 1, groups)
+    t1p = F.pad(t1, (0, 0, *pad_v)) if pad_v != (0, 0) else t1
+    t2 = F.conv2d(t1p, w_vert, None, (sh, 1), (ph, 0), (dh, 1), gr)
+    t2p = F.pad(t2, pad_h) if pad_h != (0, 0) else t2
+    t3 = F.conv2d(t2p, w_horz, None, (1, sw), (0, pw), (1, dw), gr)
+
+    bias_sizes = [w_out.shape[0]] if has_bias else None
+    g_t3, g_w_out, g_bias = conv_bwd(
+        grad_y, t3, w_out, bias_sizes, [1, 1], [0, 0], [1, 1], False, [0, 0], groups,
+        [True, need_out, has_bias and need_b],
+    )
+    need_t2 = need_x or need_in or need_v
+    g_t2p, g_w_horz, _ = conv_bwd(
+        g_t3, t2p, w_horz, None, [1, sw], [0, pw], [1, dw], False, [0, 0], gr, [need_t2, need_h, False]
+    )
+    g_t1p = g_w_vert = None
+    if need_t2:
+        g_t2 = g_t2p[..., pad_h[0]:pad_h[0] + t2.shape[3]] if pad_h != (0, 0) else g_t2p
+        need_t1 = need_x or need_in
+        g_t1p, g_w_vert, _ = conv_bwd(
+            g_t2, t1p, w_vert, None, [sh, 1], [ph, 0], [dh, 1], False, [0, 0], gr, [need_t1, need_v, False]
+        )
+    g_x = g_w_in = None
+    if g_t1p is not None:
+        g_t1 = g_t1p[:, :, pad_v[0]:pad_v[0] + t1.shape[2]] if pad_v != (0, 0) else g_t1p
+        g_x, g_w_in, _ = conv_bwd(
+            g_t1, x, w_in, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [need_x, need_in, False]
+        )
+
+    cin_g = input_factor.shape[1]
+    kh, kw = vertical_factor.shape[1], horizontal_factor.shape[1]
+    return (
+        g_x if need_x else None,
+        g_w_in.reshape(groups, rank, cin_g).transpose(1, 2) if need_in and g_w_in is not None else None,
+        g_w_vert.reshape(groups, rank, kh).transpose(1, 2) if need_v and g_w_vert is not None else None,
+        g_w_horz.reshape(groups, rank, kw).transpose(1, 2) if need_h and g_w_horz is not None else None,
+        g_w_out.reshape(output_factor.shape) if need_out and g_w_out is not None else None,
+        g_bias if has_bias and need_b else None,
+    )
