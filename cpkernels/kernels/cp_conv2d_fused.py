@@ -13,7 +13,7 @@ it commutes into the first contraction::
 A program owns ``BLOCK_P`` output pixels (flattened over N, OH, OW) and ``BLOCK_O`` output channels
 of one group. For each ``BLOCK_R`` slice of the rank it accumulates ``z`` over the input channels and
 the kh*kw taps on the tensor cores (``[BP, BC] @ [BC, BR]``: the tap-scaled ``B`` tile is built in
-registers from one load of ``B`` and two rank vectors), then feeds it straight into the second
+registers from a ``B`` tile and two rank vectors), then feeds it straight into the second
 contraction (``[BP, BR] @ [BR, BO]``). ``z`` lives only in registers; no intermediate touches memory.
 Out-of-image taps are masked to zero, which is the zero padding (exact because stage 1 has no bias).
 """
@@ -35,18 +35,20 @@ INT32_MAX = 2**31 - 1
 # Tile configs
 # --------------------------------------------------------------------------------------------------
 # (BLOCK_P, BLOCK_C, BLOCK_R, BLOCK_O, num_warps, num_stages). Every block is a power of two >= 16
-# (tl.dot's minimum). 16-bit inputs halve the operand registers, so they take larger tiles than fp32,
-# whose configs are sized to compile without spills (see ``python -m cpkernels.kernels.aot``).
+# (tl.dot's minimum). Each set holds only tiles that compile without register spills for both sm_80
+# and sm_90 (``python -m cpkernels.kernels.aot``); 4-warp tiles and BLOCK_O = 256 all spilled, so the
+# output channels are tiled by at most 128.
 TILES_16BIT = (
-    (64, 32, 32, 64, 4, 3),
-    (64, 32, 64, 64, 4, 3),
     (128, 32, 32, 64, 8, 3),
-    (128, 32, 64, 128, 8, 3),
-    (64, 64, 64, 128, 8, 3),
-    (64, 32, 64, 256, 8, 2),
+    (64, 32, 64, 64, 8, 2),
+    (64, 32, 32, 128, 8, 3),
+    (64, 32, 64, 128, 8, 3),
+    (64, 16, 32, 128, 8, 2),
+    (128, 16, 32, 64, 8, 2),
 )
 TILES_FP32 = (
-    (64, 32, 32, 64, 4, 2),
+    (64, 32, 64, 64, 8, 2),
+    (64, 32, 32, 128, 8, 3),
     (64, 16, 32, 128, 8, 2),
     (128, 16, 32, 64, 8, 2),
 )
@@ -167,29 +169,33 @@ def cp_conv2d_fused_kernel(
         rr = r0 + offs_r
         mask_r = rr < RANK
         acc_z = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, C_IN_G, BLOCK_C):
-            cc = c0 + offs_c
-            mask_c = cc < C_IN_G
-            b = tl.load(
-                b_grp + cc[:, None] * stride_bc + rr[None, :] * stride_br,
-                mask=mask_c[:, None] & mask_r[None, :], other=0.0,
-            ).to(tl.float32)  # [BC, BR]
-            for i in tl.static_range(KH):
-                ih = ih0 + i * DIL_H
-                row_ok = mask_m & (ih >= 0) & (ih < H)
-                v_i = tl.load(v_grp + i * stride_vi + rr * stride_vr, mask=mask_r, other=0.0).to(tl.float32)
-                for j in tl.static_range(KW):
-                    iw = iw0 + j * DIL_W
-                    ok = row_ok & (iw >= 0) & (iw < W)
-                    h_j = tl.load(h_grp + j * stride_hj + rr * stride_hr, mask=mask_r, other=0.0).to(tl.float32)
-                    x = tl.load(
-                        x_rows[:, None] + ih[:, None] * stride_xh + iw[:, None] * stride_xw + cc[None, :] * stride_xc,
-                        mask=ok[:, None] & mask_c[None, :], other=0.0,
-                    )  # [BP, BC]
-                    # Tap (i, j) of the merged depthwise filter, folded into B: [BC, BR]
-                    w_tap = (b * (v_i * h_j)[None, :]).to(x.dtype)
-                    # [BP, BC] @ [BC, BR] -> [BP, BR]
-                    acc_z = tl.dot(x, w_tap, acc_z, input_precision=DOT_PRECISION)
+        # Taps outside, channels inside: each tap is one pipelined K-loop with a single dot, which
+        # keeps one tap's addresses live at a time (unrolling the taps inside the channel loop
+        # spilled at every tile size).
+        for tap in range(KH * KW):
+            i = tap // KW
+            j = tap % KW
+            ih = ih0 + i * DIL_H
+            iw = iw0 + j * DIL_W
+            pix_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # [BP]
+            x_pix = x_rows + ih * stride_xh + iw * stride_xw  # [BP] pointers
+            v_i = tl.load(v_grp + i * stride_vi + rr * stride_vr, mask=mask_r, other=0.0).to(tl.float32)
+            h_j = tl.load(h_grp + j * stride_hj + rr * stride_hr, mask=mask_r, other=0.0).to(tl.float32)
+            vh = v_i * h_j  # [BR]: tap (i, j) of the merged depthwise filter
+            for c0 in range(0, C_IN_G, BLOCK_C):
+                cc = c0 + offs_c
+                mask_c = cc < C_IN_G
+                x = tl.load(
+                    x_pix[:, None] + cc[None, :] * stride_xc, mask=pix_ok[:, None] & mask_c[None, :], other=0.0
+                )  # [BP, BC]
+                b = tl.load(
+                    b_grp + cc[:, None] * stride_bc + rr[None, :] * stride_br,
+                    mask=mask_c[:, None] & mask_r[None, :], other=0.0,
+                )  # [BC, BR]
+                # The tap folded into B, rounded once to the input dtype: [BC, BR]
+                w_tap = (b.to(tl.float32) * vh[None, :]).to(x.dtype)
+                # [BP, BC] @ [BC, BR] -> [BP, BR]
+                acc_z = tl.dot(x, w_tap, acc_z, input_precision=DOT_PRECISION)
         a = tl.load(
             a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
             mask=mask_r[:, None] & mask_o[None, :], other=0.0,
@@ -223,6 +229,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def new_output(shape: tuple[int, ...], x: Tensor) -> Tensor:
+    """The uninitialised output, in ``x``'s dtype, device and memory format (tests poison it with NaN)."""
+    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=conv_args.memory_format_of(x))
+
+
 def cp_conv2d_fused(
     x: Tensor,
     input_factor: Tensor,
@@ -234,12 +245,14 @@ def cp_conv2d_fused(
     padding: Sequence[int],
     dilation: Sequence[int],
     *,
+    out: Optional[Tensor] = None,
     force_int64: bool = False,
 ) -> Tensor:
     """Launch the fused kernel on a 4-D ``x``; ``padding`` is ``(top, bottom, left, right)`` zeros.
 
     Arguments follow :func:`cpkernels.ops.reference.cp_conv2d_reference`. The output has ``x``'s dtype
-    and memory format; ``x`` is read through its strides, never copied.
+    and memory format; ``x`` is read through its strides, never copied. ``out``, if given, receives the
+    result (any strides). ``force_int64`` takes the 64-bit offset path even for small tensors.
     """
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the fused kernel supports {SUPPORTED_DTYPES}, got {x.dtype}")
@@ -248,9 +261,16 @@ def cp_conv2d_fused(
     cout_g = output_factor.shape[1]
     kh, kw = vertical_factor.shape[1], horizontal_factor.shape[1]
     oh, ow = conv_args.output_size((h, w), (kh, kw), stride, padding, dilation)
-    y = torch.empty(
-        (n, groups * cout_g, oh, ow), device=x.device, dtype=x.dtype, memory_format=conv_args.memory_format_of(x)
-    )
+    shape = (n, groups * cout_g, oh, ow)
+    if out is None:
+        y = new_output(shape, x)
+    elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out must be a {x.dtype} tensor of shape {shape} on {x.device}, got {out.dtype} {tuple(out.shape)} "
+            f"on {out.device}"
+        )
+    else:
+        y = out
     if y.numel() == 0:
         return y
     m = n * oh * ow

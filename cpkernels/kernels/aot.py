@@ -1,0 +1,140 @@
+"""Compile the fused kernel for real GPUs without one, and report what each config costs.
+
+``compile_report(arch)`` compiles every autotune config of
+:func:`cpkernels.kernels.cp_conv2d_fused.cp_conv2d_fused_kernel`, for each input dtype, for ``sm_80`` or
+``sm_90``, and returns one dict per (config, dtype): registers and spill bytes (from ``ptxas -v`` on
+the PTX), shared memory (Triton's metadata) and whether the channel contractions run on the tensor
+cores (``mma``/``wgmma`` in the PTX).
+
+The kernel is specialised the way a typical launch is: 3x3, stride and dilation 1, NCHW input,
+contiguous factors (unit strides become constants, pointers are 16-byte aligned).
+
+    python -m cpkernels.kernels.aot --arch sm_90
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ARCHS = {"sm_80": 80, "sm_90": 90}
+DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+REPORT_KEYS = ("config", "dtype", "registers", "spill_bytes", "shared_bytes", "tensor_cores")
+
+# Argument values fixed at compile time, as Triton specialises them at a typical launch.
+_SPECIALISED = {
+    "stride_xw": 1, "stride_yw": 1, "stride_br": 1, "stride_vr": 1, "stride_hr": 1, "stride_ar": 1,
+    "STRIDE_H": 1, "STRIDE_W": 1, "DIL_H": 1, "DIL_W": 1,
+    "KH": 3, "KW": 3, "HAS_BIAS": True, "USE_INT64": False,
+}
+_POINTERS = ("x_ptr", "b_ptr", "v_ptr", "h_ptr", "a_ptr", "bias_ptr", "y_ptr")
+
+
+def _triton_bin(name: str) -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
+    """(registers, spill bytes) from ``ptxas -v``.
+
+    The ``ptxas-blackwell`` build shipped with Triton reads the PTX versions Triton emits, which the
+    older plain ``ptxas`` beside it may not.
+    """
+    ptxas = _triton_bin("ptxas-blackwell")
+    if not ptxas.exists():
+        ptxas = _triton_bin("ptxas")
+    target = "sm_90a" if arch == "sm_90" else arch
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run(
+            [str(ptxas), f"-arch={target}", "-v", path, "-o", os.devnull],
+            capture_output=True, text=True, check=True,
+        )
+    text = out.stdout + out.stderr
+    registers = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    spill_bytes = int(spills.group(1)) + int(spills.group(2)) if spills else 0
+    return registers, spill_bytes
+
+
+def compile_config(tile: tuple[int, ...], dtype: torch.dtype, arch: str):
+    """Compile one tile config for one dtype; returns Triton's compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .cp_conv2d_fused import cp_conv2d_fused_kernel, dot_precision
+
+    jit_fn = cp_conv2d_fused_kernel.fn  # the JITFunction under the autotuner
+    bp, bc, br, bo, warps, stages = tile
+    constexprs = {
+        **_SPECIALISED,
+        "DOT_PRECISION": dot_precision(dtype) if dtype != torch.float32 else "tf32",
+        "BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo,
+    }
+    elem = DTYPES[dtype]
+    signature = {}
+    for name in jit_fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _POINTERS:
+            signature[name] = f"*{elem}"
+        else:
+            signature[name] = "i32"
+    attrs = {(jit_fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in _POINTERS}
+    src = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", ARCHS[arch], 32)
+    return triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+
+
+def compile_report(arch: str = "sm_90") -> list[dict]:
+    """One dict per (config, dtype) with the keys of ``REPORT_KEYS``."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
+    from .cp_conv2d_fused import TILES_16BIT, TILES_FP32
+
+    rows = []
+    for dtype, tiles in ((torch.float16, TILES_16BIT), (torch.bfloat16, TILES_16BIT), (torch.float32, TILES_FP32)):
+        for tile in tiles:
+            kernel = compile_config(tile, dtype, arch)
+            ptx = kernel.asm["ptx"]
+            registers, spill_bytes = _ptxas_usage(ptx, arch)
+            bp, bc, br, bo, warps, stages = tile
+            rows.append({
+                "config": f"P{bp}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}",
+                "dtype": DTYPES[dtype],
+                "registers": registers,
+                "spill_bytes": spill_bytes,
+                "shared_bytes": int(kernel.metadata.shared),
+                "tensor_cores": bool(re.search(r"\b(mma|wgmma)\.", ptx)),
+            })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = "| " + " | ".join(REPORT_KEYS) + " |"
+    lines = [header, "|" + "---|" * len(REPORT_KEYS)]
+    lines += ["| " + " | ".join(str(r[k]) for k in REPORT_KEYS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Compile the fused CP conv kernel's configs for a GPU arch.")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="sm_90")
+    args = parser.parse_args(argv)
+    print(format_table(compile_report(args.arch)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The fused Triton kernel against the float64 oracle (under TRITON_INTERPRET=1 without a GPU)."""
+import pytest
+import torch
+
+from cpkernels import CPConv2d, cp_conv2d
+from cpkernels.ops.conv_args import is_channels_last
+
+from .cases import CONV_CASES, case
+from .oracle import assert_matches_oracle, oracle_conv2d, random_factors
+
+fused = pytest.importorskip("cpkernels.kernels.cp_conv2d_fused")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every output the kernel allocates starts as NaN, so an element it fails to write shows up."""
+    original = fused.new_output
+
+    def nan_output(shape, x):
+        return original(shape, x).fill_(float("nan"))
+
+    monkeypatch.setattr(fused, "new_output", nan_output)
+
+
+def run_case(c, dtype, device, **op_kwargs):
+    factors = random_factors(c.cout, c.cin, c.kernel_size, c.rank, c.groups, dtype=dtype, device=device)
+    bias = torch.randn(c.cout, dtype=dtype, device=device) if c.bias else None
+    x = c.make_input(dtype, device)
+    y = cp_conv2d(x, factors, bias, **c.conv_kwargs(), backend="triton", **op_kwargs)
+    assert_matches_oracle(y, oracle_conv2d(x, factors, bias, **c.conv_kwargs()), dtype)
+    assert is_channels_last(y) == is_channels_last(x)
+    return y
+
+
+@pytest.mark.parametrize("c", CONV_CASES)
+def test_fused_fp32_matches_oracle(c, device):
+    run_case(c, torch.float32, device)
+
+
+FP16_CASES = [
+    case("fp16-basic", 8, 6, (3, 3), 4, padding=1),
+    case("fp16-stride2-dilation2", 16, 12, (3, 3), 8, size=(15, 13), stride=2, dilation=2, padding=2),
+    case("fp16-same-even", 8, 6, (2, 4), 4, padding="same"),
+    case("fp16-groups2-no-bias", 8, 6, (3, 3), 4, padding=1, groups=2, bias=False),
+    case("fp16-channels-last-off-block", 40, 33, (3, 3), 36, size=(7, 9), padding=1, layout="channels_last"),
+    case("fp16-5x5", 3, 2, (5, 5), 2, size=(12, 12), padding=2),
+]
+
+
+@pytest.mark.parametrize("c", FP16_CASES)
+def test_fused_fp16_matches_oracle(c, device):
+    run_case(c, torch.float16, device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter has no bf16 arithmetic")
+@pytest.mark.parametrize("c", FP16_CASES)
+def test_fused_bf16_matches_oracle(c, device):
+    run_case(c, torch.bfloat16, device)
+
+
+@pytest.mark.parametrize("force_int64", [pytest.param(False, id="int32-offsets"), pytest.param(True, id="int64-offsets")])
+def test_offset_width_paths_agree(force_int64, device):
+    factors = random_factors(12, 10, (3, 3), 6, device=device)
+    bias = torch.randn(12, device=device)
+    x = torch.randn(2, 10, 9, 7, device=device)
+    out = torch.full((2, 12, 9, 7), float("nan"), device=device)
+    fused.cp_conv2d_fused(
+        x, factors.input, factors.vertical, factors.horizontal, factors.output, bias,
+        (1, 1), (1, 1, 1, 1), (1, 1), out=out, force_int64=force_int64,
+    )
+    assert_matches_oracle(out, oracle_conv2d(x, factors, bias, padding=1), torch.float32)
+
+
+def test_int64_switch_is_taken_past_int32():
+    big = torch.empty((2**31,), device="meta")
+    small = torch.empty((2**31 - 1,), device="meta")
+    assert fused.needs_int64(small, big)
+    assert not fused.needs_int64(small, None)
+
+
+def test_fused_float64_takes_the_reference_path(device):
+    """The kernel accumulates in fp32: float64 must not silently lose precision."""
+    factors = random_factors(6, 8, (3, 3), 4, dtype=torch.float64, device=device)
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64, device=device)
+    y = cp_conv2d(x, factors, padding=1, backend="triton")
+    assert_matches_oracle(y, oracle_conv2d(x, factors, padding=1), torch.float64)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    factors = random_factors(6, 8, (3, 3), 4)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        cp_conv2d(torch.randn(1, 8, 5, 5), factors, backend="triton")
+
+
+def test_module_gradients_through_fused_forward(device):
+    conv = CPConv2d(8, 6, 3, rank=4, padding=1, device=device, backend="triton")
+    ref = CPConv2d(8, 6, 3, rank=4, padding=1, device=device, backend="reference")
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 8, 7, 7, device=device, requires_grad=True)
+    grads = []
+    for m in (conv, ref):
+        x.grad = None
+        m.zero_grad()
+        m(x).square().sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
