@@ -197,6 +197,13 @@ def cp_conv2d(
     if padding_mode not in conv_args.PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {conv_args.PADDING_MODES}, got {padding_mode!r}")
     pad = conv_args.explicit_padding(padding, factors.kernel_size, dilation_)
+    padded = (x.shape[-2] + pad[0] + pad[1], x.shape[-1] + pad[2] + pad[3])
+    dilated = tuple(d * (k - 1) + 1 for k, d in zip(factors.kernel_size, dilation_))
+    if padded[0] < dilated[0] or padded[1] < dilated[1]:
+        raise RuntimeError(
+            f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
+            f"({dilated[0]} x {dilated[1]}). Kernel size can't be greater than actual input size"
+        )
     use_triton = resolve_backend(backend, x)
 
     unbatched = x.dim() == 3

@@ -1,0 +1,87 @@
+"""The torch.library op: opcheck, torch.compile, torch.export, autocast."""
+import pytest
+import torch
+
+from cpkernels import CPConv2d, cp_conv2d
+
+from .oracle import assert_matches_oracle, oracle_conv2d, random_factors
+
+
+def op_args(x, factors, bias, stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), use_triton=False):
+    return (x, factors.input, factors.vertical, factors.horizontal, factors.output, bias,
+            list(stride), list(padding), list(dilation), use_triton)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(dict(), id="pad1"),
+        pytest.param(dict(stride=(2, 1), padding=(0, 1, 2, 1), dilation=(1, 2)), id="asymmetric-strided"),
+        pytest.param(dict(layout="channels_last"), id="channels-last"),
+        pytest.param(dict(bias=False), id="no-bias"),
+        pytest.param(dict(use_triton=True), id="triton"),
+    ],
+)
+def test_opcheck(kwargs, device):
+    kwargs = dict(kwargs)
+    layout = kwargs.pop("layout", "nchw")
+    has_bias = kwargs.pop("bias", True)
+    factors = random_factors(6, 8, (3, 3), 4, groups=2, device=device)
+    factors = type(factors)(*(f.requires_grad_() for f in factors.as_tuple()))
+    x = torch.randn(2, 8, 7, 9, device=device, requires_grad=True)
+    if layout == "channels_last":
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    bias = torch.randn(6, device=device, requires_grad=True) if has_bias else None
+    torch.library.opcheck(torch.ops.cpkernels.cp_conv2d.default, op_args(x, factors, bias, **kwargs))
+
+
+def test_compile_fullgraph_matches_eager():
+    layer = CPConv2d(8, 6, 3, rank=4, padding=1, groups=2, padding_mode="reflect")
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x))
+    y.sum().backward()
+    assert layer.input_factor.grad is not None and x.grad is not None
+
+
+def test_export_round_trip():
+    layer = CPConv2d(8, 6, 3, rank=4, padding="same", stride=1).eval()
+    x = torch.randn(2, 8, 9, 9)
+    exported = torch.export.export(layer, (x,))
+    assert any("cpkernels.cp_conv2d" in str(n.target) for n in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), layer(x))
+
+
+def test_autocast_cpu_bf16_computes_in_bf16_like_conv2d():
+    layer = CPConv2d(8, 6, 3, rank=4, padding=1)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        dense = layer.to_conv2d()(x)
+    assert y.dtype == dense.dtype == torch.bfloat16
+    assert_matches_oracle(y, oracle_conv2d(x, layer.factors.detach(), layer.bias.detach(), padding=1), torch.bfloat16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_autocast_cuda_bf16_runs_the_fused_kernel_in_bf16():
+    layer = CPConv2d(32, 64, 3, rank=16, padding=1, device="cuda")
+    x = torch.randn(4, 32, 16, 16, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    expected = oracle_conv2d(x, layer.factors.detach(), layer.bias.detach(), padding=1)
+    assert_matches_oracle(y, expected, torch.bfloat16)
+
+
+def test_autocast_leaves_float64_alone():
+    layer = CPConv2d(4, 4, 3, rank=2, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(1, 4, 5, 5, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_functional_op_accepts_conv2d_style_arguments():
+    factors = random_factors(6, 4, (3, 3), 3)
+    x = torch.randn(4, 9, 9)
+    y = cp_conv2d(x, factors, None, stride=(2, 1), padding="valid", dilation=1)
+    assert_matches_oracle(y, oracle_conv2d(x, factors, None, stride=(2, 1), padding="valid"), torch.float32)
