@@ -2,7 +2,7 @@
 
 ``compile_report(arch)`` compiles every autotune config of
 :func:`cpkernels.kernels.cp_conv2d_fused.cp_conv2d_fused_kernel`, for each input dtype, for ``sm_80`` or
-``sm_90``, and returns one dict per (config, dtype): registers and spill bytes (from ``ptxas -v`` on
+``sm_90``, and returns one dict per (config, rank path, dtype): registers and spill bytes (from ``ptxas -v`` on
 the PTX), shared memory (Triton's metadata) and whether the channel contractions run on the tensor
 cores (``mma``/``wgmma`` in the PTX).
 
@@ -14,6 +14,8 @@ contiguous factors (unit strides become constants, pointers are 16-byte aligned)
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import re
 import subprocess
@@ -67,20 +69,25 @@ def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
     return registers, spill_bytes
 
 
-def compile_config(tile: tuple[int, ...], dtype: torch.dtype, arch: str):
-    """Compile one tile config for one dtype; returns Triton's compiled kernel."""
+def compile_config(tile: tuple[int, ...], dtype: torch.dtype, arch: str, whole_rank: bool = True):
+    """Compile one tile config for one dtype and one of the kernel's two rank paths."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
     from .cp_conv2d_fused import cp_conv2d_fused_kernel, dot_precision
 
-    jit_fn = cp_conv2d_fused_kernel.fn  # the JITFunction under the autotuner
+    jit_fn = cp_conv2d_fused_kernel  # the JITFunction under the autotuner and heuristics
+    while not isinstance(jit_fn, JITFunction) and hasattr(jit_fn, "fn"):
+        jit_fn = jit_fn.fn
+    if not isinstance(jit_fn, JITFunction):
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (see compile_report)")
     bp, bc, br, bo, warps, stages = tile
     constexprs = {
         **_SPECIALISED,
         "DOT_PRECISION": dot_precision(dtype) if dtype != torch.float32 else "tf32",
-        "BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo,
+        "BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo, "WHOLE_RANK": whole_rank,
     }
     elem = DTYPES[dtype]
     signature = {}
@@ -101,17 +108,25 @@ def compile_report(arch: str = "sm_90") -> list[dict]:
     """One dict per (config, dtype) with the keys of ``REPORT_KEYS``."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # This process compiled the kernel for the interpreter; a fresh one compiles it for the GPU.
+        env = {**os.environ, "TRITON_INTERPRET": "0"}
+        out = subprocess.run(
+            [sys.executable, "-m", "cpkernels.kernels.aot", "--arch", arch, "--json"],
+            capture_output=True, text=True, check=True, env=env,
+        )
+        return json.loads(out.stdout)
     from .cp_conv2d_fused import TILES_16BIT, TILES_FP32
 
     rows = []
     for dtype, tiles in ((torch.float16, TILES_16BIT), (torch.bfloat16, TILES_16BIT), (torch.float32, TILES_FP32)):
-        for tile in tiles:
-            kernel = compile_config(tile, dtype, arch)
+        for tile, whole_rank in itertools.product(tiles, (True, False)):
+            kernel = compile_config(tile, dtype, arch, whole_rank)
             ptx = kernel.asm["ptx"]
             registers, spill_bytes = _ptxas_usage(ptx, arch)
             bp, bc, br, bo, warps, stages = tile
             rows.append({
-                "config": f"P{bp}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}",
+                "config": f"P{bp}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}_{'whole' if whole_rank else 'sliced'}",
                 "dtype": DTYPES[dtype],
                 "registers": registers,
                 "spill_bytes": spill_bytes,
@@ -131,8 +146,10 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Compile the fused CP conv kernel's configs for a GPU arch.")
     parser.add_argument("--arch", choices=sorted(ARCHS), default="sm_90")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args(argv)
-    print(format_table(compile_report(args.arch)))
+    rows = compile_report(args.arch)
+    print(json.dumps(rows) if args.json else format_table(rows))
     return 0
 
 

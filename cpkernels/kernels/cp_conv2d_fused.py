@@ -35,9 +35,9 @@ INT32_MAX = 2**31 - 1
 # Tile configs
 # --------------------------------------------------------------------------------------------------
 # (BLOCK_P, BLOCK_C, BLOCK_R, BLOCK_O, num_warps, num_stages). Every block is a power of two >= 16
-# (tl.dot's minimum). Each set holds only tiles that compile without register spills for both sm_80
-# and sm_90 (``python -m cpkernels.kernels.aot``); 4-warp tiles and BLOCK_O = 256 all spilled, so the
-# output channels are tiled by at most 128.
+# (tl.dot's minimum). Each set holds only tiles that compile without register spills for sm_80 and
+# sm_90, on both rank paths (``python -m cpkernels.kernels.aot``); 4-warp tiles and BLOCK_O = 256 all
+# spilled. BLOCK_R = 128 tiles let ranks up to 128 take the whole-rank path.
 TILES_16BIT = (
     (128, 32, 32, 64, 8, 3),
     (64, 32, 64, 64, 8, 2),
@@ -45,12 +45,15 @@ TILES_16BIT = (
     (64, 32, 64, 128, 8, 3),
     (64, 16, 32, 128, 8, 2),
     (128, 16, 32, 64, 8, 2),
+    (64, 32, 128, 64, 8, 2),
+    (64, 16, 128, 64, 8, 2),
 )
 TILES_FP32 = (
     (64, 32, 64, 64, 8, 2),
     (64, 32, 32, 128, 8, 3),
     (64, 16, 32, 128, 8, 2),
     (128, 16, 32, 64, 8, 2),
+    (64, 16, 128, 64, 8, 2),
 )
 # The interpreter's cost is per program and per loop iteration, so it gets one large-block config.
 TILES_INTERPRETER = ((64, 32, 32, 32, 4, 1),)
@@ -104,11 +107,56 @@ def prune_configs(configs, named_args, **kwargs):
 # --------------------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------------------
+@triton.jit
+def _rank_slice(
+    x_rows, pix_m, ih0, iw0, H, W, C_IN_G, RANK, r0,
+    b_grp, v_grp, h_grp,
+    stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr,
+    DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFSET_TY: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """z[p, r] for ranks r0 .. r0 + BLOCK_R: stages 1-3 of BLOCK_P output pixels, in fp32 registers."""
+    rr = r0 + tl.arange(0, BLOCK_R)
+    mask_r = rr < RANK
+    offs_c = tl.arange(0, BLOCK_C).to(OFFSET_TY)
+    acc_z = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
+    # Taps outside, channels inside: each tap is one pipelined K-loop with a single dot, which keeps
+    # one tap's addresses live at a time (unrolling the taps inside the channel loop spilled at
+    # every tile size).
+    for tap in range(KH * KW):
+        i = tap // KW
+        j = tap % KW
+        ih = ih0 + i * DIL_H
+        iw = iw0 + j * DIL_W
+        pix_ok = pix_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # [BP]: masked taps are the zero padding
+        x_pix = x_rows + ih * stride_xh + iw * stride_xw  # [BP] pointers
+        v_i = tl.load(v_grp + i * stride_vi + rr * stride_vr, mask=mask_r, other=0.0).to(tl.float32)
+        h_j = tl.load(h_grp + j * stride_hj + rr * stride_hr, mask=mask_r, other=0.0).to(tl.float32)
+        vh = v_i * h_j  # [BR]: tap (i, j) of the merged depthwise filter
+        for c0 in range(0, C_IN_G, BLOCK_C):
+            cc = c0 + offs_c
+            mask_c = cc < C_IN_G
+            x = tl.load(
+                x_pix[:, None] + cc[None, :] * stride_xc, mask=pix_ok[:, None] & mask_c[None, :], other=0.0
+            )  # [BP, BC]
+            b = tl.load(
+                b_grp + cc[:, None] * stride_bc + rr[None, :] * stride_br,
+                mask=mask_c[:, None] & mask_r[None, :], other=0.0,
+            )  # [BC, BR]
+            # The tap folded into B, rounded once to the input dtype: [BC, BR]
+            w_tap = (b.to(tl.float32) * vh[None, :]).to(x.dtype)
+            # [BP, BC] @ [BC, BR] -> [BP, BR]
+            acc_z = tl.dot(x, w_tap, acc_z, input_precision=DOT_PRECISION)
+    return acc_z
+
+
 @triton.autotune(
     configs=fused_configs(),
     key=["C_IN_G", "RANK", "C_OUT_G", "KH", "KW", "STRIDE_H", "STRIDE_W"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
+@triton.heuristics({"WHOLE_RANK": lambda args: args["BLOCK_R"] >= args["RANK"]})
 @triton.jit
 def cp_conv2d_fused_kernel(
     x_ptr,  # [N, G*C_IN_G, H, W], any strides
@@ -134,24 +182,17 @@ def cp_conv2d_fused_kernel(
     HAS_BIAS: tl.constexpr,
     USE_INT64: tl.constexpr,  # 64-bit offsets: some tensor has more than 2**31 - 1 elements
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee", for fp32 inputs
+    WHOLE_RANK: tl.constexpr,  # BLOCK_R >= RANK: z is computed once, output channels loop inside
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    group = tl.program_id(2)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    if USE_INT64:
-        pid_p = pid_p.to(tl.int64)
-        group = group.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
-        offs_o = offs_o.to(tl.int64)
-    offs_m = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BP]
+    OFFSET_TY: tl.constexpr = tl.int64 if USE_INT64 else tl.int32
+    pid_p = tl.program_id(0).to(OFFSET_TY)
+    pid_o = tl.program_id(1).to(OFFSET_TY)
+    group = tl.program_id(2).to(OFFSET_TY)
+    offs_m = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BP] flattened output pixels
     mask_m = offs_m < M
-    mask_o = offs_o < C_OUT_G
 
-    # Output pixel -> (n, oh, ow) and the top-left input tap.
+    # Output pixel -> (n, oh, ow) and its top-left input tap.
     ow = offs_m % OW
     oh = (offs_m // OW) % OH
     n = offs_m // (OW * OH)
@@ -163,54 +204,54 @@ def cp_conv2d_fused_kernel(
     v_grp = v_ptr + group * stride_vg
     h_grp = h_ptr + group * stride_hg
     a_grp = a_ptr + group * stride_ag
+    y_rows = y_ptr + n * stride_yn + oh * stride_yh + ow * stride_yw  # [BP] pointers
 
-    acc_y = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.float32)
-    for r0 in range(0, RANK, BLOCK_R):
-        rr = r0 + offs_r
+    if WHOLE_RANK:
+        # The whole rank fits one slice: z is computed once and every output-channel block reuses it,
+        # so the first contraction is never repeated. Grid axis 1 has a single program.
+        rr = tl.arange(0, BLOCK_R)
         mask_r = rr < RANK
-        acc_z = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
-        # Taps outside, channels inside: each tap is one pipelined K-loop with a single dot, which
-        # keeps one tap's addresses live at a time (unrolling the taps inside the channel loop
-        # spilled at every tile size).
-        for tap in range(KH * KW):
-            i = tap // KW
-            j = tap % KW
-            ih = ih0 + i * DIL_H
-            iw = iw0 + j * DIL_W
-            pix_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # [BP]
-            x_pix = x_rows + ih * stride_xh + iw * stride_xw  # [BP] pointers
-            v_i = tl.load(v_grp + i * stride_vi + rr * stride_vr, mask=mask_r, other=0.0).to(tl.float32)
-            h_j = tl.load(h_grp + j * stride_hj + rr * stride_hr, mask=mask_r, other=0.0).to(tl.float32)
-            vh = v_i * h_j  # [BR]: tap (i, j) of the merged depthwise filter
-            for c0 in range(0, C_IN_G, BLOCK_C):
-                cc = c0 + offs_c
-                mask_c = cc < C_IN_G
-                x = tl.load(
-                    x_pix[:, None] + cc[None, :] * stride_xc, mask=pix_ok[:, None] & mask_c[None, :], other=0.0
-                )  # [BP, BC]
-                b = tl.load(
-                    b_grp + cc[:, None] * stride_bc + rr[None, :] * stride_br,
-                    mask=mask_c[:, None] & mask_r[None, :], other=0.0,
-                )  # [BC, BR]
-                # The tap folded into B, rounded once to the input dtype: [BC, BR]
-                w_tap = (b.to(tl.float32) * vh[None, :]).to(x.dtype)
-                # [BP, BC] @ [BC, BR] -> [BP, BR]
-                acc_z = tl.dot(x, w_tap, acc_z, input_precision=DOT_PRECISION)
-        a = tl.load(
-            a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
-            mask=mask_r[:, None] & mask_o[None, :], other=0.0,
-        )  # [BR, BO]
-        # [BP, BR] @ [BR, BO] -> [BP, BO]
-        acc_y = tl.dot(acc_z.to(a.dtype), a, acc_y, input_precision=DOT_PRECISION)
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + group * C_OUT_G + offs_o, mask=mask_o, other=0.0).to(tl.float32)
-        acc_y += bias[None, :]
-    y_ptrs = (
-        y_ptr + n[:, None] * stride_yn + (group * C_OUT_G + offs_o)[None, :] * stride_yc
-        + oh[:, None] * stride_yh + ow[:, None] * stride_yw
-    )
-    tl.store(y_ptrs, acc_y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+        z = _rank_slice(
+            x_rows, mask_m, ih0, iw0, H, W, C_IN_G, RANK, 0, b_grp, v_grp, h_grp,
+            stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr,
+            DIL_H, DIL_W, KH, KW, DOT_PRECISION, OFFSET_TY, BLOCK_P, BLOCK_C, BLOCK_R,
+        ).to(a_ptr.dtype.element_ty)
+        for o0 in range(0, C_OUT_G, BLOCK_O):
+            offs_o = o0 + tl.arange(0, BLOCK_O).to(OFFSET_TY)
+            mask_o = offs_o < C_OUT_G
+            a = tl.load(
+                a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
+                mask=mask_r[:, None] & mask_o[None, :], other=0.0,
+            )  # [BR, BO]
+            # [BP, BR] @ [BR, BO] -> [BP, BO]
+            acc_y = tl.dot(z, a, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                acc_y += tl.load(bias_ptr + group * C_OUT_G + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+            y_ptrs = y_rows[:, None] + (group * C_OUT_G + offs_o)[None, :] * stride_yc
+            tl.store(y_ptrs, acc_y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+    else:
+        # Larger ranks: this program owns one output-channel block and walks the rank in slices.
+        offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O).to(OFFSET_TY)
+        mask_o = offs_o < C_OUT_G
+        acc_y = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.float32)
+        for r0 in range(0, RANK, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            mask_r = rr < RANK
+            z = _rank_slice(
+                x_rows, mask_m, ih0, iw0, H, W, C_IN_G, RANK, r0, b_grp, v_grp, h_grp,
+                stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr,
+                DIL_H, DIL_W, KH, KW, DOT_PRECISION, OFFSET_TY, BLOCK_P, BLOCK_C, BLOCK_R,
+            )
+            a = tl.load(
+                a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
+                mask=mask_r[:, None] & mask_o[None, :], other=0.0,
+            )  # [BR, BO]
+            # [BP, BR] @ [BR, BO] -> [BP, BO]
+            acc_y = tl.dot(z.to(a.dtype), a, acc_y, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc_y += tl.load(bias_ptr + group * C_OUT_G + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_rows[:, None] + (group * C_OUT_G + offs_o)[None, :] * stride_yc
+        tl.store(y_ptrs, acc_y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,7 +318,9 @@ def cp_conv2d_fused(
     use_int64 = force_int64 or needs_int64(x, y)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(cout_g, meta["BLOCK_O"]), groups)
+        # WHOLE_RANK programs loop over the output channels themselves (see the kernel).
+        o_programs = 1 if meta["BLOCK_R"] >= rank else triton.cdiv(cout_g, meta["BLOCK_O"])
+        return (triton.cdiv(m, meta["BLOCK_P"]), o_programs, groups)
 
     cp_conv2d_fused_kernel[grid](
         x, input_factor, vertical_factor, horizontal_factor, output_factor,

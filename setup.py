@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cpkernels",
+    version="0.1.0",
+    description="CP-decomposed Conv2d layers for PyTorch, with a fused Triton kernel",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["cpkernels", "cpkernels.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch",
+        "numpy",
+        "tensorly>=0.10",
+        'triton; platform_system == "Linux"',
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["cpkernels=cpkernels.__main__:main"]},
+)
