@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU check, one command: CUDA test suite, real-size parity, and the benchmark table.
+#   bench/gpu_check.sh OUT_DIR [--wheels DIR]
+# --wheels DIR installs missing packages (tensorly, pytest-benchmark, ...) from wheels, for machines
+# without registry access. Writes OUT_DIR/tests.log, OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bench/gpu_check.sh OUT_DIR [--wheels DIR]}
+shift
+wheels=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --wheels) wheels=$2; shift 2 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$out"
+if [ -n "$wheels" ]; then
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 - <<'PY'
+import torch, triton
+assert torch.cuda.is_available(), "no CUDA device"
+print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | cuDNN {torch.backends.cudnn.version()}")
+PY
+# The compile report is a CPU-side check (CI runs it); the GPU's time goes to real launches.
+set +e
+timeout 270 python3 -m pytest tests -q -x --deselect tests/test_aot.py -p no:cacheprovider 2>&1 | tee "$out/tests.log"
+tests_rc=${PIPESTATUS[0]}
+set -e
+timeout 180 python3 -m bench.gpu_bench --out "$out"
+exit "$tests_rc"

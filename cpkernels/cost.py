@@ -1,0 +1,51 @@
+"""The cost model of one conv layer: MACs and the minimal bytes a fused kernel must move."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    batch: int
+    cin: int
+    cout: int
+    size: tuple[int, int]  # input H, W
+    kernel: tuple[int, int] = (3, 3)
+    stride: int = 1
+    padding: int = 1
+    groups: int = 1
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return tuple((s + 2 * self.padding - k) // self.stride + 1 for s, k in zip(self.size, self.kernel))
+
+    @property
+    def out_pixels(self) -> int:
+        oh, ow = self.out_size
+        return self.batch * oh * ow
+
+    def dense_macs(self) -> int:
+        kh, kw = self.kernel
+        return self.out_pixels * self.cout * (self.cin // self.groups) * kh * kw
+
+    def cp_macs(self, rank: int) -> int:
+        """MACs of the four-stage CP layer (per group rank R): Cin->R, kh x 1, 1 x kw, R->Cout."""
+        kh, kw = self.kernel
+        g = self.groups
+        oh, ow = self.out_size
+        h, w = self.size
+        stage1 = self.batch * h * w * (self.cin // g) * rank * g
+        stage2 = self.batch * oh * w * kh * rank * g
+        stage3 = self.out_pixels * kw * rank * g
+        stage4 = self.out_pixels * rank * (self.cout // g) * g
+        return stage1 + stage2 + stage3 + stage4
+
+    def fused_kernel_macs(self, rank: int) -> int:
+        """MACs the fused kernel issues: every tap folded into the first contraction (docs/kernel.md)."""
+        kh, kw = self.kernel
+        return self.out_pixels * rank * self.groups * (kh * kw * (self.cin // self.groups) + self.cout // self.groups)
+
+    def minimal_bytes(self, element_size: int) -> int:
+        """Read X once and write Y once: the floor for any implementation (weights are negligible)."""
+        h, w = self.size
+        return element_size * (self.batch * self.cin * h * w + self.out_pixels * self.cout)
