@@ -2,7 +2,7 @@
 
     python -m bench.gpu_bench --out DIR
 
-Layers are the roofline layers of ``bench/layers.py`` (N = 32, 3x3) at R = C/4 and C/2, in bf16 and
+Layers are the roofline layers of ``cpkernels/layers.py`` (N = 32, 3x3) at R = C/4 and C/2, in bf16 and
 fp32. Each row: median time (``triton.testing.do_bench``, CUDA events), achieved GB/s against the
 minimal X+Y bytes, and that as a percentage of a device-to-device copy's bandwidth measured in the
 same run. Results go to DIR/gpu_bench.json and DIR/gpu_bench.md with the GPU name and versions.
@@ -21,7 +21,7 @@ from triton.testing import do_bench
 from cpkernels import CPConv2d
 from cpkernels.cost import ConvShape
 
-from .layers import ROOFLINE_LAYERS
+from cpkernels.layers import ROOFLINE_LAYERS
 
 
 def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     copy_gbps = copy_bandwidth_gbps()
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
-        for shape in ROOFLINE_LAYERS:
+        for layer in ROOFLINE_LAYERS:
+            shape = layer.shape
             for rank in (shape.cout // 4, shape.cout // 2):
                 rows += bench_layer(shape, rank, dtype, copy_gbps)
                 print(to_markdown(env, copy_gbps, rows[-6:]).splitlines()[-6:][-1], flush=True)

@@ -7,9 +7,9 @@ from cpkernels import CPConv2d, cp_conv2d
 from .oracle import assert_matches_oracle, oracle_conv2d, random_factors
 
 
-def op_args(x, factors, bias, stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), use_triton=False):
+def op_args(x, factors, bias, stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), impl="reference"):
     return (x, factors.input, factors.vertical, factors.horizontal, factors.output, bias,
-            list(stride), list(padding), list(dilation), use_triton)
+            list(stride), list(padding), list(dilation), impl)
 
 
 @pytest.mark.parametrize(
@@ -19,7 +19,9 @@ def op_args(x, factors, bias, stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 
         pytest.param(dict(stride=(2, 1), padding=(0, 1, 2, 1), dilation=(1, 2)), id="asymmetric-strided"),
         pytest.param(dict(layout="channels_last"), id="channels-last"),
         pytest.param(dict(bias=False), id="no-bias"),
-        pytest.param(dict(use_triton=True), id="triton"),
+        pytest.param(dict(impl="triton"), id="triton"),
+        pytest.param(dict(impl="cpu"), id="cpu"),
+        pytest.param(dict(impl="cpu", layout="channels_last", padding=(0, 1, 2, 1)), id="cpu-channels-last-asym"),
     ],
 )
 def test_opcheck(kwargs, device):

@@ -322,7 +322,8 @@ def cp_conv2d_fused(
         o_programs = 1 if meta["BLOCK_R"] >= rank else triton.cdiv(cout_g, meta["BLOCK_O"])
         return (triton.cdiv(m, meta["BLOCK_P"]), o_programs, groups)
 
-    cp_conv2d_fused_kernel[grid](
+    global _last_kernel
+    _last_kernel = cp_conv2d_fused_kernel[grid](
         x, input_factor, vertical_factor, horizontal_factor, output_factor,
         bias if bias is not None else y, y,
         m, h, w, oh, ow, cin_g, rank, cout_g,
@@ -332,6 +333,14 @@ def cp_conv2d_fused(
         KH=kh, KW=kw, HAS_BIAS=bias is not None, USE_INT64=use_int64, DOT_PRECISION=dot_precision(x.dtype),
     )
     return y
+
+
+_last_kernel = None  # the compiled kernel of the latest launch, for the profiler
+
+
+def last_compiled_kernel():
+    """Triton's compiled kernel of the latest launch (registers, spills, shared memory), or None."""
+    return _last_kernel
 
 
 def best_config() -> Optional[dict]:

@@ -1,8 +1,10 @@
 """``cp_conv2d``: the package's one functional op, and its ``torch.library`` registration.
 
 Chain: :func:`cp_conv2d` (Python API: argument checks, padding modes, autocast, unbatched input)
--> ``torch.ops.cpkernels.cp_conv2d`` (custom op: fake impl, autograd) -> the reference four-stage
-path (:mod:`cpkernels.ops.reference`) or the fused Triton kernel (:mod:`cpkernels.kernels.cp_conv2d_fused`).
+-> ``torch.ops.cpkernels.cp_conv2d`` (custom op: fake impl, autograd) -> one implementation:
+``"reference"``, the four-stage path (:mod:`cpkernels.ops.reference`); ``"cpu"``, the same stages
+arranged for CPU libraries (:mod:`cpkernels.ops.cpu`); ``"triton"``, the fused kernel
+(:mod:`cpkernels.kernels.cp_conv2d_fused`).
 
 Autograd: the backward is the reference maths (:func:`cp_conv2d_reference_backward`) whichever backend
 ran forward, so gradients for ``x``, every factor and the bias are exact up to rounding.
@@ -18,9 +20,12 @@ from torch import Tensor
 
 from ..factors import CPFactors
 from . import conv_args
+from .cpu import cp_conv2d_cpu
 from .reference import cp_conv2d_reference, cp_conv2d_reference_backward
 
 BACKENDS = ("auto", "reference", "triton")
+IMPLEMENTATIONS = ("reference", "cpu", "triton")
+_IMPLS = {"reference": cp_conv2d_reference, "cpu": cp_conv2d_cpu}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -38,19 +43,21 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, x: Tensor) -> bool:
-    """Whether the fused Triton kernel runs for ``x`` (else the reference path does).
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The implementation that runs for ``x``: ``"triton"``, ``"cpu"`` or ``"reference"``.
 
-    ``"auto"`` picks the fused kernel for CUDA tensors and the reference path elsewhere. float64 always
-    takes the reference path: the kernel accumulates in fp32, and float64 must not silently lose
-    precision.
+    ``"auto"`` picks the fused kernel for CUDA tensors and the CPU path (the reference stages arranged
+    for CPU libraries) for CPU tensors. float64 never runs the fused kernel: it accumulates in fp32,
+    and float64 must not silently lose precision.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
-        return False
+        return "reference"
     if backend == "auto":
-        return x.device.type == "cuda" and x.dtype != torch.float64 and triton_available()
+        if x.device.type == "cuda" and x.dtype != torch.float64 and triton_available():
+            return "triton"
+        return "cpu" if x.device.type == "cpu" else "reference"
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package, which is not installed")
     if x.device.type != "cuda" and not triton_interpreter_enabled():
@@ -58,7 +65,7 @@ def resolve_backend(backend: str, x: Tensor) -> bool:
             f"backend='triton' runs on CUDA tensors; got a {x.device.type} tensor. On the CPU the kernel "
             "runs only under the Triton interpreter: set TRITON_INTERPRET=1 before the first call"
         )
-    return x.dtype != torch.float64
+    return "reference" if x.dtype == torch.float64 else "triton"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,22 +82,23 @@ def _cp_conv2d_op(
     stride: list[int],
     padding: list[int],
     dilation: list[int],
-    use_triton: bool,
+    impl: str,
 ) -> Tensor:
     """CP conv of a 4-D ``x``; ``padding`` is ``(top, bottom, left, right)`` zero padding."""
-    if use_triton:
+    args = (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation)
+    if impl == "triton":
         from ..kernels.cp_conv2d_fused import cp_conv2d_fused
 
-        return cp_conv2d_fused(
-            x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation
-        )
-    return cp_conv2d_reference(
-        x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation
-    )
+        return cp_conv2d_fused(*args)
+    if impl == "cpu":
+        return cp_conv2d_cpu(*args)
+    if impl == "reference":
+        return cp_conv2d_reference(*args)
+    raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
 @_cp_conv2d_op.register_fake
-def _(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation, use_triton):
+def _(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation, impl):
     kernel_size = (vertical_factor.shape[1], horizontal_factor.shape[1])
     oh, ow = conv_args.output_size(tuple(x.shape[2:]), kernel_size, stride, padding, dilation)
     cout = output_factor.shape[0] * output_factor.shape[1]
@@ -204,7 +212,7 @@ def cp_conv2d(
             f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
             f"({dilated[0]} x {dilated[1]}). Kernel size can't be greater than actual input size"
         )
-    use_triton = resolve_backend(backend, x)
+    impl = resolve_backend(backend, x)
 
     unbatched = x.dim() == 3
     if unbatched:
@@ -218,5 +226,11 @@ def cp_conv2d(
     if torch.is_autocast_enabled(x.device.type):
         # A custom op has no autocast rule of its own (the Autocast key falls through): cast here.
         tensors = _autocast(tensors, x.device.type)
-    y = _cp_conv2d_op(*tensors, list(stride_), list(pad), list(dilation_), use_triton)
+    if impl == "triton" or torch.compiler.is_compiling():
+        y = _cp_conv2d_op(*tensors, list(stride_), list(pad), list(dilation_), impl)
+    else:
+        # Eager PyTorch-only paths: plain differentiable torch ops, so autograd needs no recomputation
+        # and the per-call overhead of the custom op (about 20 us) is saved; torch.compile and
+        # torch.export still see the custom op.
+        y = _IMPLS[impl](*tensors, stride_, pad, dilation_)
     return y.squeeze(0) if unbatched else y

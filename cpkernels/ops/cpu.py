@@ -1,0 +1,108 @@
+"""The CPU path: the same four stages, arranged for the CPU's libraries.
+
+What profiling the four-stage reference on a 2-core x86 CPU showed (``python -m cpkernels.profile``):
+- In NCHW, oneDNN's 1x1 convs are slow at large images (a 128-channel 112x112 batch-8 layer: 32 ms for
+  the Cin->R conv against 8 ms for the same product as a batched matmul over ``(N, C, H*W)``), so
+  NCHW runs the two pointwise stages as matmuls. In channels_last the 1x1 convs are GEMMs already.
+- The two depthwise stages run as one kh x kw depthwise conv with the filter ``V[i,r] H[j,r]``: one
+  pass over the rank-R intermediate instead of two (equal in exact arithmetic: both stages are linear
+  and stage 1 has no bias, so the padding commutes).
+- Layers with a handful of channels (a 3->2 5x5 conv at rank 1, say) are memory-bound either way, and
+  the CP form moves more bytes than the dense conv (it writes and re-reads two rank-R intermediates).
+  There a rough CPU cost model (:func:`dense_is_cheaper`) picks the dense conv with the reconstructed
+  weight, which computes the same function.
+It computes exactly what :func:`cpkernels.ops.reference.cp_conv2d_reference` computes, up to rounding,
+and takes the same normalised arguments.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .conv_args import is_channels_last, output_size
+
+
+def merged_depthwise_weight(vertical_factor: Tensor, horizontal_factor: Tensor) -> Tensor:
+    """``[G*R, 1, kh, kw]`` with tap ``(i, j)`` of channel ``g*R + r`` equal to ``V[g,i,r] H[g,j,r]``."""
+    g, kh, r = vertical_factor.shape
+    kw = horizontal_factor.shape[1]
+    w = vertical_factor[:, :, None, :] * horizontal_factor[:, None, :, :]  # [G, kh, kw, R]
+    return w.permute(0, 3, 1, 2).reshape(g * r, 1, kh, kw)
+
+
+def _pointwise_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Grouped 1x1 conv of an NCHW ``x`` as one batched matmul: ``weight [G, Cout/G, Cin/G]``."""
+    n, c, h, w = x.shape
+    g, cout_g, cin_g = weight.shape
+    if g == 1 and bias is not None:
+        # The bias rides in the GEMM (beta * bias + A @ B): no second pass over the output.
+        y = torch.baddbmm(bias.reshape(1, -1, 1), weight.expand(n, cout_g, cin_g), x.reshape(n, cin_g, h * w))
+        return y.reshape(n, cout_g, h, w)
+    y = torch.matmul(weight, x.reshape(n, g, cin_g, h * w))  # [G, Co, Ci] @ [N, G, Ci, HW] -> [N, G, Co, HW]
+    y = y.reshape(n, g * cout_g, h, w)
+    if bias is not None:
+        y.add_(bias.reshape(1, -1, 1, 1))  # in place: y is ours, freshly allocated
+    return y
+
+
+# A 2-core x86 CPU sustains roughly 50 GMAC/s in fp32 GEMMs and 10 GB/s for freshly allocated
+# activations (first-touch page faults included): about 5 MACs per byte moved.
+MACS_PER_BYTE = 5.0
+
+
+def dense_is_cheaper(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size) -> bool:
+    """Whether the dense conv beats the CP stages under a max(MACs, bytes) model of the CPU."""
+    n, cin, h, w = x.shape
+    (kh, kw), (oh, ow) = kernel_size, out_size
+    es = x.element_size()
+    x_px, y_px = n * h * w, n * oh * ow
+    dense = max(y_px * cout * (cin // groups) * kh * kw, MACS_PER_BYTE * es * (x_px * cin + y_px * cout))
+    gr = groups * rank
+    cp_macs = x_px * cin * rank + y_px * gr * kh * kw + y_px * rank * cout
+    cp_bytes = es * (x_px * cin + 2 * x_px * gr + 2 * y_px * gr + y_px * cout)
+    return dense < max(cp_macs, MACS_PER_BYTE * cp_bytes)
+
+
+def cp_conv2d_cpu(
+    x: Tensor,
+    input_factor: Tensor,
+    vertical_factor: Tensor,
+    horizontal_factor: Tensor,
+    output_factor: Tensor,
+    bias: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """CP conv of a 4-D ``x`` on the CPU; ``padding`` is ``(top, bottom, left, right)`` zero padding."""
+    groups, _, rank = input_factor.shape
+    pt, pb, pl, pr = padding
+    kernel_size = (vertical_factor.shape[1], horizontal_factor.shape[1])
+    cout = output_factor.shape[0] * output_factor.shape[1]
+    symmetric = pt == pb and pl == pr
+    if dense_is_cheaper(x, rank, groups, cout, kernel_size, output_size(x.shape[2:], kernel_size, stride, padding, dilation)):
+        weight = torch.einsum("gor,gcr,gir,gjr->gocij", output_factor, input_factor, vertical_factor, horizontal_factor)
+        weight = weight.reshape(cout, -1, *kernel_size)
+        if not symmetric:
+            return F.conv2d(F.pad(x, (pl, pr, pt, pb)), weight, bias, stride, 0, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, (pt, pl), dilation, groups)
+
+    w_dw = merged_depthwise_weight(vertical_factor, horizontal_factor)
+    channels_last = is_channels_last(x)
+
+    if channels_last:
+        w_in = input_factor.transpose(1, 2).reshape(groups * rank, -1, 1, 1)
+        t = F.conv2d(x, w_in, None, 1, 0, 1, groups)
+    else:
+        t = _pointwise_matmul(x, input_factor.transpose(1, 2), None)
+    if symmetric:
+        t = F.conv2d(t, w_dw, None, stride, (pt, pl), dilation, groups * rank)
+    else:
+        t = F.conv2d(F.pad(t, (pl, pr, pt, pb)), w_dw, None, stride, 0, dilation, groups * rank)
+    if channels_last:
+        y = F.conv2d(t, output_factor.reshape(-1, rank, 1, 1), bias, 1, 0, 1, groups)
+        return y.contiguous(memory_format=torch.channels_last)
+    return _pointwise_matmul(t.contiguous(), output_factor, bias)

@@ -1,0 +1,334 @@
+"""Kernel-level profiling of one CP layer: ``cpkernels profile`` or ``python -m cpkernels.profile``.
+
+For one layer shape and rank it prints the time of every backend against dense ``nn.Conv2d``, the
+reference path broken down per stage (``torch.profiler``), the bytes/FLOPs model with its roofline
+bound and the achieved percentage, and the fused kernel's chosen config and compiled resource use
+(from the live kernel on a GPU, from the ahead-of-time compile report on a CPU).
+
+The backend cases built here (:func:`build_cases`) are also what the benchmark suites time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .cost import ConvShape
+from .layers import LAYERS_BY_NAME
+from .module import CPConv2d
+from .ops.reference import cp_conv2d_reference
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+# --------------------------------------------------------------------------------------------------
+# The backend cases
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """One way of computing the layer: ``fn(x)``, with the MACs that way issues."""
+
+    backend: str  # dense | reference | cpu | compiled-reference | fused
+    layout: str
+    fn: Callable
+    x: torch.Tensor
+    macs: int
+
+
+def _compiled_reference(layer: CPConv2d) -> Callable:
+    """``torch.compile`` of the four-stage reference maths (plain torch ops, so the compiler sees them;
+    the custom op would be opaque to it)."""
+    from .ops import conv_args
+
+    pad = list(conv_args.explicit_padding(layer.padding, layer.kernel_size, layer.dilation))
+    f = layer.factors
+    compiled = torch.compile(cp_conv2d_reference, dynamic=True)
+
+    def run(x):
+        return compiled(x, f.input, f.vertical, f.horizontal, f.output, layer.bias,
+                        list(layer.stride), pad, list(layer.dilation))
+
+    return run
+
+
+def build_cases(
+    shape: ConvShape,
+    rank: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    layouts: tuple[str, ...] = ("nchw", "channels_last"),
+    backends: tuple[str, ...] = ("dense", "reference", "cpu", "compiled-reference", "fused"),
+    seed: int = 0,
+) -> list[Case]:
+    """Every requested backend x layout for the layer; backends that cannot run on ``device`` are left out
+    (``fused`` needs CUDA, ``cpu`` is the CPU path)."""
+    torch.manual_seed(seed)
+    kw = dict(stride=shape.stride, padding=shape.padding, groups=shape.groups, device=device, dtype=dtype)
+    dense = nn.Conv2d(shape.cin, shape.cout, shape.kernel, **kw)
+    # Random factors: timings do not depend on their values, and ALS would dominate a benchmark run.
+    cp = CPConv2d(shape.cin, shape.cout, shape.kernel, rank, **kw)
+    x0 = torch.randn(shape.batch, shape.cin, *shape.size, device=device, dtype=dtype)
+    cases = []
+    for layout in layouts:
+        fmt = LAYOUTS[layout]
+        x = x0.contiguous(memory_format=fmt)
+        for backend in backends:
+            if backend == "fused" and device != "cuda":
+                continue
+            if backend == "cpu" and device != "cpu":
+                continue
+            if backend == "dense":
+                m = nn.Conv2d(shape.cin, shape.cout, shape.kernel, **kw).to(memory_format=fmt)
+                m.load_state_dict(dense.state_dict())
+                cases.append(Case(backend, layout, m, x, shape.dense_macs()))
+            elif backend == "compiled-reference":
+                cases.append(Case(backend, layout, _compiled_reference(cp), x, shape.cp_macs(rank)))
+            else:
+                impl = {"reference": "reference", "cpu": "auto", "fused": "triton"}[backend]
+                m = CPConv2d(shape.cin, shape.cout, shape.kernel, rank, backend=impl, **kw)
+                m.load_state_dict(cp.state_dict())
+                macs = shape.fused_kernel_macs(rank) if backend == "fused" else shape.cp_macs(rank)
+                cases.append(Case(backend, layout, m, x, macs))
+    return cases
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing and peaks
+# --------------------------------------------------------------------------------------------------
+def time_median(fn: Callable, x: torch.Tensor, repeats: int = 10) -> float:
+    """Median seconds of ``fn(x)`` after a warm-up call (compilation, autotuning, cudnn.benchmark)."""
+    with torch.inference_mode():
+        fn(x)
+        if x.is_cuda:
+            from triton.testing import do_bench
+
+            return do_bench(lambda: fn(x), warmup=10, rep=50, return_mode="median") * 1e-3
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_peaks(device: str, dtype: torch.dtype) -> dict:
+    """Copy bandwidth (bytes/s) and matmul throughput (FLOP/s) measured on this device now: the roofline."""
+    n_bytes = (1 << 30) if device == "cuda" else (1 << 28)
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = time_median(lambda s: dst.copy_(s), src, repeats=5)
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    mm_s = time_median(lambda a_: a_ @ a_, a, repeats=5)
+    return {"copy_bytes_per_s": 2 * n_bytes / copy_s, "matmul_flop_per_s": 2 * n**3 / mm_s}
+
+
+def roofline(shape: ConvShape, macs: int, element_size: int, peaks: dict, seconds: float) -> dict:
+    nbytes = shape.minimal_bytes(element_size)
+    bound = max(nbytes / peaks["copy_bytes_per_s"], 2 * macs / peaks["matmul_flop_per_s"])
+    return {
+        "macs": macs,
+        "min_bytes": nbytes,
+        "achieved_gb_per_s": nbytes / seconds / 1e9,
+        "achieved_tflop_per_s": 2 * macs / seconds / 1e12,
+        "roofline_bound_s": bound,
+        "pct_of_roofline": 100 * bound / seconds,
+    }
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def environment(device: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
+        "git_commit": commit,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-stage breakdown and kernel resources
+# --------------------------------------------------------------------------------------------------
+STAGES = ("cp_conv2d.stage1_pointwise_in", "cp_conv2d.stage2_vertical", "cp_conv2d.stage3_horizontal",
+          "cp_conv2d.stage4_pointwise_out")
+
+
+def stage_breakdown(case: Case, trace: Optional[str] = None) -> dict:
+    """Mean time per reference stage (ms), from torch.profiler's record_function ranges."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.x.is_cuda else [])
+    with torch.inference_mode():
+        case.fn(case.x)
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                case.fn(case.x)
+            if case.x.is_cuda:
+                torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+    out = {}
+    for event in prof.key_averages():
+        if event.key in STAGES:
+            total_us = event.device_time_total if case.x.is_cuda else event.cpu_time_total
+            out[event.key.split(".", 1)[1]] = total_us / event.count / 1e3
+    return out
+
+
+def fused_kernel_resources(dtype: torch.dtype) -> dict:
+    """Chosen config and compiled resources of the fused kernel: live on a GPU, else the sm_90 AOT report."""
+    from .kernels import cp_conv2d_fused
+
+    if torch.cuda.is_available():
+        cfg = cp_conv2d_fused.best_config()
+        kernel = cp_conv2d_fused.last_compiled_kernel()
+        res = {"source": "live kernel", "config": cfg}
+        if kernel is not None:
+            res.update(registers=kernel.n_regs, spill_bytes=kernel.n_spills,
+                       shared_bytes=kernel.metadata.shared,
+                       tensor_cores=any(k in kernel.asm.get("ptx", "") for k in ("mma.", "wgmma.")))
+        return res
+    from .kernels.aot import DTYPES as AOT_DTYPES, compile_report
+
+    if dtype not in AOT_DTYPES:
+        return {"source": "none", "note": f"the fused kernel does not run {dtype}"}
+    name = AOT_DTYPES[dtype]
+    rows = [r for r in compile_report("sm_90") if r["dtype"] == name]
+    return {"source": "ahead-of-time compile report (sm_90, every config; no GPU here)", "configs": rows}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def _size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return (int(h), int(w or h))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="cpkernels profile", description="Profile one CP conv layer.")
+    p.add_argument("--layer", help="a layer of the shared list (see --list)")
+    p.add_argument("--list", action="store_true", help="print the shared layer names and exit")
+    p.add_argument("--cin", type=int, default=256)
+    p.add_argument("--cout", type=int, default=256)
+    p.add_argument("--size", type=_size, default=(56, 56), help="H=W, or HxW")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--kernel", type=int, default=3)
+    p.add_argument("--rank", type=int, help="default: C/4")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--padding", type=int, help="default: kernel // 2")
+    p.add_argument("--dilation", type=int, default=1)
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="nchw")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--trace", help="write a Chrome trace of the reference path here")
+    p.add_argument("--json", help="write everything as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print("\n".join(LAYERS_BY_NAME))
+        return 0
+    if args.dilation != 1:
+        print("note: the cost model assumes dilation 1; timings use it as given", file=sys.stderr)
+    if args.layer:
+        if args.layer not in LAYERS_BY_NAME:
+            raise SystemExit(f"unknown layer {args.layer!r}; --list prints the names")
+        layer = LAYERS_BY_NAME[args.layer]
+        shape, rank = layer.shape, args.rank or layer.rank(4)
+    else:
+        pad = args.kernel // 2 if args.padding is None else args.padding
+        shape = ConvShape(args.batch, args.cin, args.cout, args.size, (args.kernel, args.kernel), args.stride, pad)
+        rank = args.rank or max(1, min(args.cin, args.cout) // 4)
+    dtype, device = DTYPES[args.dtype], args.device
+    env = environment(device)
+    if device != "cuda":
+        print(f"No CUDA device: timing the dense and reference/CPU paths on the CPU ({env['device']}); the fused "
+              "kernel's resources come from the ahead-of-time compile report.")
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    print(f"layer: {shape}, rank {rank}, {args.dtype}, {args.layout}")
+
+    peaks = measure_peaks(device, dtype)
+    cases = build_cases(shape, rank, dtype, device, layouts=(args.layout,))
+    rows = []
+    dense_s = None
+    for case in cases:
+        seconds = time_median(case.fn, case.x)
+        if case.backend == "dense":
+            dense_s = seconds
+        row = {"backend": case.backend, "layout": case.layout, "median_ms": seconds * 1e3,
+               **roofline(shape, case.macs, case.x.element_size(), peaks, seconds)}
+        row["speedup_vs_dense"] = dense_s / seconds if dense_s else None
+        rows.append(row)
+    print(f"\nmeasured peaks: copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
+          f"matmul {peaks['matmul_flop_per_s'] / 1e12:.3f} TFLOP/s ({args.dtype})")
+    print(f"{'backend':20s} {'median ms':>10s} {'vs dense':>9s} {'MMACs':>10s} {'GB/s':>8s} {'TFLOP/s':>8s} "
+          f"{'roofline %':>10s}")
+    for r in rows:
+        print(f"{r['backend']:20s} {r['median_ms']:10.3f} {(r['speedup_vs_dense'] or 0):8.2f}x "
+              f"{r['macs'] / 1e6:10.1f} {r['achieved_gb_per_s']:8.1f} {r['achieved_tflop_per_s']:8.3f} "
+              f"{r['pct_of_roofline']:10.1f}")
+
+    reference = next(c for c in cases if c.backend == "reference")
+    stages = stage_breakdown(reference, args.trace)
+    print("\nreference path per stage (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
+    if args.trace:
+        print(f"Chrome trace written to {args.trace}")
+
+    resources = fused_kernel_resources(dtype)
+    print(f"\nfused kernel ({resources['source']}):")
+    if "configs" in resources:
+        for r in resources["configs"]:
+            print(f"  {r['config']:32s} registers {r['registers']:3d}  spills {r['spill_bytes']}  "
+                  f"shared {r['shared_bytes']}  tensor cores {r['tensor_cores']}")
+    else:
+        print("  " + ", ".join(f"{k} {v}" for k, v in resources.items() if k != "source"))
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "shape": asdict(shape), "rank": rank, "dtype": args.dtype,
+                       "layout": args.layout, "peaks": peaks, "backends": rows, "reference_stages_ms": stages,
+                       "fused_kernel": resources}, f, indent=1)
+        print(f"JSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
