@@ -12,10 +12,12 @@ setup(
         "torch",
         "numpy",
         "tensorly>=0.10",
+        "tqdm",
         'triton; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "tqdm", "scikit-learn"],
+        "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["cpkernels=cpkernels.__main__:main"]},
 )

@@ -1,7 +1,9 @@
-"""CP decomposition of conv weights with TensorLy's ``parafac``.
+"""CP decomposition of conv weights: rank policies, guards, one CP per group.
 
-TensorLy is imported as ``tensorly`` (never ``tl``, which names ``triton.language`` in the kernels) and
-always used inside ``tensorly.backend_context("pytorch")``, so nothing global changes.
+The ALS itself is :mod:`cpkernels.als` (TensorLy's initialisation and update rule, MTTKRPs as GEMMs)
+or TensorLy's ``parafac``. TensorLy is imported as ``tensorly`` (never ``tl``, which names
+``triton.language`` in the kernels) and always used inside ``tensorly.backend_context("pytorch")``,
+so nothing global changes.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .als import cp_als
 from .factors import CPFactors, params_per_rank
 
 RankSpec = Union[int, float]
@@ -68,31 +71,24 @@ def _check_weight(weight: Tensor, groups: int) -> None:
         raise ValueError("cannot decompose a weight holding NaN or infinite values")
 
 
-def _parafac_one(w: Tensor, rank: int, *, init, n_iter_max, tol, random_state, l2_reg) -> list[Tensor]:
-    """CP of one 4-D slice, with the CP weights folded into the output factor."""
-    import tensorly
-    from tensorly.decomposition import parafac
-
+def _cp_one(w: Tensor, rank: int, *, method, init, n_iter_max, tol, random_state, l2_reg) -> list[Tensor]:
+    """CP of one 4-D slice ``[Cout/G, Cin/G, kh, kw]``: four ``(dim, R)`` factors, CP weights folded in."""
     if not bool(w.any()):
-        # parafac divides by the norm: an all-zero slice has the exact all-zero CP.
+        # ALS divides by the norm: an all-zero slice has the exact all-zero CP.
         return [w.new_zeros(dim, rank) for dim in w.shape]
 
     def run(init_, l2):
-        with tensorly.backend_context("pytorch"), warnings.catch_warnings():
-            # The SVD start asks for R singular vectors of each unfolding, more than the kh/kw modes
-            # have whenever R > kh; TensorLy warns and pads them, which is expected here.
-            warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-            cp = parafac(
-                w, rank, n_iter_max=n_iter_max, init=init_, tol=tol,
-                random_state=random_state, l2_reg=l2, normalize_factors=False,
-            )
-        weights, factors = cp
-        factors = [f.to(w.dtype) for f in factors]
-        factors[0] = factors[0] * weights.to(w.dtype)[None, :]
-        return factors
+        if method == "als":
+            factors, _ = cp_als(w, rank, init=init_, n_iter_max=n_iter_max, tol=tol,
+                                random_state=random_state, l2_reg=l2)
+            return factors
+        return _tensorly_parafac(w, rank, init=init_, n_iter_max=n_iter_max, tol=tol,
+                                 random_state=random_state, l2_reg=l2)
 
     try:
         factors = run(init, l2_reg)
+        if not all(bool(torch.isfinite(f).all()) for f in factors):
+            raise torch.linalg.LinAlgError("non-finite factors")
     except (ValueError, RuntimeError, torch.linalg.LinAlgError):
         # Tiny or over-ranked slices (1-channel inputs, 1xk kernels) break the SVD start or make the
         # ALS normal equations singular. A random start with a whisper of ridge regularisation
@@ -100,16 +96,28 @@ def _parafac_one(w: Tensor, rank: int, *, init, n_iter_max, tol, random_state, l
         ridge = max(l2_reg, 1e-10 * float(torch.linalg.vector_norm(w)) ** 2)
         factors = run("random", ridge)
     if not all(bool(torch.isfinite(f).all()) for f in factors):
-        raise RuntimeError(f"parafac returned non-finite factors for a weight of shape {tuple(w.shape)}")
+        raise RuntimeError(f"CP-ALS returned non-finite factors for a weight of shape {tuple(w.shape)}")
+    return factors
+
+
+def _tensorly_parafac(w: Tensor, rank: int, *, init, n_iter_max, tol, random_state, l2_reg) -> list[Tensor]:
+    """TensorLy's own ``parafac``: the reference the fast ALS is checked against."""
+    import tensorly
+    from tensorly.decomposition import parafac
+
+    with tensorly.backend_context("pytorch"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
+        weights, factors = parafac(w, rank, n_iter_max=n_iter_max, init=init, tol=tol,
+                                   random_state=random_state, l2_reg=l2_reg, normalize_factors=False)
+    factors = [f.to(w.dtype) for f in factors]
+    factors[0] = factors[0] * weights.to(w.dtype)[None, :]
     return factors
 
 
 def _decompose_at_rank(weight: Tensor, rank: int, groups: int, compute_dtype, options) -> CPFactors:
     w = weight.detach().to(compute_dtype)
     cout_g = weight.shape[0] // groups
-    per_group = [
-        _parafac_one(w[g * cout_g:(g + 1) * cout_g], rank, **options) for g in range(groups)
-    ]
+    per_group = [_cp_one(w[g * cout_g:(g + 1) * cout_g], rank, **options) for g in range(groups)]
     stacked = [torch.stack([pg[m] for pg in per_group]) for m in range(4)]
     return CPFactors(*stacked)
 
@@ -126,6 +134,7 @@ def decompose_conv(
     random_state: int = 0,
     l2_reg: float = 0.0,
     compute_dtype: torch.dtype = torch.float64,
+    method: str = "als",
 ) -> CPFactors:
     """CP-decompose a conv weight ``[Cout, Cin/groups, kh, kw]``, one CP per group.
 
@@ -135,16 +144,23 @@ def decompose_conv(
             Leave it ``None`` when giving ``target_error``.
         groups: the conv's groups; each ``[Cout/G, Cin/G, kh, kw]`` slice gets its own CP.
         target_error: find the smallest rank whose relative weight error is at most this.
-        init, n_iter_max, tol, random_state, l2_reg: passed to TensorLy's ``parafac``.
+        init, n_iter_max, tol, random_state, l2_reg: as TensorLy's ``parafac`` (initialisation, iteration
+            budget, stopping tolerance, seed, ridge term).
         compute_dtype: dtype of the ALS iterations (float64 by default); the factors come back in
             the weight's dtype and on its device.
+        method: ``"als"``, the same ALS as ``parafac`` with its MTTKRPs done as GEMMs
+            (:mod:`cpkernels.als`, one to two orders of magnitude faster on conv weights), or
+            ``"parafac"``, TensorLy's ``parafac`` itself.
 
     Returns:
         CPFactors with factors of shapes ``(G, Cout/G, R)``, ``(G, Cin/G, R)``, ``(G, kh, R)``, ``(G, kw, R)``.
     """
     _check_weight(weight, groups)
     shape = (weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3])
-    options = dict(init=init, n_iter_max=n_iter_max, tol=tol, random_state=random_state, l2_reg=l2_reg)
+    if method not in ("als", "parafac"):
+        raise ValueError(f"method must be 'als' or 'parafac', got {method!r}")
+    options = dict(method=method, init=init, n_iter_max=n_iter_max, tol=tol, random_state=random_state,
+                   l2_reg=l2_reg)
 
     if target_error is not None:
         if rank is not None:
@@ -168,8 +184,10 @@ def decompose_conv(
 def _search_rank(weight: Tensor, target_error: float, groups: int, compute_dtype, options) -> CPFactors:
     """Smallest rank whose relative error is <= target_error: doubling, then bisection.
 
-    ALS error is not strictly monotone in the rank, so the answer is the smallest rank the bisection
-    saw meet the target, which is what the search can promise without trying every rank.
+    Each trial rank gets the full iteration budget (a reduced budget overestimates the error of
+    over-complete ranks and sends the search far too high). ALS error is not strictly monotone in
+    the rank, so the answer is the smallest rank the bisection saw meet the target, which is what a
+    search without trying every rank can promise.
     """
     if not (target_error > 0.0) or math.isnan(target_error):
         raise ValueError(f"target_error must be > 0, got {target_error}")
@@ -191,9 +209,9 @@ def _search_rank(weight: Tensor, target_error: float, groups: int, compute_dtype
                 f"error of {target_error}; using rank {high} with error {tried[high][0]:.3g}",
                 stacklevel=3,
             )
-            return tried[high][1]
+            break
         low, high = high, min(2 * high, high_cap)
-    while high - low > 1:
+    while high - low > 1 and error_at(high) <= target_error:
         mid = (low + high) // 2
         if error_at(mid) <= target_error:
             high = mid

@@ -114,6 +114,14 @@ class CPFactors:
             return 0.0 if diff == 0 else float("inf")
         return float(diff / norm)
 
+    def to_cptensor(self, group: int = 0):
+        """Group ``group``'s CP as a TensorLy ``CPTensor`` (unit weights; factors in ``[Cout/G, Cin/G, kh, kw]``
+        mode order), for use with TensorLy's own tools."""
+        from tensorly.cp_tensor import CPTensor
+
+        factors = [f[group] for f in self.as_tuple()]
+        return CPTensor((torch.ones(self.rank, dtype=self.dtype, device=self.device), factors))
+
     def to(self, *args, **kwargs) -> "CPFactors":
         """Like ``Tensor.to``, applied to each factor."""
         return CPFactors(*(f.to(*args, **kwargs) for f in self.as_tuple()))

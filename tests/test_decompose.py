@@ -66,13 +66,24 @@ def test_same_seed_same_factors_and_seed_matters():
     assert not all(torch.equal(x, y) for x, y in zip(a.as_tuple(), c.as_tuple()))
 
 
-@pytest.mark.parametrize("init", ["svd", "random"])
-def test_quality_at_least_direct_parafac(init):
-    w = torch.randn(16, 8, 3, 3, dtype=torch.float64)
-    ours = decompose_conv(w, 6, init=init, random_state=0, n_iter_max=50)
+@pytest.mark.parametrize(
+    "shape, rank, init, l2_reg",
+    [
+        pytest.param((16, 8, 3, 3), 6, "svd", 0.0, id="svd"),
+        pytest.param((16, 8, 3, 3), 6, "random", 0.0, id="random"),
+        pytest.param((12, 10, 5, 5), 20, "svd", 0.0, id="5x5-over-kernel-rank"),
+        pytest.param((16, 8, 3, 1), 4, "svd", 1e-3, id="kx1-l2-reg"),
+        pytest.param((32, 24, 3, 3), 16, "random", 0.0, id="larger"),
+    ],
+)
+@pytest.mark.parametrize("method", ["als", "parafac"])
+def test_quality_at_least_direct_parafac(shape, rank, init, l2_reg, method):
+    """Same rank, init, seed and iteration budget: at least TensorLy's parafac."""
+    w = torch.randn(shape, dtype=torch.float64)
+    ours = decompose_conv(w, rank, init=init, random_state=0, n_iter_max=50, l2_reg=l2_reg, method=method)
     with tensorly.backend_context("pytorch"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        weights, factors = parafac(w, 6, init=init, random_state=0, n_iter_max=50, tol=1e-8)
+        weights, factors = parafac(w, rank, init=init, random_state=0, n_iter_max=50, tol=1e-8, l2_reg=l2_reg)
     direct = torch.einsum("r,or,cr,ir,jr->ocij", weights, *factors)
     direct_error = float(torch.linalg.vector_norm(w - direct) / torch.linalg.vector_norm(w))
     assert ours.relative_error(w) <= direct_error * (1 + 1e-9)
@@ -90,7 +101,7 @@ def test_cp_weights_are_folded_into_the_output_factor(monkeypatch):
 
     monkeypatch.setattr(tensorly.decomposition, "parafac", normalizing_parafac)
     truth = random_factors(8, 6, (3, 3), 3, dtype=torch.float64)
-    f = decompose_conv(truth.to_dense() * 50.0, 3, n_iter_max=500, tol=1e-14)
+    f = decompose_conv(truth.to_dense() * 50.0, 3, n_iter_max=500, tol=1e-14, method="parafac")
     assert f.relative_error(truth.to_dense() * 50.0) < 1e-6
 
 
@@ -133,6 +144,23 @@ def test_target_error_unreachable_warns_and_returns_the_cap():
 def test_bad_ranks_are_rejected(rank, error):
     with pytest.raises(error):
         decompose_conv(torch.randn(6, 4, 3, 3), rank)
+
+
+def test_als_tracks_its_error_and_warm_starts():
+    from cpkernels.als import cp_als
+
+    w = torch.randn(10, 8, 3, 3, dtype=torch.float64)
+    factors, errors = cp_als(w, 5, n_iter_max=30, tol=0)
+    true_error = float(torch.linalg.vector_norm(w - torch.einsum("or,cr,ir,jr->ocij", *factors)) / w.norm())
+    assert len(errors) == 30 and errors[-1] == pytest.approx(true_error, rel=1e-9)
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(errors, errors[1:]))  # ALS never increases the error
+    _, warm = cp_als(w, 5, n_iter_max=5, tol=0, init_factors=factors)
+    assert warm[0] <= errors[-1] * (1 + 1e-9)
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ValueError, match="method"):
+        decompose_conv(torch.randn(4, 4, 3, 3), 2, method="hosvd")
 
 
 def test_rank_and_target_error_together_is_an_error():
@@ -182,3 +210,14 @@ def test_factors_to_and_repr():
     g = f.to(torch.float64)
     assert g.dtype == torch.float64 and f.dtype == torch.float32
     assert "rank=3" in repr(f)
+
+
+def test_factors_convert_to_a_tensorly_cptensor():
+    import tensorly
+
+    w = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+    f = decompose_conv(w, 4, groups=2)
+    cp = f.to_cptensor(group=1)
+    with tensorly.backend_context("pytorch"):
+        dense = tensorly.cp_to_tensor(cp)
+    torch.testing.assert_close(dense, f.to_dense()[4:])

@@ -1,0 +1,130 @@
+"""compress_model / apply_structure: layer choice, reasons, report, input untouched, save and load."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import cpkernels
+from cpkernels import CPConv2d, apply_structure, compress_model
+from cpkernels.compress import ROW_KEYS, rank_for_mac_fraction
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Sequential(
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=2), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=32),  # depthwise
+            nn.Conv2d(32, 64, 1),  # pointwise
+        )
+        self.shared = nn.Conv2d(64, 64, 3, padding=1)
+        self.head = nn.Sequential(self.shared, nn.ReLU(), self.shared)  # one conv used twice
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.head(self.body(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_compress_replaces_what_it_should_and_says_why_not():
+    model = Net().eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    out, report = compress_model(model, rank=4, input_size=(1, 3, 16, 16), progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # input untouched
+    assert all(type(m) is nn.Conv2d for m in model.modules() if isinstance(m, nn.Conv2d))
+    rows = {r["name"]: r for r in report.rows}
+    assert set(rows) == {"stem", "body.0", "body.2", "body.4", "body.5", "shared"}
+    assert rows["body.4"]["skipped"].startswith("depthwise")
+    assert rows["body.5"]["skipped"].startswith("1x1")
+    for name in ("stem", "body.0", "body.2", "shared"):
+        assert rows[name]["skipped"] is None, rows[name]
+        assert isinstance(out.get_submodule(name), CPConv2d)
+    assert out.head[0] is out.head[2] is out.shared  # replaced once, still shared
+    assert out.body[2].groups == 2 and out.body[2].stride == (2, 2)
+    for r in report.rows:
+        assert set(r) == set(ROW_KEYS)
+    assert rows["body.0"]["macs_before"] == 16 * 16 * 32 * 16 * 9
+    assert rows["body.0"]["macs_after"] < rows["body.0"]["macs_before"]
+    assert 0 <= rows["body.0"]["weight_error"] <= 1 and rows["body.0"]["degeneracy"] >= 1
+    totals = report.totals
+    assert totals["params_after"] < totals["params_before"]
+    assert totals["macs_after"] < totals["macs_before"]
+    assert "shared" in str(report) and "skipped: depthwise" in str(report)
+    assert out(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, compressed",
+    [
+        pytest.param(dict(include=["body.*"]), {"body.0", "body.2"}, id="include"),
+        pytest.param(dict(exclude=["body.*"]), {"stem", "shared"}, id="exclude"),
+        pytest.param(dict(predicate=lambda n, m: m.stride == (1, 1)), {"stem", "body.0", "shared"}, id="predicate"),
+        pytest.param(dict(skip_first=True), {"body.0", "body.2", "shared"}, id="skip-first"),
+        pytest.param(dict(min_channels=32), {"body.2", "shared"}, id="min-channels"),
+        pytest.param(dict(rank={"stem": 2, "shared": 8}), {"stem", "shared"}, id="per-layer-dict"),
+    ],
+)
+def test_layer_selection(kwargs, compressed):
+    kwargs.setdefault("rank", 4)
+    _, report = compress_model(Net(), progress=False, **kwargs)
+    assert {r["name"] for r in report.rows if r["skipped"] is None} == compressed
+    if isinstance(kwargs["rank"], dict):
+        assert report.structure == kwargs["rank"]
+
+
+def test_rank_that_saves_no_macs_is_skipped():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3))
+    _, report = compress_model(model, rank=200, input_size=(1, 4, 8, 8), progress=False)
+    assert "saves no MACs" in report.rows[0]["skipped"]
+
+
+def test_target_error_policy_and_csv(tmp_path):
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    out, report = compress_model(model, rank=None, target_error=0.5, progress=False)
+    for r in report.rows:
+        if r["skipped"] is None:
+            assert r["weight_error"] <= 0.5
+    path = tmp_path / "report.csv"
+    report.to_csv(path)
+    text = path.read_text().splitlines()
+    assert text[0].split(",")[:3] == ["name", "shape", "stride"] and len(text) == 3
+
+
+def test_inplace_modifies_and_keeps_device_and_dtype():
+    model = Net().to(torch.float64)
+    out, _ = compress_model(model, rank=4, inplace=True, progress=False)
+    assert out is model and isinstance(model.stem, CPConv2d)
+    assert model.stem.output_factor.dtype == torch.float64
+
+
+def test_torch_save_and_apply_structure_round_trip():
+    model, report = compress_model(Net().eval(), rank=4, progress=False)
+    x = torch.randn(1, 3, 16, 16)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), model(x))
+
+    fresh = apply_structure(Net().eval(), report.structure)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(x), model(x))
+    assert fresh.head[0] is fresh.head[2]
+
+
+def test_rank_for_mac_fraction():
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    r = rank_for_mac_fraction(conv, 0.25, (32, 32))
+    _, report = compress_model(nn.Sequential(conv), rank=r, input_size=(1, 64, 32, 32), progress=False)
+    row = report.rows[0]
+    assert row["macs_after"] <= 0.25 * row["macs_before"]
+    _, bigger = compress_model(nn.Sequential(conv), rank=r + 1, input_size=(1, 64, 32, 32), progress=False)
+    assert bigger.rows[0]["macs_after"] > 0.25 * row["macs_before"]
+
+
+def test_public_names():
+    assert cpkernels.compress_model is compress_model and cpkernels.apply_structure is apply_structure

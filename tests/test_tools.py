@@ -1,0 +1,72 @@
+"""Smoke tests of the command-line tools on the CPU: demo, profiler, benchmark report."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cpkernels import demo, profile
+from cpkernels.layers import LAYERS, LAYERS_BY_NAME
+
+
+def test_demo_rows_are_complete():
+    layers = [(name, make, rank, (2, *shape[1:])) for name, make, rank, shape in demo.DEMO_LAYERS[:2]]
+    rows = demo.run_demo(layers)
+    assert [r["params_cp"] for r in rows] == [30, 1168]
+    assert [r["params_dense"] for r in rows] == [150, 1728]
+    assert all(0 <= r["weight_error"] <= 1 and r["cp_ms"] > 0 for r in rows)
+    assert "compression" in demo.format_rows(rows)
+
+
+def test_shared_layer_list():
+    names = [layer.name for layer in LAYERS]
+    assert len(names) == len(set(names))
+    assert {"example-3-2-5x5", "vgg19-conv1_1", "alexnet-conv2-5x5"} <= set(names)
+    assert sum(name.startswith("vgg16-") for name in names) == 8  # with vgg19-conv1_1 = VGG-16's conv1_1
+    assert any(layer.shape.stride == 2 for layer in LAYERS)
+    assert LAYERS_BY_NAME["vgg16-conv3_2"].ranks() == (16, 32, 64, 128)
+
+
+def test_profiler_on_cpu(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    trace = tmp_path / "trace.json"
+    profile.main(["--cin", "16", "--cout", "32", "--size", "12x10", "--batch", "2", "--rank", "8",
+                  "--json", str(out), "--trace", str(trace)])
+    text = capsys.readouterr().out
+    assert "No CUDA device" in text and "reference path per stage" in text
+    data = json.loads(out.read_text())
+    assert {r["backend"] for r in data["backends"]} == {"dense", "reference", "cpu", "compiled-reference"}
+    assert set(data["reference_stages_ms"]) == {"stage1_pointwise_in", "stage2_vertical", "stage3_horizontal",
+                                                "stage4_pointwise_out"}
+    assert all(r["spill_bytes"] == 0 for r in data["fused_kernel"]["configs"])
+    assert json.loads(trace.read_text())  # a Chrome trace
+
+
+def test_profiler_lists_layers(capsys):
+    profile.main(["--list"])
+    assert "vgg16-conv3_2" in capsys.readouterr().out
+
+
+def test_benchmark_report_from_a_real_run(tmp_path):
+    """Time one small group for real, then build the Markdown table and both plots from its JSON."""
+    results = tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "-k", "resnet18-layer4-R32",
+           f"--benchmark-json={results}", "--benchmark-min-rounds=1", "--benchmark-max-time=0.01",
+           "--benchmark-warmup=off"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    from bench import report
+
+    report.main([str(results), "--out", str(tmp_path)])
+    md = (tmp_path / "report.md").read_text()
+    assert "| resnet18-layer4 | 32 | nchw |" in md and "×" in md
+    assert (tmp_path / "speedup_vs_rank.png").stat().st_size > 1000
+    assert (tmp_path / "roofline.png").stat().st_size > 1000
+
+
+def test_report_refuses_untimed_results(tmp_path):
+    from bench import report
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(SystemExit, match="no timed benchmarks"):
+        report.main([str(empty)])
