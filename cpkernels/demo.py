@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .module import CPConv2d
+from .profile import time_median
 
 # (name, conv, rank, input shape)
 DEMO_LAYERS = (
@@ -14,17 +15,6 @@ DEMO_LAYERS = (
     ("VGG-19 conv1_1 (3->64, 3x3)", lambda: nn.Conv2d(3, 64, 3, padding=1), 16, (8, 3, 64, 64)),
     ("VGG-style 256->256 3x3", lambda: nn.Conv2d(256, 256, 3, padding=1), 64, (8, 256, 28, 28)),
 )
-
-
-def median_seconds(fn, x, repeats: int = 7) -> float:
-    with torch.inference_mode():
-        fn(x)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def run_demo(layers=DEMO_LAYERS, seed: int = 0) -> list[dict]:
@@ -49,8 +39,8 @@ def run_demo(layers=DEMO_LAYERS, seed: int = 0) -> list[dict]:
             "weight_error": layer.factors.relative_error(conv.weight),
             "output_error": out_error,
             "decompose_s": decompose_s,
-            "dense_ms": 1e3 * median_seconds(conv, x),
-            "cp_ms": 1e3 * median_seconds(layer, x),
+            "dense_ms": 1e3 * time_median(conv, x),
+            "cp_ms": 1e3 * time_median(layer, x),
             "input": "x".join(map(str, input_shape)),
         })
     return rows

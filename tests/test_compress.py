@@ -128,3 +128,18 @@ def test_rank_for_mac_fraction():
 
 def test_public_names():
     assert cpkernels.compress_model is compress_model and cpkernels.apply_structure is apply_structure
+
+
+def test_digits_example_recovers_accuracy():
+    """The example end to end: fine-tuned accuracy within 1 point of the uncompressed model's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "digits_finetune.py"
+    spec = importlib.util.spec_from_file_location("digits_finetune", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    r = example.run()
+    assert r["acc_finetuned"] >= r["acc_dense"] - 1.0, r
+    assert all(row["macs_after"] <= 0.25 * row["macs_before"] for row in r["report"].rows if row["skipped"] is None)
+    assert r["conv_macs_after"] < r["conv_macs_before"] / 3.5
