@@ -40,10 +40,16 @@ class ConvShape:
         stage4 = self.out_pixels * rank * (self.cout // g) * g
         return stage1 + stage2 + stage3 + stage4
 
-    def fused_kernel_macs(self, rank: int) -> int:
-        """MACs the fused kernel issues: every tap folded into the first contraction (docs/kernel.md)."""
+    def fused_kernel_macs(self, rank: int, rows: int = 8) -> int:
+        """MACs the fused kernel issues (docs/kernel.md): the rows kernel (kh = 3, stride 1, R <= 128)
+        folds only the horizontal taps and recomputes a band's two halo rows; the taps kernel folds all."""
         kh, kw = self.kernel
-        return self.out_pixels * rank * self.groups * (kh * kw * (self.cin // self.groups) + self.cout // self.groups)
+        cin_g, cout_g = self.cin // self.groups, self.cout // self.groups
+        if kh == 3 and self.stride == 1 and rank <= 128:
+            first = kw * cin_g * (rows + 2) / rows
+        else:
+            first = kh * kw * cin_g
+        return int(self.out_pixels * rank * self.groups * (first + cout_g))
 
     def minimal_bytes(self, element_size: int) -> int:
         """Read X once and write Y once: the floor for any implementation (weights are negligible)."""

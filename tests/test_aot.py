@@ -6,10 +6,11 @@ aot = pytest.importorskip("cpkernels.kernels.aot")
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_config_compiles_without_spills(arch):
-    from cpkernels.kernels.cp_conv2d_fused import TILES_16BIT, TILES_FP32
+    from cpkernels.kernels import cp_conv2d_fused as fused
 
     rows = aot.compile_report(arch)
-    assert len(rows) == 2 * (2 * len(TILES_16BIT) + len(TILES_FP32))  # x2: whole-rank and sliced paths
+    taps = 2 * (2 * len(fused.TILES_16BIT) + len(fused.TILES_FP32))  # x2: whole-rank and sliced paths
+    assert len(rows) == taps + 2 * len(fused.ROWS_TILES_16BIT) + len(fused.ROWS_TILES_FP32)
     for row in rows:
         assert set(row) == set(aot.REPORT_KEYS)
         assert row["spill_bytes"] == 0, row

@@ -221,3 +221,15 @@ def test_factors_convert_to_a_tensorly_cptensor():
     with tensorly.backend_context("pytorch"):
         dense = tensorly.cp_to_tensor(cp)
     torch.testing.assert_close(dense, f.to_dense()[4:])
+
+
+def test_strongest_terms_keeps_the_largest_rank_one_terms():
+    from cpkernels.decompose import strongest_terms
+
+    f = random_factors(6, 4, (3, 3), 5, groups=2, dtype=torch.float64)
+    scale = torch.tensor([1.0, 10.0, 0.1, 5.0, 2.0], dtype=torch.float64)
+    f = CPFactors(f.output * scale, f.input, f.vertical, f.horizontal)
+    kept = strongest_terms(f, 3)
+    assert kept.rank == 3 and kept.groups == 2
+    norms = lambda g: torch.stack([torch.linalg.vector_norm(t, dim=1) for t in g.as_tuple()]).prod(0)  # noqa: E731
+    assert torch.equal(norms(kept).sort(dim=1).values, norms(f).sort(dim=1).values[:, 2:])

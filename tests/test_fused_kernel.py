@@ -11,6 +11,14 @@ from .oracle import assert_matches_oracle, oracle_conv2d, random_factors
 fused = pytest.importorskip("cpkernels.kernels.cp_conv2d_fused")
 
 
+@pytest.fixture(params=["auto", "taps"], ids=["rows-where-it-applies", "taps-kernel"])
+def kernel(request, monkeypatch):
+    """Every parity case runs twice: as dispatched (the rows kernel for 3x3, vertical stride 1) and
+    through the general taps kernel."""
+    monkeypatch.setattr(fused, "DEFAULT_KERNEL", request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every output the kernel allocates starts as NaN, so an element it fails to write shows up."""
@@ -33,7 +41,7 @@ def run_case(c, dtype, device, **op_kwargs):
 
 
 @pytest.mark.parametrize("c", CONV_CASES)
-def test_fused_fp32_matches_oracle(c, device):
+def test_fused_fp32_matches_oracle(c, device, kernel):
     run_case(c, torch.float32, device)
 
 
@@ -48,7 +56,7 @@ FP16_CASES = [
 
 
 @pytest.mark.parametrize("c", FP16_CASES)
-def test_fused_fp16_matches_oracle(c, device):
+def test_fused_fp16_matches_oracle(c, device, kernel):
     run_case(c, torch.float16, device)
 
 
@@ -58,17 +66,27 @@ def test_fused_bf16_matches_oracle(c, device):
     run_case(c, torch.bfloat16, device)
 
 
+@pytest.mark.parametrize("which", ["rows", "taps"])
 @pytest.mark.parametrize("force_int64", [pytest.param(False, id="int32-offsets"), pytest.param(True, id="int64-offsets")])
-def test_offset_width_paths_agree(force_int64, device):
+def test_offset_width_paths_agree(force_int64, which, device):
     factors = random_factors(12, 10, (3, 3), 6, device=device)
     bias = torch.randn(12, device=device)
     x = torch.randn(2, 10, 9, 7, device=device)
     out = torch.full((2, 12, 9, 7), float("nan"), device=device)
     fused.cp_conv2d_fused(
         x, factors.input, factors.vertical, factors.horizontal, factors.output, bias,
-        (1, 1), (1, 1, 1, 1), (1, 1), out=out, force_int64=force_int64,
+        (1, 1), (1, 1, 1, 1), (1, 1), out=out, force_int64=force_int64, kernel=which,
     )
     assert_matches_oracle(out, oracle_conv2d(x, factors, bias, padding=1), torch.float32)
+
+
+def test_rows_kernel_refuses_shapes_it_cannot_run():
+    factors = random_factors(6, 8, (3, 3), 4)
+    args = (torch.randn(1, 8, 9, 9), factors.input, factors.vertical, factors.horizontal, factors.output, None)
+    with pytest.raises(ValueError, match="rows kernel needs"):
+        fused.cp_conv2d_fused(*args, (2, 1), (1, 1, 1, 1), (1, 1), kernel="rows")
+    with pytest.raises(ValueError, match="kernel must be"):
+        fused.cp_conv2d_fused(*args, (1, 1), (1, 1, 1, 1), (1, 1), kernel="winograd")
 
 
 def test_int64_switch_is_taken_past_int32():

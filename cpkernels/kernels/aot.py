@@ -1,8 +1,8 @@
 """Compile the fused kernel for real GPUs without one, and report what each config costs.
 
-``compile_report(arch)`` compiles every autotune config of
-:func:`cpkernels.kernels.cp_conv2d_fused.cp_conv2d_fused_kernel`, for each input dtype, for ``sm_80`` or
-``sm_90``, and returns one dict per (config, rank path, dtype): registers and spill bytes (from ``ptxas -v`` on
+``compile_report(arch)`` compiles every autotune config of both fused kernels (the general ``taps``
+kernel on its two rank paths, and the ``rows`` kernel), for each input dtype, for ``sm_80`` or
+``sm_90``, and returns one dict per (config, dtype): registers and spill bytes (from ``ptxas -v`` on
 the PTX), shared memory (Triton's metadata) and whether the channel contractions run on the tensor
 cores (``mma``/``wgmma`` in the PTX).
 
@@ -69,25 +69,43 @@ def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
     return registers, spill_bytes
 
 
-def compile_config(tile: tuple[int, ...], dtype: torch.dtype, arch: str, whole_rank: bool = True):
-    """Compile one tile config for one dtype and one of the kernel's two rank paths."""
+def variants() -> list[tuple[str, str, tuple[int, ...], torch.dtype, dict]]:
+    """Every (config name, kernel name, tile, dtype, meta-parameters) the autotuners can launch."""
+    from . import cp_conv2d_fused as fused
+
+    out = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        taps = fused.TILES_FP32 if dtype == torch.float32 else fused.TILES_16BIT
+        for (bp, bc, br, bo, warps, stages), whole in itertools.product(taps, (True, False)):
+            name = f"taps_P{bp}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}_{'whole' if whole else 'sliced'}"
+            meta = {"BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo, "WHOLE_RANK": whole}
+            out.append((name, "cp_conv2d_fused_kernel", (warps, stages), dtype, meta))
+        rows = fused.ROWS_TILES_FP32 if dtype == torch.float32 else fused.ROWS_TILES_16BIT
+        for rows_, bw, bc, br, bo, warps, stages in rows:
+            name = f"rows{rows_}_W{bw}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}"
+            meta = {"ROWS": rows_, "BLOCK_W": bw, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo}
+            out.append((name, "cp_conv2d_rows_kernel", (warps, stages), dtype, meta))
+    return out
+
+
+def compile_config(kernel_name: str, launch: tuple[int, int], dtype: torch.dtype, arch: str, meta: dict):
+    """Compile one kernel for one dtype and one set of meta-parameters; returns Triton's compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from .cp_conv2d_fused import cp_conv2d_fused_kernel, dot_precision
+    from . import cp_conv2d_fused as fused
 
-    jit_fn = cp_conv2d_fused_kernel  # the JITFunction under the autotuner and heuristics
+    jit_fn = getattr(fused, kernel_name)  # the JITFunction under the autotuner and heuristics
     while not isinstance(jit_fn, JITFunction) and hasattr(jit_fn, "fn"):
         jit_fn = jit_fn.fn
     if not isinstance(jit_fn, JITFunction):
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (see compile_report)")
-    bp, bc, br, bo, warps, stages = tile
     constexprs = {
-        **_SPECIALISED,
-        "DOT_PRECISION": dot_precision(dtype) if dtype != torch.float32 else "tf32",
-        "BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo, "WHOLE_RANK": whole_rank,
+        **{k: v for k, v in _SPECIALISED.items() if k in jit_fn.arg_names},
+        "DOT_PRECISION": "tf32" if dtype == torch.float32 else "ieee",
+        **meta,
     }
     elem = DTYPES[dtype]
     signature = {}
@@ -101,6 +119,7 @@ def compile_config(tile: tuple[int, ...], dtype: torch.dtype, arch: str, whole_r
     attrs = {(jit_fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in _POINTERS}
     src = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", ARCHS[arch], 32)
+    warps, stages = launch
     return triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
 
 
@@ -116,23 +135,19 @@ def compile_report(arch: str = "sm_90") -> list[dict]:
             capture_output=True, text=True, check=True, env=env,
         )
         return json.loads(out.stdout)
-    from .cp_conv2d_fused import TILES_16BIT, TILES_FP32
-
     rows = []
-    for dtype, tiles in ((torch.float16, TILES_16BIT), (torch.bfloat16, TILES_16BIT), (torch.float32, TILES_FP32)):
-        for tile, whole_rank in itertools.product(tiles, (True, False)):
-            kernel = compile_config(tile, dtype, arch, whole_rank)
-            ptx = kernel.asm["ptx"]
-            registers, spill_bytes = _ptxas_usage(ptx, arch)
-            bp, bc, br, bo, warps, stages = tile
-            rows.append({
-                "config": f"P{bp}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}_{'whole' if whole_rank else 'sliced'}",
-                "dtype": DTYPES[dtype],
-                "registers": registers,
-                "spill_bytes": spill_bytes,
-                "shared_bytes": int(kernel.metadata.shared),
-                "tensor_cores": bool(re.search(r"\b(mma|wgmma)\.", ptx)),
-            })
+    for name, kernel_name, launch, dtype, meta in variants():
+        kernel = compile_config(kernel_name, launch, dtype, arch, meta)
+        ptx = kernel.asm["ptx"]
+        registers, spill_bytes = _ptxas_usage(ptx, arch)
+        rows.append({
+            "config": name,
+            "dtype": DTYPES[dtype],
+            "registers": registers,
+            "spill_bytes": spill_bytes,
+            "shared_bytes": int(kernel.metadata.shared),
+            "tensor_cores": bool(re.search(r"\b(mma|wgmma)\.", ptx)),
+        })
     return rows
 
 

@@ -1,21 +1,27 @@
 """The fused CP conv: all four CP stages in one Triton launch.
 
-Read top to bottom: tile configs -> ``@triton.jit`` kernel -> launcher. The op (custom op, autograd)
-lives in :mod:`cpkernels.ops.cp_conv2d`; the design and its roofline are in ``docs/kernel.md``.
+Two kernels behind one launcher, :func:`cp_conv2d_fused`:
 
-Design in one paragraph. Since stage 1 has no bias, the two depthwise stages applied to ``B^T x``
-equal one kh x kw depthwise conv whose tap ``(i, j)`` of rank channel ``r`` is ``V[i,r] H[j,r]``, and
-it commutes into the first contraction::
+- ``rows`` (kh = 3, vertical stride and dilation 1: most CNN convs; preferred where it applies).
+  A program owns one image, a strip of ``BLOCK_W`` output columns and a band of ``ROWS`` output rows,
+  and walks down the band. For each input row it computes ``u = sum_{j,c} x[c, row, iw + j] B[c,r] H[j,r]``
+  (stages 1 and 3: K = kw*Cin on the tensor cores), keeps the last three rows of ``u`` in registers,
+  applies the vertical taps to them (stage 2) and feeds the result straight into the R -> Cout GEMM
+  (stage 4). kw (not kh*kw) times the pointwise MACs.
+- ``taps`` (everything else). Since stage 1 has no bias, the two depthwise stages equal one
+  kh x kw depthwise conv with taps ``V[i,r] H[j,r]``, which commute into the first contraction::
 
-    z[p, r] = sum_{i,j,c} x[c, ih(p,i), iw(p,j)] * (B[c,r] V[i,r] H[j,r])      # implicit GEMM, K = kh*kw*Cin
-    y[p, o] = sum_r z[p, r] A[o, r] + bias[o]                                   # GEMM, K = R
+      z[p, r] = sum_{i,j,c} x[c, ih(p,i), iw(p,j)] * (B[c,r] V[i,r] H[j,r])      # implicit GEMM, K = kh*kw*Cin
+      y[p, o] = sum_r z[p, r] A[o, r] + bias[o]                                   # GEMM, K = R
 
-A program owns ``BLOCK_P`` output pixels (flattened over N, OH, OW) and ``BLOCK_O`` output channels
-of one group. For each ``BLOCK_R`` slice of the rank it accumulates ``z`` over the input channels and
-the kh*kw taps on the tensor cores (``[BP, BC] @ [BC, BR]``: the tap-scaled ``B`` tile is built in
-registers from a ``B`` tile and two rank vectors), then feeds it straight into the second
-contraction (``[BP, BR] @ [BR, BO]``). ``z`` lives only in registers; no intermediate touches memory.
-Out-of-image taps are masked to zero, which is the zero padding (exact because stage 1 has no bias).
+  A program owns ``BLOCK_P`` output pixels (flattened over N, OH, OW) and accumulates ``z`` over the
+  taps and input channels (``[BP, BC] @ [BC, BR]``, the tap-scaled ``B`` tile built in registers),
+  then feeds it into ``[BP, BR] @ [BR, BO]``.
+
+In both, the rank-R intermediates live only in registers, out-of-image taps are masked to zero (the
+zero padding; exact because stage 1 has no bias), and every tensor is read through its strides. Read
+top to bottom: configs and kernel of ``taps``, then of ``rows``, then the launcher. The op (custom op,
+autograd) is :mod:`cpkernels.ops.cp_conv2d`; the design and its roofline are in ``docs/kernel.md``.
 """
 from __future__ import annotations
 
@@ -255,6 +261,188 @@ def cp_conv2d_fused_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
+# Rows kernel: kh = 3, vertical stride and dilation 1 (most CNN convs)
+# --------------------------------------------------------------------------------------------------
+# Only the horizontal taps go into the first contraction (K = kw*Cin); the vertical stage is a rolling
+# window of three rank-R rows kept in registers while a program walks down ROWS output rows. That is
+# kw (not kh*kw) times the pointwise MACs, plus (ROWS + 2) / ROWS for the band's halo rows.
+# (ROWS, BLOCK_W, BLOCK_C, BLOCK_R, BLOCK_O, num_warps, num_stages); BLOCK_R must cover the whole rank.
+ROWS_TILES_16BIT = (
+    (8, 64, 32, 32, 64, 4, 2),
+    (8, 64, 32, 64, 64, 8, 2),
+    (16, 64, 32, 64, 64, 8, 2),
+    (16, 64, 32, 64, 128, 8, 2),
+    (8, 128, 32, 64, 64, 8, 2),
+    (8, 64, 16, 128, 64, 8, 2),
+    (8, 32, 32, 128, 64, 8, 2),
+)
+ROWS_TILES_FP32 = (
+    (8, 64, 16, 32, 64, 4, 2),
+    (8, 64, 16, 64, 64, 8, 2),
+    (8, 32, 16, 128, 64, 8, 2),
+)
+ROWS_TILES_INTERPRETER = ((8, 32, 32, 64, 32, 4, 1),)
+
+
+def _rows_config(tile: tuple[int, ...]) -> triton.Config:
+    rows, bw, bc, br, bo, warps, stages = tile
+    return triton.Config(
+        {"ROWS": rows, "BLOCK_W": bw, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo}, num_warps=warps, num_stages=stages
+    )
+
+
+def rows_tiles_for(dtype: torch.dtype) -> tuple[tuple[int, ...], ...]:
+    if triton_interpreter_enabled():
+        return ROWS_TILES_INTERPRETER
+    return ROWS_TILES_FP32 if dtype == torch.float32 else ROWS_TILES_16BIT
+
+
+def rows_configs() -> list[triton.Config]:
+    if triton_interpreter_enabled():
+        return [_rows_config(t) for t in ROWS_TILES_INTERPRETER]
+    return [_rows_config(t) for t in dict.fromkeys(ROWS_TILES_16BIT + ROWS_TILES_FP32)]
+
+
+def prune_rows_configs(configs, named_args, **kwargs):
+    """The dtype's set; BLOCK_R covering the rank without doubling it; BLOCK_C/BLOCK_O not far past the problem."""
+    wanted = set(rows_tiles_for(named_args["x_ptr"].dtype))
+    rank = named_args["RANK"]
+
+    def tile(c):
+        k = c.kwargs
+        return (k["ROWS"], k["BLOCK_W"], k["BLOCK_C"], k["BLOCK_R"], k["BLOCK_O"], c.num_warps, c.num_stages)
+
+    configs = [c for c in configs if tile(c) in wanted and c.kwargs["BLOCK_R"] >= rank]
+    fitting = [
+        c for c in configs
+        if c.kwargs["BLOCK_R"] <= max(16, triton.next_power_of_2(rank))
+        and c.kwargs["BLOCK_O"] <= max(16, triton.next_power_of_2(named_args["C_OUT_G"]))
+        and c.kwargs["BLOCK_C"] <= max(16, triton.next_power_of_2(named_args["C_IN_G"]))
+    ]
+    return fitting or configs[:1]
+
+
+@triton.jit
+def _row_of_u(
+    x_col, ih, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
+    stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
+    KW: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFSET_TY: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """u[q, r] = sum_{j,c} x[c, ih, iw0[q] + j*DIL_W] * B[c,r] H[j,r]: stages 1 and 3 of one input row."""
+    offs_c = tl.arange(0, BLOCK_C).to(OFFSET_TY)
+    # An input row outside the image masks every column (a vector test: the interpreter mishandles
+    # a scalar mask broadcast into a load mask).
+    in_row = mask_w & (iw0 * 0 + ih >= 0) & (iw0 * 0 + ih < H)  # [BW]
+    acc = tl.zeros([BLOCK_W, BLOCK_R], dtype=tl.float32)
+    for j in range(KW):
+        iw = iw0 + j * DIL_W
+        ok = in_row & (iw >= 0) & (iw < W)  # [BW]: masked taps are the zero padding
+        h_j = tl.load(h_grp + j * stride_hj + rr * stride_hr, mask=mask_r, other=0.0).to(tl.float32)
+        x_pix = x_col + ih * stride_xh + iw * stride_xw  # [BW] pointers
+        for c0 in range(0, C_IN_G, BLOCK_C):
+            cc = c0 + offs_c
+            mask_c = cc < C_IN_G
+            x = tl.load(x_pix[:, None] + cc[None, :] * stride_xc, mask=ok[:, None] & mask_c[None, :], other=0.0)
+            b = tl.load(
+                b_grp + cc[:, None] * stride_bc + rr[None, :] * stride_br,
+                mask=mask_c[:, None] & mask_r[None, :], other=0.0,
+            )  # [BC, BR]
+            w_tap = (b.to(tl.float32) * h_j[None, :]).to(x.dtype)
+            # [BW, BC] @ [BC, BR] -> [BW, BR]
+            acc = tl.dot(x, w_tap, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.autotune(
+    configs=rows_configs(),
+    key=["C_IN_G", "RANK", "C_OUT_G", "KW", "STRIDE_W"],
+    prune_configs_by={"early_config_prune": prune_rows_configs},
+)
+@triton.jit
+def cp_conv2d_rows_kernel(
+    x_ptr,  # [N, G*C_IN_G, H, W], any strides
+    b_ptr,  # input factor [G, C_IN_G, RANK]
+    v_ptr,  # vertical factor [G, 3, RANK]
+    h_ptr,  # horizontal factor [G, KW, RANK]
+    a_ptr,  # output factor [G, C_OUT_G, RANK]
+    bias_ptr,  # [G*C_OUT_G], read only when HAS_BIAS
+    y_ptr,  # [N, G*C_OUT_G, OH, OW], any strides
+    H, W, OH, OW,
+    C_IN_G, RANK, C_OUT_G,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    stride_bg, stride_bc, stride_br,
+    stride_vg, stride_vi, stride_vr,
+    stride_hg, stride_hj, stride_hr,
+    stride_ag, stride_ao, stride_ar,
+    STRIDE_W, PAD_T, PAD_L, DIL_W,
+    KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_INT64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ROWS: tl.constexpr,  # output rows per program: the band walked by the rolling window
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    OFFSET_TY: tl.constexpr = tl.int64 if USE_INT64 else tl.int32
+    pid = tl.program_id(0).to(OFFSET_TY)
+    group = tl.program_id(2).to(OFFSET_TY)
+    strips = tl.cdiv(OW, BLOCK_W)
+    bands = tl.cdiv(OH, ROWS)
+    strip = pid % strips
+    band = (pid // strips) % bands
+    n = pid // (strips * bands)
+
+    ow = strip * BLOCK_W + tl.arange(0, BLOCK_W).to(OFFSET_TY)  # [BW] output columns
+    mask_w = ow < OW
+    iw0 = ow * STRIDE_W - PAD_L
+    rr = tl.arange(0, BLOCK_R)
+    mask_r = rr < RANK
+    x_col = x_ptr + n * stride_xn + group * C_IN_G * stride_xc
+    b_grp = b_ptr + group * stride_bg
+    h_grp = h_ptr + group * stride_hg
+    a_grp = a_ptr + group * stride_ag
+    v_grp = v_ptr + group * stride_vg
+    v0 = tl.load(v_grp + rr * stride_vr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+    v1 = tl.load(v_grp + stride_vi + rr * stride_vr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+    v2 = tl.load(v_grp + 2 * stride_vi + rr * stride_vr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+
+    p0 = band * ROWS
+    ih0 = p0 - PAD_T  # input row of tap 0 for output row p0
+    # The window: u of input rows ih0 + t, ih0 + t + 1 (t = 0 before the loop).
+    u_top = _row_of_u(x_col, ih0, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
+                      stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
+                      KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R)
+    u_mid = _row_of_u(x_col, ih0 + 1, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
+                      stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
+                      KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R)
+    for t in range(ROWS):
+        u_bot = _row_of_u(x_col, ih0 + t + 2, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
+                          stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
+                          KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R)
+        # Stage 2, the vertical taps, on the three rows in registers: [BW, BR]
+        z = (v0 * u_top + v1 * u_mid + v2 * u_bot).to(a_ptr.dtype.element_ty)
+        p = p0 + t
+        row_ok = mask_w & (ow * 0 + p < OH)  # vector test, as in _row_of_u
+        y_row = y_ptr + n * stride_yn + p * stride_yh + ow * stride_yw  # [BW] pointers
+        for o0 in range(0, C_OUT_G, BLOCK_O):
+            offs_o = o0 + tl.arange(0, BLOCK_O).to(OFFSET_TY)
+            mask_o = offs_o < C_OUT_G
+            a = tl.load(
+                a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
+                mask=mask_r[:, None] & mask_o[None, :], other=0.0,
+            )  # [BR, BO]
+            # [BW, BR] @ [BR, BO] -> [BW, BO]
+            acc_y = tl.dot(z, a, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                acc_y += tl.load(bias_ptr + group * C_OUT_G + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+            y_ptrs = y_row[:, None] + (group * C_OUT_G + offs_o)[None, :] * stride_yc
+            tl.store(y_ptrs, acc_y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & mask_o[None, :])
+        u_top = u_mid
+        u_mid = u_bot
+
+
+# --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
 def needs_int64(*tensors: Optional[Tensor]) -> bool:
@@ -268,6 +456,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DEFAULT_KERNEL = "auto"  # which kernel cp_conv2d_fused launches when not told (tests switch it)
 
 
 def new_output(shape: tuple[int, ...], x: Tensor) -> Tensor:
@@ -288,12 +477,16 @@ def cp_conv2d_fused(
     *,
     out: Optional[Tensor] = None,
     force_int64: bool = False,
+    kernel: Optional[str] = None,
 ) -> Tensor:
     """Launch the fused kernel on a 4-D ``x``; ``padding`` is ``(top, bottom, left, right)`` zeros.
 
     Arguments follow :func:`cpkernels.ops.reference.cp_conv2d_reference`. The output has ``x``'s dtype
     and memory format; ``x`` is read through its strides, never copied. ``out``, if given, receives the
     result (any strides). ``force_int64`` takes the 64-bit offset path even for small tensors.
+    ``kernel``: ``"rows"`` (the rolling-window kernel; kh = 3, vertical stride and dilation 1,
+    rank <= 128), ``"taps"`` (the general kernel), or ``"auto"`` (rows wherever it applies); None
+    means :data:`DEFAULT_KERNEL`.
     """
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the fused kernel supports {SUPPORTED_DTYPES}, got {x.dtype}")
@@ -314,15 +507,39 @@ def cp_conv2d_fused(
         y = out
     if y.numel() == 0:
         return y
-    m = n * oh * ow
     use_int64 = force_int64 or needs_int64(x, y)
+    kernel = DEFAULT_KERNEL if kernel is None else kernel
+    max_rows_rank = max(t[3] for t in rows_tiles_for(x.dtype))
+    rows_apply = kh == 3 and stride[0] == 1 and dilation[0] == 1 and rank <= max_rows_rank
+    if kernel not in ("auto", "rows", "taps"):
+        raise ValueError(f"kernel must be 'auto', 'rows' or 'taps', got {kernel!r}")
+    if kernel == "rows" and not rows_apply:
+        raise ValueError(
+            f"the rows kernel needs kh = 3, vertical stride and dilation 1 and rank <= {max_rows_rank}"
+        )
+    global _last_kernel
+    if rows_apply and kernel != "taps":
+
+        def rows_grid(meta):
+            return (n * triton.cdiv(oh, meta["ROWS"]) * triton.cdiv(ow, meta["BLOCK_W"]), 1, groups)
+
+        _last_kernel = cp_conv2d_rows_kernel[rows_grid](
+            x, input_factor, vertical_factor, horizontal_factor, output_factor,
+            bias if bias is not None else y, y,
+            h, w, oh, ow, cin_g, rank, cout_g,
+            *x.stride(), *y.stride(),
+            *input_factor.stride(), *vertical_factor.stride(), *horizontal_factor.stride(), *output_factor.stride(),
+            stride[1], padding[0], padding[2], dilation[1],
+            KW=kw, HAS_BIAS=bias is not None, USE_INT64=use_int64, DOT_PRECISION=dot_precision(x.dtype),
+        )
+        return y
+    m = n * oh * ow
 
     def grid(meta):
         # WHOLE_RANK programs loop over the output channels themselves (see the kernel).
         o_programs = 1 if meta["BLOCK_R"] >= rank else triton.cdiv(cout_g, meta["BLOCK_O"])
         return (triton.cdiv(m, meta["BLOCK_P"]), o_programs, groups)
 
-    global _last_kernel
     _last_kernel = cp_conv2d_fused_kernel[grid](
         x, input_factor, vertical_factor, horizontal_factor, output_factor,
         bias if bias is not None else y, y,
