@@ -157,6 +157,30 @@ def _rank_slice(
     return acc_z
 
 
+@triton.jit
+def _output_stage(
+    z, rr, mask_r, a_grp, stride_ao, stride_ar, bias_ptr, y_pix, mask_pix, stride_yc, o_first, C_OUT_G,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFSET_TY: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """Stage 4 for a tile of pixels, every output-channel block: y[p, o] = z[p, :] . A[o, :] + bias[o].
+
+    ``z`` [BP, BR] in the factors' dtype; ``y_pix`` [BP] output pointers at channel 0; ``o_first`` the
+    group's first output channel."""
+    for o0 in range(0, C_OUT_G, BLOCK_O):
+        offs_o = o0 + tl.arange(0, BLOCK_O).to(OFFSET_TY)
+        mask_o = offs_o < C_OUT_G
+        a = tl.load(
+            a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
+            mask=mask_r[:, None] & mask_o[None, :], other=0.0,
+        )  # [BR, BO]
+        # [BP, BR] @ [BR, BO] -> [BP, BO]
+        acc_y = tl.dot(z, a, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc_y += tl.load(bias_ptr + o_first + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_pix[:, None] + (o_first + offs_o)[None, :] * stride_yc
+        tl.store(y_ptrs, acc_y.to(y_pix.dtype.element_ty), mask=mask_pix[:, None] & mask_o[None, :])
+
+
 @triton.autotune(
     configs=fused_configs(),
     key=["C_IN_G", "RANK", "C_OUT_G", "KH", "KW", "STRIDE_H", "STRIDE_W"],
@@ -222,19 +246,8 @@ def cp_conv2d_fused_kernel(
             stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr,
             DIL_H, DIL_W, KH, KW, DOT_PRECISION, OFFSET_TY, BLOCK_P, BLOCK_C, BLOCK_R,
         ).to(a_ptr.dtype.element_ty)
-        for o0 in range(0, C_OUT_G, BLOCK_O):
-            offs_o = o0 + tl.arange(0, BLOCK_O).to(OFFSET_TY)
-            mask_o = offs_o < C_OUT_G
-            a = tl.load(
-                a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
-                mask=mask_r[:, None] & mask_o[None, :], other=0.0,
-            )  # [BR, BO]
-            # [BP, BR] @ [BR, BO] -> [BP, BO]
-            acc_y = tl.dot(z, a, input_precision=DOT_PRECISION)
-            if HAS_BIAS:
-                acc_y += tl.load(bias_ptr + group * C_OUT_G + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-            y_ptrs = y_rows[:, None] + (group * C_OUT_G + offs_o)[None, :] * stride_yc
-            tl.store(y_ptrs, acc_y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+        _output_stage(z, rr, mask_r, a_grp, stride_ao, stride_ar, bias_ptr, y_rows, mask_m, stride_yc,
+                      group * C_OUT_G, C_OUT_G, HAS_BIAS, DOT_PRECISION, OFFSET_TY, BLOCK_O)
     else:
         # Larger ranks: this program owns one output-channel block and walks the rank in slices.
         offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O).to(OFFSET_TY)
@@ -425,19 +438,8 @@ def cp_conv2d_rows_kernel(
         p = p0 + t
         row_ok = mask_w & (ow * 0 + p < OH)  # vector test, as in _row_of_u
         y_row = y_ptr + n * stride_yn + p * stride_yh + ow * stride_yw  # [BW] pointers
-        for o0 in range(0, C_OUT_G, BLOCK_O):
-            offs_o = o0 + tl.arange(0, BLOCK_O).to(OFFSET_TY)
-            mask_o = offs_o < C_OUT_G
-            a = tl.load(
-                a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
-                mask=mask_r[:, None] & mask_o[None, :], other=0.0,
-            )  # [BR, BO]
-            # [BW, BR] @ [BR, BO] -> [BW, BO]
-            acc_y = tl.dot(z, a, input_precision=DOT_PRECISION)
-            if HAS_BIAS:
-                acc_y += tl.load(bias_ptr + group * C_OUT_G + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-            y_ptrs = y_row[:, None] + (group * C_OUT_G + offs_o)[None, :] * stride_yc
-            tl.store(y_ptrs, acc_y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & mask_o[None, :])
+        _output_stage(z, rr, mask_r, a_grp, stride_ao, stride_ar, bias_ptr, y_row, row_ok, stride_yc,
+                      group * C_OUT_G, C_OUT_G, HAS_BIAS, DOT_PRECISION, OFFSET_TY, BLOCK_O)
         u_top = u_mid
         u_mid = u_bot
 
