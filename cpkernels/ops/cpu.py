@@ -33,19 +33,34 @@ def merged_depthwise_weight(vertical_factor: Tensor, horizontal_factor: Tensor) 
     return w.permute(0, 3, 1, 2).reshape(g * r, 1, kh, kw)
 
 
-def _pointwise_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Grouped 1x1 conv of an NCHW ``x`` as one batched matmul: ``weight [G, Cout/G, Cin/G]``."""
+def _pointwise_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """Grouped 1x1 conv of an NCHW ``x`` as one batched matmul: ``weight [G, Cout/G, Cin/G]``.
+
+    ``out``: a contiguous ``[N, Cout, H, W]`` to write into (no autograd through it)."""
     n, c, h, w = x.shape
     g, cout_g, cin_g = weight.shape
     if g == 1 and bias is not None:
         # The bias rides in the GEMM (beta * bias + A @ B): no second pass over the output.
-        y = torch.baddbmm(bias.reshape(1, -1, 1), weight.expand(n, cout_g, cin_g), x.reshape(n, cin_g, h * w))
-        return y.reshape(n, cout_g, h, w)
-    y = torch.matmul(weight, x.reshape(n, g, cin_g, h * w))  # [G, Co, Ci] @ [N, G, Ci, HW] -> [N, G, Co, HW]
-    y = y.reshape(n, g * cout_g, h, w)
+        args = (bias.reshape(1, -1, 1), weight.expand(n, cout_g, cin_g), x.reshape(n, cin_g, h * w))
+        if out is None:
+            return torch.baddbmm(*args).reshape(n, cout_g, h, w)
+        torch.baddbmm(*args, out=out.view(n, cout_g, h * w))
+        return out
+    x4 = x.reshape(n, g, cin_g, h * w)
+    if out is None:
+        y = torch.matmul(weight, x4).reshape(n, g * cout_g, h, w)  # [G, Co, Ci] @ [N, G, Ci, HW] -> [N, G, Co, HW]
+    else:
+        y = out
+        torch.matmul(weight, x4, out=out.view(n, g, cout_g, h * w))
     if bias is not None:
         y.add_(bias.reshape(1, -1, 1, 1))  # in place: y is ours, freshly allocated
     return y
+
+
+# Inference in NCHW runs the batch in chunks whose rank-R intermediate stays near this size, so the
+# intermediates stay in cache and their memory is reused instead of page-faulted in fresh each call
+# (a 128-channel 112x112 batch-8 layer: 50 ms whole, 33 ms in chunks of 4, on a 2-core x86 CPU).
+CHUNK_BYTES = 8 << 20
 
 
 # A 2-core x86 CPU sustains roughly 50 GMAC/s in fp32 GEMMs and 10 GB/s for freshly allocated
@@ -93,16 +108,30 @@ def cp_conv2d_cpu(
     w_dw = merged_depthwise_weight(vertical_factor, horizontal_factor)
     channels_last = is_channels_last(x)
 
+    def depthwise(t: Tensor) -> Tensor:
+        if symmetric:
+            return F.conv2d(t, w_dw, None, stride, (pt, pl), dilation, groups * rank)
+        return F.conv2d(F.pad(t, (pl, pr, pt, pb)), w_dw, None, stride, 0, dilation, groups * rank)
+
     if channels_last:
         w_in = input_factor.transpose(1, 2).reshape(groups * rank, -1, 1, 1)
-        t = F.conv2d(x, w_in, None, 1, 0, 1, groups)
-    else:
-        t = _pointwise_matmul(x, input_factor.transpose(1, 2), None)
-    if symmetric:
-        t = F.conv2d(t, w_dw, None, stride, (pt, pl), dilation, groups * rank)
-    else:
-        t = F.conv2d(F.pad(t, (pl, pr, pt, pb)), w_dw, None, stride, 0, dilation, groups * rank)
-    if channels_last:
+        t = depthwise(F.conv2d(x, w_in, None, 1, 0, 1, groups))
         y = F.conv2d(t, output_factor.reshape(-1, rank, 1, 1), bias, 1, 0, 1, groups)
         return y.contiguous(memory_format=torch.channels_last)
-    return _pointwise_matmul(t.contiguous(), output_factor, bias)
+
+    w_in = input_factor.transpose(1, 2)
+
+    def stages(xs: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        return _pointwise_matmul(depthwise(_pointwise_matmul(xs, w_in, None)).contiguous(), output_factor, bias, out)
+
+    n, _, h, w = x.shape
+    chunk = max(1, CHUNK_BYTES // (groups * rank * h * w * x.element_size()))
+    tensors = (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if chunk >= n or needs_grad:  # out= writes have no autograd: training takes the whole batch
+        return stages(x)
+    oh, ow = output_size((h, w), kernel_size, stride, padding, dilation)
+    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device)
+    for start in range(0, n, chunk):
+        stages(x[start:start + chunk], y[start:start + chunk])
+    return y
