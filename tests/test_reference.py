@@ -54,3 +54,29 @@ def test_leaves_inputs_untouched(backend):
     cp_conv2d(x, factors, padding=1, padding_mode="reflect", backend=backend)
     for t, b in zip((x, *factors.as_tuple()), before):
         assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize(
+    "groups, bias, padding",
+    [
+        pytest.param(1, True, 1, id="bias"),
+        pytest.param(1, False, (0, 1), id="no-bias"),
+        pytest.param(2, True, "same", id="groups2"),
+    ],
+)
+def test_cpu_path_in_batch_chunks(monkeypatch, groups, bias, padding):
+    """Inference runs big NCHW batches in chunks written into one output: force a chunk per image."""
+    from cpkernels.ops import cpu
+
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 1)
+    factors = random_factors(6, 8, (3, 3), 4, groups)
+    b = torch.randn(6) if bias else None
+    x = torch.randn(3, 8, 9, 10)
+    with torch.no_grad():
+        y = cp_conv2d(x, factors, b, padding=padding, backend="auto")
+    assert_matches_oracle(y, oracle_conv2d(x, factors, b, padding=padding), torch.float32)
+    # With gradients wanted, the whole batch runs at once (out= writes have no autograd).
+    factors_grad = type(factors)(*(f.clone().requires_grad_() for f in factors.as_tuple()))
+    y_grad = cp_conv2d(x, factors_grad, b, padding=padding, backend="auto")
+    assert y_grad.requires_grad
+    torch.testing.assert_close(y_grad.detach(), y, rtol=1e-5, atol=1e-6)
