@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     weights = {name: torch.randn(cout, cin, 3, 3) / (cin * 9) ** 0.5 for name, cout, cin in VGG16}
     print(f"{device_name('cpu')}, torch {torch.__version__}, {torch.get_num_threads()} threads; 100 ALS "
           "iterations, float64, SVD init")
-    print(f"{'layer':8s} {'shape':>16s} {'R':>4s} {'ALS s':>7s} {'ALS err':>8s} {'parafac s':>10s} {'parafac err':>11s}")
+    print(f"{'layer':8s} {'shape':>16s} {'R':>4s} {'ALS s':>7s} {'ALS err':>8s} "
+          f"{'parafac s':>10s} {'parafac err':>11s}")
     total = 0.0
     for name, cout, cin in () if args.skip_rank_c4 else VGG16:
         r = rank_c4(cout, cin)

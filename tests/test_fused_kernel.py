@@ -67,7 +67,9 @@ def test_fused_bf16_matches_oracle(c, device):
 
 
 @pytest.mark.parametrize("which", ["rows", "taps"])
-@pytest.mark.parametrize("force_int64", [pytest.param(False, id="int32-offsets"), pytest.param(True, id="int64-offsets")])
+@pytest.mark.parametrize(
+    "force_int64", [pytest.param(False, id="int32-offsets"), pytest.param(True, id="int64-offsets")]
+)
 def test_offset_width_paths_agree(force_int64, which, device):
     factors = random_factors(12, 10, (3, 3), 6, device=device)
     bias = torch.randn(12, device=device)
@@ -124,3 +126,12 @@ def test_module_gradients_through_fused_forward(device):
         grads.append([x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_latest_launch_is_reported(device):
+    factors = random_factors(6, 8, (3, 3), 4, device=device)
+    x = torch.randn(1, 8, 9, 9, device=device)
+    cp_conv2d(x, factors, padding=1, backend="triton")
+    assert fused.best_config()["kernel"] == "rows"
+    cp_conv2d(x, factors, padding=1, stride=2, backend="triton")
+    assert fused.best_config()["kernel"] == "taps" and "BLOCK_P" in fused.best_config()

@@ -69,7 +69,8 @@ def test_from_conv_accepts_only_conv2d(bad, match):
 def test_extra_repr_follows_conv2d():
     layer = CPConv2d(8, 6, 3, rank=4, stride=2, padding=1, groups=2, bias=False, padding_mode="reflect")
     conv = nn.Conv2d(8, 6, 3, stride=2, padding=1, groups=2, bias=False, padding_mode="reflect")
-    assert repr(layer) == repr(conv).replace("Conv2d(8, 6, kernel_size=(3, 3),", "CPConv2d(8, 6, kernel_size=(3, 3), rank=4,")
+    expected = repr(conv).replace("Conv2d(8, 6, kernel_size=(3, 3),", "CPConv2d(8, 6, kernel_size=(3, 3), rank=4,")
+    assert repr(layer) == expected
     assert "rank=4" in repr(CPConv2d(3, 2, 5, rank=4))
     assert "backend=reference" in repr(CPConv2d(3, 2, 5, rank=4, backend="reference"))
 

@@ -65,49 +65,59 @@ TILES_FP32 = (
 TILES_INTERPRETER = ((64, 32, 32, 32, 4, 1),)
 
 
-def _config(tile: tuple[int, ...]) -> triton.Config:
-    bp, bc, br, bo, warps, stages = tile
-    return triton.Config(
-        {"BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo}, num_warps=warps, num_stages=stages
-    )
+class TileSet:
+    """The tile tables of one kernel and the autotune configs made from them.
+
+    A tile is the kernel's meta-parameters in ``names`` order, then ``num_warps`` and ``num_stages``.
+    """
+
+    def __init__(self, names, tiles_16bit, tiles_fp32, tiles_interpreter):
+        self.names = names
+        self.tiles_16bit, self.tiles_fp32, self.tiles_interpreter = tiles_16bit, tiles_fp32, tiles_interpreter
+
+    def for_dtype(self, dtype: torch.dtype) -> tuple[tuple[int, ...], ...]:
+        """The tiles autotuned for an input dtype (one large-block tile under the interpreter)."""
+        if triton_interpreter_enabled():
+            return self.tiles_interpreter
+        return self.tiles_fp32 if dtype == torch.float32 else self.tiles_16bit
+
+    def configs(self) -> list[triton.Config]:
+        """Every config the autotuner may try; :meth:`prune` keeps the input dtype's."""
+        if triton_interpreter_enabled():
+            tiles = self.tiles_interpreter
+        else:
+            tiles = dict.fromkeys(self.tiles_16bit + self.tiles_fp32)
+        return [
+            triton.Config(dict(zip(self.names, t[:-2])), num_warps=t[-2], num_stages=t[-1]) for t in tiles
+        ]
+
+    def tile_of(self, config: triton.Config) -> tuple[int, ...]:
+        return (*(config.kwargs[n] for n in self.names), config.num_warps, config.num_stages)
+
+    def prune(self, configs, named_args, whole_rank: bool = False):
+        """The dtype's tiles (those whose BLOCK_R covers the rank, if ``whole_rank``), minus tiles far wider
+        than the problem: they only add masked work."""
+        wanted = set(self.for_dtype(named_args["x_ptr"].dtype))
+        rank = named_args["RANK"]
+        configs = [
+            c for c in configs if self.tile_of(c) in wanted and (not whole_rank or c.kwargs["BLOCK_R"] >= rank)
+        ]
+
+        def fits(c):
+            k = c.kwargs
+            return (
+                k["BLOCK_R"] <= max(16, triton.next_power_of_2(rank))
+                and k["BLOCK_O"] <= max(16, triton.next_power_of_2(named_args["C_OUT_G"]))
+                and k["BLOCK_C"] <= max(16, triton.next_power_of_2(named_args["C_IN_G"]))
+            )
+
+        fitting = [c for c in configs if fits(c)]
+        if fitting or not configs:
+            return fitting or configs
+        return [min(configs, key=lambda c: c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_C"])]
 
 
-def tiles_for(dtype: torch.dtype) -> tuple[tuple[int, ...], ...]:
-    """The tile set autotuned for an input dtype."""
-    if triton_interpreter_enabled():
-        return TILES_INTERPRETER
-    return TILES_FP32 if dtype == torch.float32 else TILES_16BIT
-
-
-def fused_configs() -> list[triton.Config]:
-    """Every config the autotuner may try; :func:`prune_configs` keeps the input dtype's set."""
-    if triton_interpreter_enabled():
-        return [_config(t) for t in TILES_INTERPRETER]
-    return [_config(t) for t in dict.fromkeys(TILES_16BIT + TILES_FP32)]
-
-
-def _tile_of(config: triton.Config) -> tuple[int, ...]:
-    k = config.kwargs
-    return (k["BLOCK_P"], k["BLOCK_C"], k["BLOCK_R"], k["BLOCK_O"], config.num_warps, config.num_stages)
-
-
-def prune_configs(configs, named_args, **kwargs):
-    """Keep the dtype's tile set, minus tiles far wider than the problem (they only add masked work)."""
-    wanted = set(tiles_for(named_args["x_ptr"].dtype))
-    configs = [c for c in configs if _tile_of(c) in wanted]
-
-    def fits(c):
-        k = c.kwargs
-        return (
-            k["BLOCK_R"] <= max(16, triton.next_power_of_2(named_args["RANK"]))
-            and k["BLOCK_O"] <= max(16, triton.next_power_of_2(named_args["C_OUT_G"]))
-            and k["BLOCK_C"] <= max(16, triton.next_power_of_2(named_args["C_IN_G"]))
-        )
-
-    fitting = [c for c in configs if fits(c)]
-    if fitting:
-        return fitting
-    return [min(configs, key=lambda c: c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_C"])]
+TAPS_TILES = TileSet(("BLOCK_P", "BLOCK_C", "BLOCK_R", "BLOCK_O"), TILES_16BIT, TILES_FP32, TILES_INTERPRETER)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,9 +192,9 @@ def _output_stage(
 
 
 @triton.autotune(
-    configs=fused_configs(),
+    configs=TAPS_TILES.configs(),
     key=["C_IN_G", "RANK", "C_OUT_G", "KH", "KW", "STRIDE_H", "STRIDE_W"],
-    prune_configs_by={"early_config_prune": prune_configs},
+    prune_configs_by={"early_config_prune": TAPS_TILES.prune},
 )
 @triton.heuristics({"WHOLE_RANK": lambda args: args["BLOCK_R"] >= args["RANK"]})
 @triton.jit
@@ -297,42 +307,9 @@ ROWS_TILES_FP32 = (
 ROWS_TILES_INTERPRETER = ((8, 32, 32, 64, 32, 4, 1),)
 
 
-def _rows_config(tile: tuple[int, ...]) -> triton.Config:
-    rows, bw, bc, br, bo, warps, stages = tile
-    return triton.Config(
-        {"ROWS": rows, "BLOCK_W": bw, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo}, num_warps=warps, num_stages=stages
-    )
-
-
-def rows_tiles_for(dtype: torch.dtype) -> tuple[tuple[int, ...], ...]:
-    if triton_interpreter_enabled():
-        return ROWS_TILES_INTERPRETER
-    return ROWS_TILES_FP32 if dtype == torch.float32 else ROWS_TILES_16BIT
-
-
-def rows_configs() -> list[triton.Config]:
-    if triton_interpreter_enabled():
-        return [_rows_config(t) for t in ROWS_TILES_INTERPRETER]
-    return [_rows_config(t) for t in dict.fromkeys(ROWS_TILES_16BIT + ROWS_TILES_FP32)]
-
-
-def prune_rows_configs(configs, named_args, **kwargs):
-    """The dtype's set; BLOCK_R covering the rank without doubling it; BLOCK_C/BLOCK_O not far past the problem."""
-    wanted = set(rows_tiles_for(named_args["x_ptr"].dtype))
-    rank = named_args["RANK"]
-
-    def tile(c):
-        k = c.kwargs
-        return (k["ROWS"], k["BLOCK_W"], k["BLOCK_C"], k["BLOCK_R"], k["BLOCK_O"], c.num_warps, c.num_stages)
-
-    configs = [c for c in configs if tile(c) in wanted and c.kwargs["BLOCK_R"] >= rank]
-    fitting = [
-        c for c in configs
-        if c.kwargs["BLOCK_R"] <= max(16, triton.next_power_of_2(rank))
-        and c.kwargs["BLOCK_O"] <= max(16, triton.next_power_of_2(named_args["C_OUT_G"]))
-        and c.kwargs["BLOCK_C"] <= max(16, triton.next_power_of_2(named_args["C_IN_G"]))
-    ]
-    return fitting or configs[:1]
+ROWS_TILES = TileSet(
+    ("ROWS", "BLOCK_W", "BLOCK_C", "BLOCK_R", "BLOCK_O"), ROWS_TILES_16BIT, ROWS_TILES_FP32, ROWS_TILES_INTERPRETER
+)
 
 
 @triton.jit
@@ -368,9 +345,11 @@ def _row_of_u(
 
 
 @triton.autotune(
-    configs=rows_configs(),
+    configs=ROWS_TILES.configs(),
     key=["C_IN_G", "RANK", "C_OUT_G", "KW", "STRIDE_W"],
-    prune_configs_by={"early_config_prune": prune_rows_configs},
+    prune_configs_by={
+        "early_config_prune": lambda configs, args, **_: ROWS_TILES.prune(configs, args, whole_rank=True),
+    },
 )
 @triton.jit
 def cp_conv2d_rows_kernel(
@@ -511,7 +490,7 @@ def cp_conv2d_fused(
         return y
     use_int64 = force_int64 or needs_int64(x, y)
     kernel = DEFAULT_KERNEL if kernel is None else kernel
-    max_rows_rank = max(t[3] for t in rows_tiles_for(x.dtype))
+    max_rows_rank = max(t[3] for t in ROWS_TILES.for_dtype(x.dtype))
     rows_apply = kh == 3 and stride[0] == 1 and dilation[0] == 1 and rank <= max_rows_rank
     if kernel not in ("auto", "rows", "taps"):
         raise ValueError(f"kernel must be 'auto', 'rows' or 'taps', got {kernel!r}")
@@ -519,8 +498,9 @@ def cp_conv2d_fused(
         raise ValueError(
             f"the rows kernel needs kh = 3, vertical stride and dilation 1 and rank <= {max_rows_rank}"
         )
-    global _last_kernel
+    global _last_kernel, _last_autotuner
     if rows_apply and kernel != "taps":
+        _last_autotuner = cp_conv2d_rows_kernel
 
         def rows_grid(meta):
             return (n * triton.cdiv(oh, meta["ROWS"]) * triton.cdiv(ow, meta["BLOCK_W"]), 1, groups)
@@ -542,6 +522,7 @@ def cp_conv2d_fused(
         o_programs = 1 if meta["BLOCK_R"] >= rank else triton.cdiv(cout_g, meta["BLOCK_O"])
         return (triton.cdiv(m, meta["BLOCK_P"]), o_programs, groups)
 
+    _last_autotuner = cp_conv2d_fused_kernel
     _last_kernel = cp_conv2d_fused_kernel[grid](
         x, input_factor, vertical_factor, horizontal_factor, output_factor,
         bias if bias is not None else y, y,
@@ -555,6 +536,7 @@ def cp_conv2d_fused(
 
 
 _last_kernel = None  # the compiled kernel of the latest launch, for the profiler
+_last_autotuner = None  # and the autotuner that chose its config
 
 
 def last_compiled_kernel():
@@ -563,6 +545,9 @@ def last_compiled_kernel():
 
 
 def best_config() -> Optional[dict]:
-    """The config the autotuner settled on most recently (None before any launch)."""
-    cfg = getattr(cp_conv2d_fused_kernel, "best_config", None)
-    return None if cfg is None else {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    """The kernel and config of the latest launch (None before any launch)."""
+    cfg = getattr(_last_autotuner, "best_config", None)
+    if cfg is None:
+        return None
+    name = "rows" if _last_autotuner is cp_conv2d_rows_kernel else "taps"
+    return {"kernel": name, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

@@ -98,7 +98,8 @@ def cp_conv2d_cpu(
     kernel_size = (vertical_factor.shape[1], horizontal_factor.shape[1])
     cout = output_factor.shape[0] * output_factor.shape[1]
     symmetric = pt == pb and pl == pr
-    if dense_is_cheaper(x, rank, groups, cout, kernel_size, output_size(x.shape[2:], kernel_size, stride, padding, dilation)):
+    out_size = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
+    if dense_is_cheaper(x, rank, groups, cout, kernel_size, out_size):
         weight = torch.einsum("gor,gcr,gir,gjr->gocij", output_factor, input_factor, vertical_factor, horizontal_factor)
         weight = weight.reshape(cout, -1, *kernel_size)
         if not symmetric:
@@ -130,7 +131,7 @@ def cp_conv2d_cpu(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if chunk >= n or needs_grad:  # out= writes have no autograd: training takes the whole batch
         return stages(x)
-    oh, ow = output_size((h, w), kernel_size, stride, padding, dilation)
+    oh, ow = out_size
     y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device)
     for start in range(0, n, chunk):
         stages(x[start:start + chunk], y[start:start + chunk])

@@ -1,6 +1,7 @@
 """The reference CP conv: four PyTorch convs, and their backward.
 
-    x --1x1 (Cin->R, groups G)--> t1 --kh x 1 (groups G*R)--> t2 --1 x kw (groups G*R)--> t3 --1x1 (R->Cout, groups G)+bias--> y
+    x --1x1 (Cin->R, groups G)--> t1 --kh x 1 (groups G*R)--> t2 --1 x kw (groups G*R)--> t3
+      --1x1 (R->Cout, groups G) + bias--> y
 
 The vertical stage carries the vertical stride/padding/dilation and the horizontal stage the
 horizontal ones; zero padding of the rank-R intermediate equals zero padding of ``x`` because stage 1
