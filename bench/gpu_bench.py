@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             shape = layer.shape
             for rank in (shape.cout // 4, shape.cout // 2):
                 rows += bench_layer(shape, rank, dtype, copy_gbps)
-                print(to_markdown(env, copy_gbps, rows[-6:]).splitlines()[-6:][-1], flush=True)
+                print("\n".join(to_markdown(env, copy_gbps, rows[-6:]).splitlines()[-6:]), flush=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
         json.dump({"environment": env, "copy_gbps": copy_gbps, "rows": rows}, f, indent=1)
     md = to_markdown(env, copy_gbps, rows)

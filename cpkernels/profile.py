@@ -127,7 +127,7 @@ def measure_peaks(device: str, dtype: torch.dtype) -> dict:
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_s = time_median(lambda s: dst.copy_(s), src, repeats=5)
-    n = 8192 if device == "cuda" else 1024
+    n = 8192 if device == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     mm_s = time_median(lambda a_: a_ @ a_, a, repeats=5)
     return {"copy_bytes_per_s": 2 * n_bytes / copy_s, "matmul_flop_per_s": 2 * n**3 / mm_s}
@@ -209,11 +209,12 @@ def stage_breakdown(case: Case, trace: Optional[str] = None) -> dict:
     return out
 
 
-def fused_kernel_resources(dtype: torch.dtype) -> dict:
-    """Chosen config and compiled resources of the fused kernel: live on a GPU, else the sm_90 AOT report."""
+def fused_kernel_resources(dtype: torch.dtype, device: str) -> dict:
+    """Chosen config and compiled resources of the fused kernel: of the live kernel when the profile ran
+    on a GPU, else the sm_90 ahead-of-time report."""
     from .kernels import cp_conv2d_fused
 
-    if torch.cuda.is_available():
+    if device == "cuda":
         cfg = cp_conv2d_fused.best_config()
         kernel = cp_conv2d_fused.last_compiled_kernel()
         res = {"source": "live kernel", "config": cfg}
@@ -278,11 +279,12 @@ def main(argv=None) -> int:
         rank = args.rank or max(1, min(args.cin, args.cout) // 4)
     dtype, device = DTYPES[args.dtype], args.device
     env = environment(device)
-    if device != "cuda":
-        print(f"No CUDA device: timing the dense and reference/CPU paths on the CPU ({env['device']}); the fused "
-              "kernel's resources come from the ahead-of-time compile report.")
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
+    else:
+        why = "no CUDA device" if not torch.cuda.is_available() else f"--device {device}"
+        print(f"Profiling on the CPU ({why}): dense and reference/CPU-path timings on {env['device']}; the fused "
+              "kernel's resources come from the ahead-of-time compile report.")
     print(f"layer: {shape}, rank {rank}, {args.dtype}, {args.layout}")
 
     peaks = measure_peaks(device, dtype)
@@ -312,7 +314,7 @@ def main(argv=None) -> int:
     if args.trace:
         print(f"Chrome trace written to {args.trace}")
 
-    resources = fused_kernel_resources(dtype)
+    resources = fused_kernel_resources(dtype, device)
     print(f"\nfused kernel ({resources['source']}):")
     if "configs" in resources:
         for r in resources["configs"]:

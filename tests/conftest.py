@@ -17,3 +17,13 @@ def device() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """fp32 results are compared with float64 at fp32 tolerance, so TF32 (PyTorch's default for cuDNN
+    convs, which the fused kernel follows) is off; tests that want it turn it on."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

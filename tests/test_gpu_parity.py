@@ -31,6 +31,16 @@ def test_real_sizes_match_oracle(cin, cout, size, rank, batch, layout, dtype):
     assert_matches_oracle(y, oracle_conv2d(x, factors, bias, padding=1), dtype)
 
 
+def test_fp32_follows_pytorchs_tf32_switch():
+    """With torch.backends.cudnn.allow_tf32 on (PyTorch's default) fp32 dots run as TF32."""
+    factors = random_factors(256, 256, (3, 3), 64, device="cuda")
+    x = torch.randn(4, 256, 28, 28, device="cuda")
+    expected = oracle_conv2d(x, factors, None, padding=1)
+    torch.backends.cudnn.allow_tf32 = True
+    y = cp_conv2d(x, factors, None, padding=1, backend="triton")
+    assert_matches_oracle(y, expected, torch.float32, tolerance_key="tf32")
+
+
 def test_input_past_int32_elements():
     """2**31 + elements: the 64-bit offset path, checked on the first and the last images."""
     n, c, h, w = 2049, 16, 256, 256  # 2.15e9 elements, 4.3 GB in bf16
