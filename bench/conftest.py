@@ -5,10 +5,6 @@ import torch
 from cpkernels.profile import environment, measure_peaks
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "smoke_batch: the batch used under --benchmark-disable")
-
-
 @pytest.fixture(scope="session")
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

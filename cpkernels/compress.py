@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .decompose import RankSpec, decompose_conv, resolve_rank
+from .decompose import RankSpec, resolve_rank
 from .module import CPConv2d
 from .ops import conv_args
 
