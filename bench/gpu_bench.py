@@ -1,85 +1,48 @@
-"""GPU benchmark table: dense cuDNN, the four-stage reference and the fused kernel (CUDA only).
+"""GPU benchmark table: dense cuDNN, the four-stage reference and the fused kernel.
 
-    python -m bench.gpu_bench --out DIR
+    python -m bench.gpu_bench --out DIR [--layers NAME ...] [--dtypes bfloat16 float32] [--batch N] [--device cuda]
 
-Layers are the roofline layers of ``cpkernels/layers.py`` (N = 32, 3x3) at R = C/4 and C/2, in bf16 and
-fp32. Each row: median time (``triton.testing.do_bench``, CUDA events), achieved GB/s against the
-minimal X+Y bytes, and that as a percentage of a device-to-device copy's bandwidth measured in the
-same run. Results go to DIR/gpu_bench.json and DIR/gpu_bench.md with the GPU name and versions.
+Layers default to the roofline layers of ``cpkernels/layers.py`` (N = 32, 3x3) at R = C/4 and C/2, in
+bf16 and fp32. Each row: median time (CUDA events via ``triton.testing.do_bench`` on a GPU), achieved
+GB/s against the minimal X+Y bytes, and that as a percentage of a device-to-device copy's bandwidth
+measured in the same run. Results go to DIR/gpu_bench.json and DIR/gpu_bench.md with the device name
+and versions. ``--device cpu`` runs the same table without the fused rows (a smoke test of the script).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import platform
 
 import torch
-import triton
-from triton.testing import do_bench
 
-from cpkernels import CPConv2d
-from cpkernels.cost import ConvShape
-
-from cpkernels.layers import ROOFLINE_LAYERS
+from cpkernels.layers import LAYERS_BY_NAME, ROOFLINE_LAYERS
+from cpkernels.profile import DTYPES, build_cases, environment, measure_peaks, time_median
 
 
-def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def bench_layer(shape: ConvShape, rank: int, dtype: torch.dtype, copy_gbps: float) -> list[dict]:
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(shape.cin, shape.cout, shape.kernel, padding=shape.padding, device="cuda", dtype=dtype)
-    # Random factors: the timing does not depend on their values, and ALS on a 512-channel layer
-    # would cost the benchmark minutes.
-    cp = CPConv2d(shape.cin, shape.cout, shape.kernel, rank, padding=shape.padding, device="cuda", dtype=dtype)
-    x = torch.randn(shape.batch, shape.cin, *shape.size, device="cuda", dtype=dtype)
+def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_per_s: float) -> list[dict]:
     rows = []
-    nbytes = shape.minimal_bytes(x.element_size())
-    cases = [
-        ("dense-cudnn", "nchw", conv, None),
-        ("dense-cudnn", "channels_last", conv, None),
-        ("reference", "nchw", cp, "reference"),
-        ("reference", "channels_last", cp, "reference"),
-        ("fused", "nchw", cp, "triton"),
-        ("fused", "channels_last", cp, "triton"),
-    ]
-    for backend, layout, module, cp_backend in cases:
-        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        module = module.to(memory_format=fmt)
-        xi = x.contiguous(memory_format=fmt)
-        if cp_backend is not None:
-            module.backend = cp_backend
-        with torch.inference_mode():
-            module(xi)  # compile, autotune, cudnn.benchmark search: outside the timing
-            ms = do_bench(lambda: module(xi), warmup=25, rep=100, return_mode="median")
-        gbps = nbytes / (ms * 1e-3) / 1e9
+    nbytes = shape.minimal_bytes(torch.empty((), dtype=dtype).element_size())
+    for case in build_cases(shape, rank, dtype, device, backends=("dense", "reference", "fused")):
+        seconds = time_median(case.fn, case.x)
+        bytes_per_s = nbytes / seconds
         rows.append({
             "layer": f"{shape.cin}->{shape.cout} @{shape.size[0]}^2 N={shape.batch}",
-            "rank": rank, "dtype": str(dtype).removeprefix("torch."), "backend": backend, "layout": layout,
-            "median_us": round(ms * 1e3, 2), "gbps_vs_min_bytes": round(gbps, 1),
-            "pct_of_copy_bw": round(100 * gbps / copy_gbps, 1),
+            "rank": rank, "dtype": str(dtype).removeprefix("torch."), "backend": case.backend,
+            "layout": case.layout, "median_us": round(seconds * 1e6, 2),
+            "gbps_vs_min_bytes": round(bytes_per_s / 1e9, 1),
+            "pct_of_copy_bw": round(100 * bytes_per_s / copy_bytes_per_s, 1),
         })
     return rows
 
 
-def environment() -> dict:
-    return {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "cudnn": torch.backends.cudnn.version(), "cuda": torch.version.cuda, "python": platform.python_version(),
-    }
-
-
 def to_markdown(env: dict, copy_gbps: float, rows: list[dict]) -> str:
     lines = [
-        f"# GPU benchmark: {env['gpu']}",
+        f"# Benchmark: {env['device']}",
         "",
-        f"torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}, CUDA {env['cuda']}; "
-        f"device copy bandwidth measured in this run: {copy_gbps:.0f} GB/s. Median of `do_bench`.",
+        f"torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}, commit {env['git_commit'][:10]}; "
+        f"device copy bandwidth measured in this run: {copy_gbps:.0f} GB/s. Median times.",
         "",
         "| layer | rank | dtype | backend | layout | median µs | GB/s (min X+Y) | % of copy BW |",
         "|---|---|---|---|---|---|---|---|",
@@ -95,21 +58,30 @@ def to_markdown(env: dict, copy_gbps: float, rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for gpu_bench.json and gpu_bench.md")
+    parser.add_argument("--layers", nargs="*", default=[layer.name for layer in ROOFLINE_LAYERS],
+                        choices=sorted(LAYERS_BY_NAME), metavar="NAME", help="layers of cpkernels/layers.py")
+    parser.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"], choices=sorted(DTYPES))
+    parser.add_argument("--batch", type=int, help="override each layer's batch")
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
-    torch.backends.cudnn.benchmark = True
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
     os.makedirs(args.out, exist_ok=True)
-    env = environment()
-    copy_gbps = copy_bandwidth_gbps()
+    env = environment(args.device)
+    copy_bytes_per_s = measure_peaks(args.device, torch.float32)["copy_bytes_per_s"]
     rows = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for layer in ROOFLINE_LAYERS:
-            shape = layer.shape
+    for dtype in (DTYPES[d] for d in args.dtypes):
+        for name in args.layers:
+            shape = LAYERS_BY_NAME[name].shape
+            if args.batch:
+                shape = dataclasses.replace(shape, batch=args.batch)
             for rank in (shape.cout // 4, shape.cout // 2):
-                rows += bench_layer(shape, rank, dtype, copy_gbps)
-                print("\n".join(to_markdown(env, copy_gbps, rows[-6:]).splitlines()[-6:]), flush=True)
+                new = bench_layer(shape, rank, dtype, args.device, copy_bytes_per_s)
+                rows += new
+                print("\n".join(to_markdown(env, copy_bytes_per_s / 1e9, new).splitlines()[-len(new):]), flush=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
-        json.dump({"environment": env, "copy_gbps": copy_gbps, "rows": rows}, f, indent=1)
-    md = to_markdown(env, copy_gbps, rows)
+        json.dump({"environment": env, "copy_gbps": copy_bytes_per_s / 1e9, "rows": rows}, f, indent=1)
+    md = to_markdown(env, copy_bytes_per_s / 1e9, rows)
     with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
         f.write(md)
     print(md)

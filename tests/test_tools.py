@@ -70,3 +70,15 @@ def test_report_refuses_untimed_results(tmp_path):
     empty.write_text(json.dumps({"benchmarks": []}))
     with pytest.raises(SystemExit, match="no timed benchmarks"):
         report.main([str(empty)])
+
+
+def test_gpu_bench_script_on_cpu(tmp_path):
+    """The GPU check's benchmark script, run on the CPU at a tiny size: the table and files it writes."""
+    from bench import gpu_bench
+
+    gpu_bench.main(["--out", str(tmp_path), "--device", "cpu", "--layers", "roofline-128-28", "--batch", "1",
+                    "--dtypes", "float32"])
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert {r["backend"] for r in data["rows"]} == {"dense", "reference"}  # no fused rows without CUDA
+    assert {r["rank"] for r in data["rows"]} == {32, 64}
+    assert "| 128->128 @28^2 N=1 | 32 | float32 | dense | nchw |" in (tmp_path / "gpu_bench.md").read_text()
