@@ -120,8 +120,9 @@ class CompressionReport:
                       "", "", num(t["seconds"], ".2f"), ""))
         widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
         fmt = "  ".join(f"{{:{w}}}" for w in widths)
-        return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] +
-                         [fmt.format(*map(str, line)) for line in lines])
+        table = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        table += [fmt.format(*map(str, line)) for line in lines]
+        return "\n".join(line.rstrip() for line in table)
 
 
 def degeneracy(factors) -> float:
