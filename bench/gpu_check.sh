@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, one command: CUDA test suite, real-size parity, and the benchmark table.
 #   bench/gpu_check.sh OUT_DIR [--wheels DIR]
-# --wheels DIR installs missing packages (tensorly, pytest-benchmark, ...) from wheels, for machines
-# without registry access. Writes OUT_DIR/tests.log, OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md.
+# --wheels DIR installs missing packages from wheels, for machines without registry access: beside
+# torch, triton, numpy and pytest, cpkernels needs tensorly and tqdm. Tests that need scikit-learn,
+# matplotlib or pytest-benchmark skip themselves when those are missing.
+# Writes OUT_DIR/tests.log, OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bench/gpu_check.sh OUT_DIR [--wheels DIR]}

@@ -49,6 +49,8 @@ def test_profiler_lists_layers(capsys):
 
 def test_benchmark_report_from_a_real_run(tmp_path):
     """Time one small group for real, then build the Markdown table and both plots from its JSON."""
+    pytest.importorskip("pytest_benchmark")
+    pytest.importorskip("matplotlib")
     results = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "-k", "resnet18-layer4-R32",
            f"--benchmark-json={results}", "--benchmark-min-rounds=1", "--benchmark-max-time=0.01",
