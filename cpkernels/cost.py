@@ -41,12 +41,13 @@ class ConvShape:
         return stage1 + stage2 + stage3 + stage4
 
     def fused_kernel_macs(self, rank: int, rows: int = 8) -> int:
-        """MACs the fused kernel issues (docs/kernel.md): the rows kernel (kh = 3, stride 1, R <= 128)
-        folds only the horizontal taps and recomputes a band's two halo rows; the taps kernel folds all."""
+        """MACs the fused kernel issues (docs/kernel.md): the rows kernel (kh = 3, stride 1 or 2, R <= 128)
+        folds only the horizontal taps and computes stride*ROWS + 3 - stride input rows per band of ROWS
+        output rows; the taps kernel folds every tap."""
         kh, kw = self.kernel
         cin_g, cout_g = self.cin // self.groups, self.cout // self.groups
-        if kh == 3 and self.stride == 1 and rank <= 128:
-            first = kw * cin_g * (rows + 2) / rows
+        if kh == 3 and self.stride in (1, 2) and rank <= 128:
+            first = kw * cin_g * (self.stride * rows + 3 - self.stride) / rows
         else:
             first = kh * kw * cin_g
         return int(self.out_pixels * rank * self.groups * (first + cout_g))

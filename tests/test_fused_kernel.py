@@ -86,7 +86,7 @@ def test_rows_kernel_refuses_shapes_it_cannot_run():
     factors = random_factors(6, 8, (3, 3), 4)
     args = (torch.randn(1, 8, 9, 9), factors.input, factors.vertical, factors.horizontal, factors.output, None)
     with pytest.raises(ValueError, match="rows kernel needs"):
-        fused.cp_conv2d_fused(*args, (2, 1), (1, 1, 1, 1), (1, 1), kernel="rows")
+        fused.cp_conv2d_fused(*args, (3, 1), (1, 1, 1, 1), (1, 1), kernel="rows")
     with pytest.raises(ValueError, match="kernel must be"):
         fused.cp_conv2d_fused(*args, (1, 1), (1, 1, 1, 1), (1, 1), kernel="winograd")
 
@@ -133,5 +133,5 @@ def test_latest_launch_is_reported(device):
     x = torch.randn(1, 8, 9, 9, device=device)
     cp_conv2d(x, factors, padding=1, backend="triton")
     assert fused.best_config()["kernel"] == "rows"
-    cp_conv2d(x, factors, padding=1, stride=2, backend="triton")
+    cp_conv2d(x, factors, padding=1, stride=3, backend="triton")
     assert fused.best_config()["kernel"] == "taps" and "BLOCK_P" in fused.best_config()

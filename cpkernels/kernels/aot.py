@@ -81,9 +81,9 @@ def variants() -> list[tuple[str, str, tuple[int, ...], torch.dtype, dict]]:
             meta = {"BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo, "WHOLE_RANK": whole}
             out.append((name, "cp_conv2d_fused_kernel", (warps, stages), dtype, meta))
         rows = fused.ROWS_TILES_FP32 if dtype == torch.float32 else fused.ROWS_TILES_16BIT
-        for rows_, bw, bc, br, bo, warps, stages in rows:
-            name = f"rows{rows_}_W{bw}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}"
-            meta = {"ROWS": rows_, "BLOCK_W": bw, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo}
+        for (rows_, bw, bc, br, bo, warps, stages), sh in itertools.product(rows, (1, 2)):
+            name = f"rows{rows_}_W{bw}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}_sh{sh}"
+            meta = {"ROWS": rows_, "BLOCK_W": bw, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo, "STRIDE_H": sh}
             out.append((name, "cp_conv2d_rows_kernel", (warps, stages), dtype, meta))
     return out
 

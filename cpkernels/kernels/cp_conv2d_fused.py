@@ -2,7 +2,7 @@
 
 Two kernels behind one launcher, :func:`cp_conv2d_fused`:
 
-- ``rows`` (kh = 3, vertical stride and dilation 1: most CNN convs; preferred where it applies).
+- ``rows`` (kh = 3, vertical stride 1 or 2, vertical dilation 1: most CNN convs; preferred where it applies).
   A program owns one image, a strip of ``BLOCK_W`` output columns and a band of ``ROWS`` output rows,
   and walks down the band. For each input row it computes ``u = sum_{j,c} x[c, row, iw + j] B[c,r] H[j,r]``
   (stages 1 and 3: K = kw*Cin on the tensor cores), keeps the last three rows of ``u`` in registers,
@@ -284,11 +284,12 @@ def cp_conv2d_fused_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
-# Rows kernel: kh = 3, vertical stride and dilation 1 (most CNN convs)
+# Rows kernel: kh = 3, vertical stride 1 or 2, vertical dilation 1 (most CNN convs)
 # --------------------------------------------------------------------------------------------------
 # Only the horizontal taps go into the first contraction (K = kw*Cin); the vertical stage is a rolling
-# window of three rank-R rows kept in registers while a program walks down ROWS output rows. That is
-# kw (not kh*kw) times the pointwise MACs, plus (ROWS + 2) / ROWS for the band's halo rows.
+# window of three rank-R rows kept in registers while a program walks down ROWS output rows. At
+# vertical stride 1 that is kw (not kh*kw) times the pointwise MACs, plus (ROWS + 2) / ROWS for the
+# band's halo rows; at stride 2, 2*kw times (two new input rows per output row).
 # (ROWS, BLOCK_W, BLOCK_C, BLOCK_R, BLOCK_O, num_warps, num_stages); BLOCK_R must cover the whole rank.
 ROWS_TILES_16BIT = (
     (8, 64, 32, 32, 64, 4, 2),
@@ -302,7 +303,7 @@ ROWS_TILES_16BIT = (
 ROWS_TILES_FP32 = (
     (8, 64, 16, 32, 64, 4, 2),
     (8, 64, 16, 64, 64, 8, 2),
-    (8, 32, 16, 128, 64, 8, 2),
+    (8, 32, 16, 128, 64, 8, 1),
 )
 ROWS_TILES_INTERPRETER = ((8, 32, 32, 64, 32, 4, 1),)
 
@@ -346,7 +347,7 @@ def _row_of_u(
 
 @triton.autotune(
     configs=ROWS_TILES.configs(),
-    key=["C_IN_G", "RANK", "C_OUT_G", "KW", "STRIDE_W"],
+    key=["C_IN_G", "RANK", "C_OUT_G", "KW", "STRIDE_H", "STRIDE_W"],
     prune_configs_by={
         "early_config_prune": lambda configs, args, **_: ROWS_TILES.prune(configs, args, whole_rank=True),
     },
@@ -369,6 +370,7 @@ def cp_conv2d_rows_kernel(
     stride_hg, stride_hj, stride_hr,
     stride_ag, stride_ao, stride_ar,
     STRIDE_W, PAD_T, PAD_L, DIL_W,
+    STRIDE_H: tl.constexpr,  # vertical stride, 1 or 2 (the window keeps two rows or one)
     KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     USE_INT64: tl.constexpr,
@@ -400,16 +402,23 @@ def cp_conv2d_rows_kernel(
     v2 = tl.load(v_grp + 2 * stride_vi + rr * stride_vr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
 
     p0 = band * ROWS
-    ih0 = p0 - PAD_T  # input row of tap 0 for output row p0
-    # The window: u of input rows ih0 + t, ih0 + t + 1 (t = 0 before the loop).
+    ih0 = p0 * STRIDE_H - PAD_T  # input row of tap 0 for output row p0
+    # The window of three input rows (output row p reads rows p*STRIDE_H - PAD_T + 0, 1, 2): with
+    # stride 1 consecutive output rows share two rows, with stride 2 one.
     u_top = _row_of_u(x_col, ih0, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
                       stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
                       KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R)
-    u_mid = _row_of_u(x_col, ih0 + 1, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
-                      stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
-                      KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R)
+    if STRIDE_H == 1:
+        u_mid = _row_of_u(x_col, ih0 + 1, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
+                          stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
+                          KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R)
     for t in range(ROWS):
-        u_bot = _row_of_u(x_col, ih0 + t + 2, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
+        row0 = ih0 + t * STRIDE_H
+        if STRIDE_H != 1:
+            u_mid = _row_of_u(x_col, row0 + 1, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
+                              stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
+                              KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R)
+        u_bot = _row_of_u(x_col, row0 + 2, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
                           stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
                           KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R)
         # Stage 2, the vertical taps, on the three rows in registers: [BW, BR]
@@ -419,8 +428,11 @@ def cp_conv2d_rows_kernel(
         y_row = y_ptr + n * stride_yn + p * stride_yh + ow * stride_yw  # [BW] pointers
         _output_stage(z, rr, mask_r, a_grp, stride_ao, stride_ar, bias_ptr, y_row, row_ok, stride_yc,
                       group * C_OUT_G, C_OUT_G, HAS_BIAS, DOT_PRECISION, OFFSET_TY, BLOCK_O)
-        u_top = u_mid
-        u_mid = u_bot
+        if STRIDE_H == 1:
+            u_top = u_mid
+            u_mid = u_bot
+        else:
+            u_top = u_bot
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,7 +477,7 @@ def cp_conv2d_fused(
     Arguments follow :func:`cpkernels.ops.reference.cp_conv2d_reference`. The output has ``x``'s dtype
     and memory format; ``x`` is read through its strides, never copied. ``out``, if given, receives the
     result (any strides). ``force_int64`` takes the 64-bit offset path even for small tensors.
-    ``kernel``: ``"rows"`` (the rolling-window kernel; kh = 3, vertical stride and dilation 1,
+    ``kernel``: ``"rows"`` (the rolling-window kernel; kh = 3, vertical stride 1 or 2, vertical dilation 1,
     rank <= 128), ``"taps"`` (the general kernel), or ``"auto"`` (rows wherever it applies); None
     means :data:`DEFAULT_KERNEL`.
     """
@@ -491,12 +503,12 @@ def cp_conv2d_fused(
     use_int64 = force_int64 or needs_int64(x, y)
     kernel = DEFAULT_KERNEL if kernel is None else kernel
     max_rows_rank = max(t[3] for t in ROWS_TILES.for_dtype(x.dtype))
-    rows_apply = kh == 3 and stride[0] == 1 and dilation[0] == 1 and rank <= max_rows_rank
+    rows_apply = kh == 3 and stride[0] in (1, 2) and dilation[0] == 1 and rank <= max_rows_rank
     if kernel not in ("auto", "rows", "taps"):
         raise ValueError(f"kernel must be 'auto', 'rows' or 'taps', got {kernel!r}")
     if kernel == "rows" and not rows_apply:
         raise ValueError(
-            f"the rows kernel needs kh = 3, vertical stride and dilation 1 and rank <= {max_rows_rank}"
+            f"the rows kernel needs kh = 3, vertical stride 1 or 2, vertical dilation 1 and rank <= {max_rows_rank}"
         )
     global _last_kernel, _last_autotuner
     if rows_apply and kernel != "taps":
@@ -512,7 +524,7 @@ def cp_conv2d_fused(
             *x.stride(), *y.stride(),
             *input_factor.stride(), *vertical_factor.stride(), *horizontal_factor.stride(), *output_factor.stride(),
             stride[1], padding[0], padding[2], dilation[1],
-            KW=kw, HAS_BIAS=bias is not None, USE_INT64=use_int64, DOT_PRECISION=dot_precision(x.dtype),
+            STRIDE_H=stride[0], KW=kw, HAS_BIAS=bias is not None, USE_INT64=use_int64, DOT_PRECISION=dot_precision(x.dtype),
         )
         return y
     m = n * oh * ow
