@@ -524,7 +524,8 @@ def cp_conv2d_fused(
             *x.stride(), *y.stride(),
             *input_factor.stride(), *vertical_factor.stride(), *horizontal_factor.stride(), *output_factor.stride(),
             stride[1], padding[0], padding[2], dilation[1],
-            STRIDE_H=stride[0], KW=kw, HAS_BIAS=bias is not None, USE_INT64=use_int64, DOT_PRECISION=dot_precision(x.dtype),
+            STRIDE_H=stride[0], KW=kw, HAS_BIAS=bias is not None, USE_INT64=use_int64,
+            DOT_PRECISION=dot_precision(x.dtype),
         )
         return y
     m = n * oh * ow
