@@ -124,6 +124,34 @@ TAPS_TILES = TileSet(("BLOCK_P", "BLOCK_C", "BLOCK_R", "BLOCK_O"), TILES_16BIT, 
 # Kernel
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _channel_contraction(
+    acc, x_pix, pix_ok, C_IN_G, rr, mask_r, b_grp, tap_scale, stride_xc, stride_bc, stride_br,
+    DOT_PRECISION: tl.constexpr, OFFSET_TY: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """acc[p, r] += sum_c x[p, c] * B[c, r] * tap_scale[r], over every input channel of the group.
+
+    ``x_pix`` [BP] points at channel 0 of each pixel's (shifted) input, ``pix_ok`` [BP] masks pixels
+    outside the image (the zero padding); ``tap_scale`` [BR] is the tap's depthwise weight per rank.
+    """
+    offs_c = tl.arange(0, BLOCK_C).to(OFFSET_TY)
+    for c0 in range(0, C_IN_G, BLOCK_C):
+        cc = c0 + offs_c
+        mask_c = cc < C_IN_G
+        x = tl.load(
+            x_pix[:, None] + cc[None, :] * stride_xc, mask=pix_ok[:, None] & mask_c[None, :], other=0.0
+        )  # [BP, BC]
+        b = tl.load(
+            b_grp + cc[:, None] * stride_bc + rr[None, :] * stride_br,
+            mask=mask_c[:, None] & mask_r[None, :], other=0.0,
+        )  # [BC, BR]
+        # The tap folded into B, rounded once to the input dtype: [BC, BR]
+        w_tap = (b.to(tl.float32) * tap_scale[None, :]).to(x.dtype)
+        # [BP, BC] @ [BC, BR] -> [BP, BR]
+        acc = tl.dot(x, w_tap, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _rank_slice(
     x_rows, pix_m, ih0, iw0, H, W, C_IN_G, RANK, r0,
     b_grp, v_grp, h_grp,
@@ -135,7 +163,6 @@ def _rank_slice(
     """z[p, r] for ranks r0 .. r0 + BLOCK_R: stages 1-3 of BLOCK_P output pixels, in fp32 registers."""
     rr = r0 + tl.arange(0, BLOCK_R)
     mask_r = rr < RANK
-    offs_c = tl.arange(0, BLOCK_C).to(OFFSET_TY)
     acc_z = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
     # Taps outside, channels inside: each tap is one pipelined K-loop with a single dot, which keeps
     # one tap's addresses live at a time (unrolling the taps inside the channel loop spilled at
@@ -150,20 +177,8 @@ def _rank_slice(
         v_i = tl.load(v_grp + i * stride_vi + rr * stride_vr, mask=mask_r, other=0.0).to(tl.float32)
         h_j = tl.load(h_grp + j * stride_hj + rr * stride_hr, mask=mask_r, other=0.0).to(tl.float32)
         vh = v_i * h_j  # [BR]: tap (i, j) of the merged depthwise filter
-        for c0 in range(0, C_IN_G, BLOCK_C):
-            cc = c0 + offs_c
-            mask_c = cc < C_IN_G
-            x = tl.load(
-                x_pix[:, None] + cc[None, :] * stride_xc, mask=pix_ok[:, None] & mask_c[None, :], other=0.0
-            )  # [BP, BC]
-            b = tl.load(
-                b_grp + cc[:, None] * stride_bc + rr[None, :] * stride_br,
-                mask=mask_c[:, None] & mask_r[None, :], other=0.0,
-            )  # [BC, BR]
-            # The tap folded into B, rounded once to the input dtype: [BC, BR]
-            w_tap = (b.to(tl.float32) * vh[None, :]).to(x.dtype)
-            # [BP, BC] @ [BC, BR] -> [BP, BR]
-            acc_z = tl.dot(x, w_tap, acc_z, input_precision=DOT_PRECISION)
+        acc_z = _channel_contraction(acc_z, x_pix, pix_ok, C_IN_G, rr, mask_r, b_grp, vh,
+                                     stride_xc, stride_bc, stride_br, DOT_PRECISION, OFFSET_TY, BLOCK_C)
     return acc_z
 
 
@@ -321,7 +336,6 @@ def _row_of_u(
     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """u[q, r] = sum_{j,c} x[c, ih, iw0[q] + j*DIL_W] * B[c,r] H[j,r]: stages 1 and 3 of one input row."""
-    offs_c = tl.arange(0, BLOCK_C).to(OFFSET_TY)
     # An input row outside the image masks every column (a vector test: the interpreter mishandles
     # a scalar mask broadcast into a load mask).
     in_row = mask_w & (iw0 * 0 + ih >= 0) & (iw0 * 0 + ih < H)  # [BW]
@@ -331,17 +345,8 @@ def _row_of_u(
         ok = in_row & (iw >= 0) & (iw < W)  # [BW]: masked taps are the zero padding
         h_j = tl.load(h_grp + j * stride_hj + rr * stride_hr, mask=mask_r, other=0.0).to(tl.float32)
         x_pix = x_col + ih * stride_xh + iw * stride_xw  # [BW] pointers
-        for c0 in range(0, C_IN_G, BLOCK_C):
-            cc = c0 + offs_c
-            mask_c = cc < C_IN_G
-            x = tl.load(x_pix[:, None] + cc[None, :] * stride_xc, mask=ok[:, None] & mask_c[None, :], other=0.0)
-            b = tl.load(
-                b_grp + cc[:, None] * stride_bc + rr[None, :] * stride_br,
-                mask=mask_c[:, None] & mask_r[None, :], other=0.0,
-            )  # [BC, BR]
-            w_tap = (b.to(tl.float32) * h_j[None, :]).to(x.dtype)
-            # [BW, BC] @ [BC, BR] -> [BW, BR]
-            acc = tl.dot(x, w_tap, acc, input_precision=DOT_PRECISION)
+        acc = _channel_contraction(acc, x_pix, ok, C_IN_G, rr, mask_r, b_grp, h_j,
+                                   stride_xc, stride_bc, stride_br, DOT_PRECISION, OFFSET_TY, BLOCK_C)
     return acc
 
 
