@@ -57,18 +57,21 @@ def test_leaves_inputs_untouched(backend):
 
 
 @pytest.mark.parametrize(
-    "groups, bias, padding",
+    "groups, bias, padding, pixel_major",
     [
-        pytest.param(1, True, 1, id="bias"),
-        pytest.param(1, False, (0, 1), id="no-bias"),
-        pytest.param(2, True, "same", id="groups2"),
+        pytest.param(1, True, 1, False, id="bias"),
+        pytest.param(1, False, (0, 1), False, id="no-bias"),
+        pytest.param(2, True, "same", False, id="groups2"),
+        pytest.param(1, True, 1, True, id="pixel-major-bias"),
+        pytest.param(1, False, "same", True, id="pixel-major-no-bias"),
     ],
 )
-def test_cpu_path_in_batch_chunks(monkeypatch, groups, bias, padding):
+def test_cpu_path_in_batch_chunks(monkeypatch, groups, bias, padding, pixel_major):
     """Inference runs big NCHW batches in chunks written into one output: force a chunk per image."""
     from cpkernels.ops import cpu
 
     monkeypatch.setattr(cpu, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(cpu, "PIXEL_MAJOR_MIN_RANK", 1 if pixel_major else 1 << 30)
     factors = random_factors(6, 8, (3, 3), 4, groups)
     b = torch.randn(6) if bias else None
     x = torch.randn(3, 8, 9, 10)
@@ -80,3 +83,94 @@ def test_cpu_path_in_batch_chunks(monkeypatch, groups, bias, padding):
     y_grad = cp_conv2d(x, factors_grad, b, padding=padding, backend="auto")
     assert y_grad.requires_grad
     torch.testing.assert_close(y_grad.detach(), y, rtol=1e-5, atol=1e-6)
+
+
+# The CPU path picks, per call, among exact ways of computing the layer (cpkernels/ops/cpu.py). Each is
+# forced here over every conv case, and spies prove the forced branch ran.
+CPU_BRANCHES = [
+    pytest.param("nchw-intermediates", id="nchw-intermediates"),
+    pytest.param("pixel-major-intermediates", id="pixel-major-intermediates"),
+    pytest.param("im2col-depthwise", id="im2col-depthwise"),
+    pytest.param("dense-weight", id="dense-weight"),
+]
+_SPIED = ("merged_depthwise_weight", "im2col_depthwise", "_pointwise_to_pixel_major")
+
+
+def _force_cpu_branch(monkeypatch, branch) -> list:
+    """Force ``branch``; returns a list that records which of the CPU path's helpers ran."""
+    from cpkernels.ops import cpu
+
+    ran = []
+    monkeypatch.setattr(cpu, "dense_is_cheaper", lambda *args: branch == "dense-weight")
+    monkeypatch.setattr(cpu, "IM2COL_MAX_CHANNELS", 1 << 30 if branch == "im2col-depthwise" else 0)
+    monkeypatch.setattr(cpu, "IM2COL_MAX_BYTES", 1 << 62)
+    monkeypatch.setattr(cpu, "PIXEL_MAJOR_MIN_RANK", 1 if branch == "pixel-major-intermediates" else 1 << 30)
+    for name in _SPIED:
+        original = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *args, _f=original, _n=name: ran.append(_n) or _f(*args))
+    return ran
+
+
+@pytest.mark.parametrize("branch", CPU_BRANCHES)
+@pytest.mark.parametrize("c", CONV_CASES)
+def test_cpu_path_branches_match_oracle(monkeypatch, c, branch):
+    nchw_input = c.layout != "channels_last"  # channels_last inputs keep 1x1 and grouped convs
+    if branch == "im2col-depthwise" and not (nchw_input and c.dilation in (1, (1, 1))):
+        pytest.skip("the im2col depthwise conv takes NCHW intermediates at dilation 1")
+    if branch == "pixel-major-intermediates" and not (nchw_input and c.groups == 1):
+        pytest.skip("pixel-major intermediates are for NCHW inputs without groups")
+    ran = _force_cpu_branch(monkeypatch, branch)
+    factors = random_factors(c.cout, c.cin, c.kernel_size, c.rank, c.groups)
+    bias = torch.randn(c.cout) if c.bias else None
+    x = c.make_input(torch.float32, "cpu")
+    y = cp_conv2d(x, factors, bias, **c.conv_kwargs(), backend="auto")
+    assert_matches_oracle(y, oracle_conv2d(x, factors, bias, **c.conv_kwargs()), torch.float32)
+    assert is_channels_last(y) == is_channels_last(x)
+    assert ("merged_depthwise_weight" in ran) == (branch != "dense-weight")
+    assert ("im2col_depthwise" in ran) == (branch == "im2col-depthwise")
+    assert ("_pointwise_to_pixel_major" in ran) == (branch == "pixel-major-intermediates")
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [pytest.param(torch.float16, id="float16"), pytest.param(torch.bfloat16, id="bfloat16"),
+     pytest.param(torch.float64, id="float64")],
+)
+def test_im2col_depthwise_dtypes_and_grads(monkeypatch, dtype):
+    """Rank 1 and 2 (groups 2 at rank 1): the default policy takes the im2col conv; it is differentiable."""
+    ran = _force_cpu_branch(monkeypatch, "im2col-depthwise")
+    for groups, rank in ((1, 1), (1, 2), (2, 1)):
+        factors = random_factors(4, 6, (3, 5), rank, groups, dtype=dtype)
+        bias = torch.randn(4, dtype=dtype)
+        x = torch.randn(2, 6, 9, 10, dtype=dtype)
+        y = cp_conv2d(x, factors, bias, stride=(2, 1), padding=(1, 2), backend="auto")
+        assert_matches_oracle(y, oracle_conv2d(x, factors, bias, stride=(2, 1), padding=(1, 2)), dtype)
+    assert ran.count("im2col_depthwise") == 3
+    if dtype == torch.float64:
+        leaves = [t.clone().requires_grad_() for t in (x, *factors.as_tuple(), bias)]
+
+        def f(x, *rest):
+            return cp_conv2d(x, type(factors)(*rest[:4]), rest[4], stride=(2, 1), padding=(1, 2), backend="auto")
+
+        assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_cpu_policy():
+    """Where the CPU path's choices land, on shapes it was measured on."""
+    from cpkernels.ops import cpu
+
+    def t(n, c, hw):
+        return torch.empty(n, c, hw, hw, device="meta")
+
+    # im2col depthwise: rank <= 2, dilation 1, column buffer under the cap.
+    assert cpu.depthwise_by_im2col(8, 1, (5, 5), (28, 28), (1, 1), 4)
+    assert cpu.depthwise_by_im2col(8, 2, (3, 3), (56, 56), (1, 1), 4)
+    assert not cpu.depthwise_by_im2col(8, 4, (3, 3), (32, 32), (1, 1), 4)
+    assert not cpu.depthwise_by_im2col(8, 1, (3, 3), (30, 30), (2, 2), 4)
+    assert not cpu.depthwise_by_im2col(8, 1, (5, 5), (224, 224), (1, 1), 4)
+    # Dense with the reconstructed weight: never for tiny layers, and for few-input-channel layers at a
+    # rank that saves few MACs (3->64 at rank 16: 1.4x fewer MACs, 2x the bytes).
+    assert not cpu.dense_is_cheaper(t(8, 3, 32), 1, 1, 2, (5, 5), (28, 28))
+    assert cpu.dense_is_cheaper(t(8, 3, 64), 16, 1, 64, (3, 3), (64, 64))
+    assert not cpu.dense_is_cheaper(t(8, 3, 64), 2, 1, 64, (3, 3), (64, 64))
+    assert not cpu.dense_is_cheaper(t(8, 128, 56), 32, 1, 128, (3, 3), (56, 56))

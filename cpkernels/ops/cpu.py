@@ -4,13 +4,19 @@ What profiling the four-stage reference on a 2-core x86 CPU showed (``python -m 
 - In NCHW, oneDNN's 1x1 convs are slow at large images (a 128-channel 112x112 batch-8 layer: 32 ms for
   the Cin->R conv against 8 ms for the same product as a batched matmul over ``(N, C, H*W)``), so
   NCHW runs the two pointwise stages as matmuls. In channels_last the 1x1 convs are GEMMs already.
+  Without groups and from rank 16 up, NCHW inputs get pixel-major (channels_last) intermediates: the
+  GEMMs take the NCHW tensors as transposed operands, and the depthwise conv runs in oneDNN's native
+  layout instead of reordering to and from it.
 - The two depthwise stages run as one kh x kw depthwise conv with the filter ``V[i,r] H[j,r]``: one
   pass over the rank-R intermediate instead of two (equal in exact arithmetic: both stages are linear
   and stage 1 has no bias, so the padding commutes).
-- Layers with a handful of channels (a 3->2 5x5 conv at rank 1, say) are memory-bound either way, and
-  the CP form moves more bytes than the dense conv (it writes and re-reads two rank-R intermediates).
-  There a rough CPU cost model (:func:`dense_is_cheaper`) picks the dense conv with the reconstructed
-  weight, which computes the same function.
+- oneDNN's depthwise conv vectorises across channels, so at rank 1 or 2 most of each vector register
+  idles: it ran 2-4x slower than ATen's im2col conv (``thnn_conv2d``) on the same work. Such NCHW
+  intermediates take the im2col conv with a block-diagonal weight (:func:`depthwise_by_im2col`).
+- Layers with a few input channels and CP ranks near them (a 3->64 conv at rank 16, say) save few
+  MACs, and the CP form moves more bytes than the dense conv (it writes and re-reads two rank-R
+  intermediates). There a rough CPU cost model (:func:`dense_is_cheaper`) picks the dense conv with
+  the reconstructed weight, which computes the same function.
 It computes exactly what :func:`cpkernels.ops.reference.cp_conv2d_reference` computes, up to rounding,
 and takes the same normalised arguments.
 """
@@ -31,6 +37,35 @@ def merged_depthwise_weight(vertical_factor: Tensor, horizontal_factor: Tensor) 
     kw = horizontal_factor.shape[1]
     w = vertical_factor[:, :, None, :] * horizontal_factor[:, None, :, :]  # [G, kh, kw, R]
     return w.permute(0, 3, 1, 2).reshape(g * r, 1, kh, kw)
+
+
+# The im2col depthwise conv: for at most this many intermediate channels (it does channels times the
+# depthwise MACs), and while its column buffer (kh*kw times the output) stays under this size; past
+# it, first-touch page faults of the buffer cost more than the idle vector lanes (a 5x5 at rank 1 on
+# 8x224x224: 14.5 ms against 2.3 ms for oneDNN).
+IM2COL_MAX_CHANNELS = 2
+IM2COL_MAX_BYTES = 16 << 20
+# Without groups, from this rank up the intermediates are pixel-major (see ``stages`` below); under it
+# the first GEMM's narrow [Cin, R] operand made MKL 2-4x slower than the NCHW arrangement.
+PIXEL_MAJOR_MIN_RANK = 16
+
+
+def depthwise_by_im2col(n: int, channels: int, kernel_size, out_size, dilation, element_size: int) -> bool:
+    """Whether the depthwise stage over ``n`` images of ``channels`` intermediate channels runs as an
+    im2col conv (on NCHW intermediates)."""
+    column_bytes = n * channels * kernel_size[0] * kernel_size[1] * out_size[0] * out_size[1] * element_size
+    return channels <= IM2COL_MAX_CHANNELS and tuple(dilation) == (1, 1) and column_bytes <= IM2COL_MAX_BYTES
+
+
+def im2col_depthwise(t: Tensor, depthwise_weight: Tensor, stride, padding) -> Tensor:
+    """The depthwise conv of ``t [N, C, H, W]`` by ``[C, 1, kh, kw]`` as ATen's im2col conv (dilation 1,
+    symmetric ``padding (ph, pw)``): an ordinary conv whose weight is block-diagonal over the channels."""
+    c, _, kh, kw = depthwise_weight.shape
+    weight = depthwise_weight
+    if c > 1:
+        eye = torch.eye(c, dtype=weight.dtype, device=weight.device)
+        weight = eye[:, :, None, None] * weight  # [C, C, 1, 1] * [C, 1, kh, kw] -> [C, C, kh, kw]
+    return torch._C._nn.thnn_conv2d(t, weight, (kh, kw), None, stride, padding)
 
 
 def _pointwise_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
@@ -57,18 +92,46 @@ def _pointwise_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Op
     return y
 
 
+def _pointwise_to_pixel_major(x: Tensor, input_factor: Tensor) -> Tensor:
+    """Stage 1 without groups as one GEMM over the pixels: ``x [N, Cin, H, W]`` (NCHW enters as a
+    transposed operand, no copy) times ``input_factor [Cin, R]`` -> ``[N, R, H, W]`` with channels_last
+    strides, the layout oneDNN's depthwise conv runs natively."""
+    n, c, h, w = x.shape
+    t = torch.matmul(x.permute(0, 2, 3, 1).reshape(n, h * w, c), input_factor)  # [N, HW, Cin] @ [Cin, R]
+    return t.view(n, h, w, input_factor.shape[1]).permute(0, 3, 1, 2)
+
+
+def _pointwise_from_pixel_major(t: Tensor, output_factor: Tensor, bias: Optional[Tensor],
+                                out: Optional[Tensor] = None) -> Tensor:
+    """Stage 4 without groups: ``t [N, R, OH, OW]`` (channels_last strides) -> NCHW ``[N, Cout, OH, OW]``,
+    ``output_factor [Cout, R]``; ``out``: a contiguous output to write into (no autograd through it)."""
+    n, r, oh, ow = t.shape
+    cout = output_factor.shape[0]
+    t_pr = t.permute(0, 2, 3, 1).reshape(n, oh * ow, r).transpose(1, 2)  # [N, R, OH*OW], transposed operand
+    a = output_factor.expand(n, cout, r)
+    y = None if out is None else out.view(n, cout, oh * ow)
+    if bias is None:
+        y = torch.bmm(a, t_pr, out=y)
+    else:
+        y = torch.baddbmm(bias.reshape(1, -1, 1), a, t_pr, out=y)  # [N, Cout, R] @ [N, R, OH*OW]
+    return y.view(n, cout, oh, ow)
+
+
 # Inference in NCHW runs the batch in chunks whose rank-R intermediate stays near this size, so the
 # intermediates stay in cache and their memory is reused instead of page-faulted in fresh each call
 # (a 128-channel 112x112 batch-8 layer: 50 ms whole, 33 ms in chunks of 4, on a 2-core x86 CPU).
 CHUNK_BYTES = 8 << 20
 
 
-# The model's one constant: MACs per byte moved at which the CPU is as busy computing as moving data.
+# The model's constant: MACs per byte moved at which the CPU is as busy computing as moving data.
 # On the 2-core x86 machine the project was tuned on, a square fp32 matmul ran at ~90 GMAC/s and a
 # freshly allocated 51 MB activation cost ~9 ms of first-touch page faults (~6 GB/s) before any copy;
-# 5 sits between those rates. Among the benchmark layers it picks the dense conv only for the 3->2
-# 5x5 example; it also does for the demo's 3-input-channel layers at rank 2 and 16.
+# 5 sits between those rates.
 MACS_PER_BYTE = 5.0
+# Below this many dense MACs (~0.1 ms of dense conv there) per-call costs decide, not MACs or bytes:
+# oneDNN's conv set-up alone took 40-60 us a call, and the CP stages (two GEMMs and a depthwise conv)
+# ran faster, e.g. the 3->2 5x5 conv at rank 1 on 8x3x32x32: 70 us against 135 us dense.
+DENSE_MIN_MACS = 10_000_000
 
 
 def dense_is_cheaper(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size) -> bool:
@@ -77,7 +140,10 @@ def dense_is_cheaper(x: Tensor, rank: int, groups: int, cout: int, kernel_size, 
     (kh, kw), (oh, ow) = kernel_size, out_size
     es = x.element_size()
     x_px, y_px = n * h * w, n * oh * ow
-    dense = max(y_px * cout * (cin // groups) * kh * kw, MACS_PER_BYTE * es * (x_px * cin + y_px * cout))
+    dense_macs = y_px * cout * (cin // groups) * kh * kw
+    if dense_macs < DENSE_MIN_MACS:
+        return False
+    dense = max(dense_macs, MACS_PER_BYTE * es * (x_px * cin + y_px * cout))
     gr = groups * rank
     cp_macs = x_px * cin * rank + y_px * gr * kh * kw + y_px * rank * cout
     cp_bytes = es * (x_px * cin + 2 * x_px * gr + 2 * y_px * gr + y_px * cout)
@@ -110,23 +176,33 @@ def cp_conv2d_cpu(
         return F.conv2d(x, weight, bias, stride, (pt, pl), dilation, groups)
 
     w_dw = merged_depthwise_weight(vertical_factor, horizontal_factor)
-    channels_last = is_channels_last(x)
+    sym_pad = (pt, pl) if symmetric else (0, 0)
 
-    def depthwise(t: Tensor) -> Tensor:
-        if symmetric:
-            return F.conv2d(t, w_dw, None, stride, (pt, pl), dilation, groups * rank)
-        return F.conv2d(F.pad(t, (pl, pr, pt, pb)), w_dw, None, stride, 0, dilation, groups * rank)
+    def padded(t: Tensor) -> Tensor:
+        return t if symmetric else F.pad(t, (pl, pr, pt, pb))
 
-    if channels_last:
+    def grouped_depthwise(t: Tensor) -> Tensor:
+        return F.conv2d(padded(t), w_dw, None, stride, sym_pad, dilation, groups * rank)
+
+    if is_channels_last(x):
         w_in = input_factor.transpose(1, 2).reshape(groups * rank, -1, 1, 1)
-        t = depthwise(F.conv2d(x, w_in, None, 1, 0, 1, groups))
+        t = grouped_depthwise(F.conv2d(x, w_in, None, 1, 0, 1, groups))
         y = F.conv2d(t, output_factor.reshape(-1, rank, 1, 1), bias, 1, 0, 1, groups)
         return y.contiguous(memory_format=torch.channels_last)
 
     w_in = input_factor.transpose(1, 2)
 
     def stages(xs: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        return _pointwise_matmul(depthwise(_pointwise_matmul(xs, w_in, None)).contiguous(), output_factor, bias, out)
+        if depthwise_by_im2col(xs.shape[0], groups * rank, kernel_size, out_size, dilation, xs.element_size()):
+            t = im2col_depthwise(padded(_pointwise_matmul(xs, w_in, None)), w_dw, stride, sym_pad)
+            return _pointwise_matmul(t, output_factor, bias, out)
+        if groups == 1 and rank >= PIXEL_MAJOR_MIN_RANK:
+            # Pixel-major intermediates: oneDNN's NCHW depthwise conv reorders to a blocked layout and
+            # back; in channels_last it does not (3-18 % faster per layer, 8x{128..512} channels, R 16..64).
+            t = grouped_depthwise(_pointwise_to_pixel_major(xs, input_factor[0]))
+            return _pointwise_from_pixel_major(t, output_factor[0], bias, out)
+        t = grouped_depthwise(_pointwise_matmul(xs, w_in, None)).contiguous()
+        return _pointwise_matmul(t, output_factor, bias, out)
 
     n, _, h, w = x.shape
     chunk = max(1, CHUNK_BYTES // (groups * rank * h * w * x.element_size()))
