@@ -97,8 +97,11 @@ def _pointwise_to_pixel_major(x: Tensor, input_factor: Tensor) -> Tensor:
     transposed operand, no copy) times ``input_factor [Cin, R]`` -> ``[N, R, H, W]`` with channels_last
     strides, the layout oneDNN's depthwise conv runs natively."""
     n, c, h, w = x.shape
-    t = torch.matmul(x.permute(0, 2, 3, 1).reshape(n, h * w, c), input_factor)  # [N, HW, Cin] @ [Cin, R]
-    return t.view(n, h, w, input_factor.shape[1]).permute(0, 3, 1, 2)
+    r = input_factor.shape[1]
+    # bmm, not matmul: matmul folds the batch into the rows, which copies a transposed operand whenever
+    # a factor requires grad (a module's parameters do, even in inference mode).
+    t = torch.bmm(x.permute(0, 2, 3, 1).reshape(n, h * w, c), input_factor.expand(n, c, r))  # [N, HW, Cin] @ [Cin, R]
+    return t.view(n, h, w, r).permute(0, 3, 1, 2)
 
 
 def _pointwise_from_pixel_major(t: Tensor, output_factor: Tensor, bias: Optional[Tensor],
