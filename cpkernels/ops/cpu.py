@@ -69,18 +69,22 @@ def im2col_depthwise(t: Tensor, depthwise_weight: Tensor, stride, padding) -> Te
 
 
 def _pointwise_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
-    """Grouped 1x1 conv of an NCHW ``x`` as one batched matmul: ``weight [G, Cout/G, Cin/G]``.
+    """Grouped 1x1 conv of ``x`` (NCHW, or channels_last without groups) as batched matmuls:
+    ``weight [G, Cout/G, Cin/G]``; the result is NCHW.
 
     ``out``: a contiguous ``[N, Cout, H, W]`` to write into (no autograd through it)."""
     n, c, h, w = x.shape
     g, cout_g, cin_g = weight.shape
-    if g == 1 and bias is not None:
-        # The bias rides in the GEMM (beta * bias + A @ B): no second pass over the output.
-        args = (bias.reshape(1, -1, 1), weight.expand(n, cout_g, cin_g), x.reshape(n, cin_g, h * w))
-        if out is None:
-            return torch.baddbmm(*args).reshape(n, cout_g, h, w)
-        torch.baddbmm(*args, out=out.view(n, cout_g, h * w))
-        return out
+    if g == 1:
+        # bmm, not matmul: matmul folds batches into rows, copying a transposed operand when a factor
+        # requires grad. A channels_last x is a transposed operand here, read without a copy.
+        y = None if out is None else out.view(n, cout_g, h * w)
+        a, xs = weight.expand(n, cout_g, cin_g), x.reshape(n, cin_g, h * w)  # [N, Co, Ci] @ [N, Ci, HW]
+        if bias is None:
+            y = torch.bmm(a, xs, out=y)
+        else:
+            y = torch.baddbmm(bias.reshape(1, -1, 1), a, xs, out=y)  # the bias rides in the GEMM
+        return y.view(n, cout_g, h, w)
     x4 = x.reshape(n, g, cin_g, h * w)
     if out is None:
         y = torch.matmul(weight, x4).reshape(n, g * cout_g, h, w)  # [G, Co, Ci] @ [N, G, Ci, HW] -> [N, G, Co, HW]
@@ -98,8 +102,7 @@ def _pointwise_to_pixel_major(x: Tensor, input_factor: Tensor) -> Tensor:
     strides, the layout oneDNN's depthwise conv runs natively."""
     n, c, h, w = x.shape
     r = input_factor.shape[1]
-    # bmm, not matmul: matmul folds the batch into the rows, which copies a transposed operand whenever
-    # a factor requires grad (a module's parameters do, even in inference mode).
+    # bmm, not matmul: see _pointwise_matmul.
     t = torch.bmm(x.permute(0, 2, 3, 1).reshape(n, h * w, c), input_factor.expand(n, c, r))  # [N, HW, Cin] @ [Cin, R]
     return t.view(n, h, w, r).permute(0, 3, 1, 2)
 
@@ -188,6 +191,13 @@ def cp_conv2d_cpu(
         return F.conv2d(padded(t), w_dw, None, stride, sym_pad, dilation, groups * rank)
 
     if is_channels_last(x):
+        n = x.shape[0]
+        if groups == 1 and depthwise_by_im2col(n, rank, kernel_size, out_size, dilation, x.element_size()):
+            # Rank 1-2 layers are small enough for oneDNN's per-call set-up (40-60 us a conv) to decide:
+            # GEMMs over the pixels and the im2col depthwise conv instead of three oneDNN convs.
+            t = _pointwise_matmul(x, input_factor.transpose(1, 2), None)  # NCHW: at most 2 channels
+            t = im2col_depthwise(padded(t), w_dw, stride, sym_pad)
+            return F.linear(t.permute(0, 2, 3, 1), output_factor[0], bias).permute(0, 3, 1, 2)
         w_in = input_factor.transpose(1, 2).reshape(groups * rank, -1, 1, 1)
         t = grouped_depthwise(F.conv2d(x, w_in, None, 1, 0, 1, groups))
         y = F.conv2d(t, output_factor.reshape(-1, rank, 1, 1), bias, 1, 0, 1, groups)
