@@ -113,9 +113,19 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         cp_conv2d(torch.randn(1, 8, 5, 5), factors, backend="triton")
 
 
-def test_module_gradients_through_fused_forward(device):
-    conv = CPConv2d(8, 6, 3, rank=4, padding=1, device=device, backend="triton")
-    ref = CPConv2d(8, 6, 3, rank=4, padding=1, device=device, backend="reference")
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(dict(padding=1), id="pad1-bias"),
+        pytest.param(dict(padding="same", kernel_size=(2, 4), groups=2, bias=False), id="same-even-groups2-no-bias"),
+        pytest.param(dict(stride=2, kernel_size=(3, 1), dilation=(2, 1)), id="stride2-dilated"),
+    ],
+)
+def test_module_gradients_through_fused_forward(device, kwargs):
+    """Eager fused forward (autograd.Function, reference backward) against the reference path's own autograd."""
+    kwargs = {"kernel_size": 3, **kwargs}
+    conv = CPConv2d(8, 6, rank=4, device=device, backend="triton", **kwargs)
+    ref = CPConv2d(8, 6, rank=4, device=device, backend="reference", **kwargs)
     ref.load_state_dict(conv.state_dict())
     x = torch.randn(2, 8, 7, 7, device=device, requires_grad=True)
     grads = []
