@@ -79,13 +79,17 @@ def main(argv=None) -> int:
                 new = bench_layer(shape, rank, dtype, args.device, copy_bytes_per_s)
                 rows += new
                 print("\n".join(to_markdown(env, copy_bytes_per_s / 1e9, new).splitlines()[-len(new):]), flush=True)
-    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
-        json.dump({"environment": env, "copy_gbps": copy_bytes_per_s / 1e9, "rows": rows}, f, indent=1)
-    md = to_markdown(env, copy_bytes_per_s / 1e9, rows)
-    with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
-        f.write(md)
-    print(md)
+                # Written after every layer: a run cut short by its time limit keeps what it measured.
+                write_results(args.out, env, copy_bytes_per_s, rows)
+    print(to_markdown(env, copy_bytes_per_s / 1e9, rows))
     return 0
+
+
+def write_results(out: str, env: dict, copy_bytes_per_s: float, rows: list[dict]) -> None:
+    with open(os.path.join(out, "gpu_bench.json"), "w") as f:
+        json.dump({"environment": env, "copy_gbps": copy_bytes_per_s / 1e9, "rows": rows}, f, indent=1)
+    with open(os.path.join(out, "gpu_bench.md"), "w") as f:
+        f.write(to_markdown(env, copy_bytes_per_s / 1e9, rows))
 
 
 if __name__ == "__main__":

@@ -145,3 +145,55 @@ def test_latest_launch_is_reported(device):
     assert fused.best_config()["kernel"] == "rows"
     cp_conv2d(x, factors, padding=1, stride=3, backend="triton")
     assert fused.best_config()["kernel"] == "taps" and "BLOCK_P" in fused.best_config()
+
+
+def _every_tile():
+    """One param per tile of every tile table: (kernel, tile, dtype the table is for)."""
+    params = []
+    for kernel, tiles in (("taps", fused.TAPS_TILES), ("rows", fused.ROWS_TILES)):
+        for table, dtype in ((tiles.tiles_16bit, torch.float16), (tiles.tiles_fp32, torch.float32)):
+            for tile in table:
+                name = "-".join(f"{n}{v}" for n, v in zip(tiles.names + ("w", "s"), tile))
+                params.append(pytest.param(kernel, tile, dtype, id=f"{kernel}-{str(dtype)[6:]}-{name}"))
+    return params
+
+
+@pytest.mark.parametrize("kernel_name, tile, dtype", _every_tile())
+def test_every_tile_matches_oracle(monkeypatch, device, kernel_name, tile, dtype):
+    """Each tile the autotuner may pick, alone, on a problem that is off its blocks in every dimension:
+    two channel blocks (the second partly masked), two output-channel blocks, several programs, and for
+    the taps kernel both rank paths (rank under BLOCK_R, and over it)."""
+    import triton
+
+    tiles = fused.TAPS_TILES if kernel_name == "taps" else fused.ROWS_TILES
+    autotuner = fused.cp_conv2d_fused_kernel if kernel_name == "taps" else fused.cp_conv2d_rows_kernel
+    blocks = dict(zip(tiles.names, tile[:-2]))
+    monkeypatch.setattr(tiles, "for_dtype", lambda _dtype: (tile,))
+    monkeypatch.setattr(autotuner, "configs", [triton.Config(blocks, num_warps=tile[-2], num_stages=tile[-1])])
+    monkeypatch.setattr(autotuner, "cache", {})  # no best config remembered from another test
+    monkeypatch.setattr(fused, "DEFAULT_KERNEL", kernel_name)
+    cin, cout = blocks["BLOCK_C"] + 5, blocks["BLOCK_O"] + 3
+    if kernel_name == "taps":
+        ranks, size = (blocks["BLOCK_R"] - 3, blocks["BLOCK_R"] + 5), (9, 11)
+    else:
+        ranks, size = (blocks["BLOCK_R"] - 3,), (blocks["ROWS"] + 3, blocks["BLOCK_W"] + 5)
+    for rank in ranks:
+        c = case("tile", cin, cout, (3, 3), rank, size=size, padding=1, batch=2 if kernel_name == "taps" else 1)
+        run_case(c.values[0], dtype, device)
+    assert fused.best_config() == {"kernel": kernel_name, **blocks, "num_warps": tile[-2], "num_stages": tile[-1]}
+
+
+def test_autotune_switch(monkeypatch):
+    """CPKERNELS_AUTOTUNE=0 keeps the first fitting tile; by default every fitting tile is timed."""
+    import triton
+
+    tiles = fused.TAPS_TILES
+    monkeypatch.setattr(tiles, "for_dtype", lambda _dtype: tiles.tiles_16bit)
+    configs = [triton.Config(dict(zip(tiles.names, t[:-2])), num_warps=t[-2], num_stages=t[-1])
+               for t in tiles.tiles_16bit]
+    big = {"x_ptr": torch.empty(1, dtype=torch.float16), "RANK": 200, "C_OUT_G": 256, "C_IN_G": 256}
+    assert tiles.prune(configs, big) == configs
+    monkeypatch.setenv("CPKERNELS_AUTOTUNE", "0")
+    assert tiles.prune(configs, big) == configs[:1]
+    mid = {**big, "RANK": 40}  # tiles with BLOCK_R = 128 are far wider than rank 40: not the first pick
+    assert tiles.prune(configs, mid)[0].kwargs["BLOCK_R"] <= 64

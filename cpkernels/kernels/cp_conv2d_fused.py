@@ -25,6 +25,7 @@ autograd) is :mod:`cpkernels.ops.cp_conv2d`; the design and its roofline are in 
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -112,9 +113,15 @@ class TileSet:
             )
 
         fitting = [c for c in configs if fits(c)]
-        if fitting or not configs:
-            return fitting or configs
-        return [min(configs, key=lambda c: c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_C"])]
+        if not fitting and configs:
+            fitting = [min(configs, key=lambda c: c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_C"])]
+        return fitting if autotune_enabled() else fitting[:1]
+
+
+def autotune_enabled() -> bool:
+    """``CPKERNELS_AUTOTUNE=0`` takes the first fitting tile instead of timing them all: every tile
+    is a compile of a few seconds, so a test suite on a GPU would spend most of its time compiling."""
+    return os.environ.get("CPKERNELS_AUTOTUNE", "1") != "0"
 
 
 TAPS_TILES = TileSet(("BLOCK_P", "BLOCK_C", "BLOCK_R", "BLOCK_O"), TILES_16BIT, TILES_FP32, TILES_INTERPRETER)
