@@ -195,5 +195,5 @@ def test_autotune_switch(monkeypatch):
     assert tiles.prune(configs, big) == configs
     monkeypatch.setenv("CPKERNELS_AUTOTUNE", "0")
     assert tiles.prune(configs, big) == configs[:1]
-    mid = {**big, "RANK": 40}  # tiles with BLOCK_R = 128 are far wider than rank 40: not the first pick
-    assert tiles.prune(configs, mid)[0].kwargs["BLOCK_R"] <= 64
+    narrow = {**big, "C_IN_G": 16}  # the first tile's BLOCK_C = 32 is wider than 16 channels
+    assert [tiles.tile_of(c) for c in tiles.prune(configs, narrow)] == [(64, 16, 32, 128, 8, 2)]
