@@ -50,11 +50,19 @@ IM2COL_MAX_BYTES = 16 << 20
 PIXEL_MAJOR_MIN_RANK = 16
 
 
+# ATen's im2col conv (``thnn_conv2d``, present in every torch release this package supports); without
+# it the depthwise stage stays a grouped conv.
+_THNN_CONV2D = getattr(torch._C._nn, "thnn_conv2d", None)
+
+
 def depthwise_by_im2col(n: int, channels: int, kernel_size, out_size, dilation, element_size: int) -> bool:
     """Whether the depthwise stage over ``n`` images of ``channels`` intermediate channels runs as an
     im2col conv (on NCHW intermediates)."""
     column_bytes = n * channels * kernel_size[0] * kernel_size[1] * out_size[0] * out_size[1] * element_size
-    return channels <= IM2COL_MAX_CHANNELS and tuple(dilation) == (1, 1) and column_bytes <= IM2COL_MAX_BYTES
+    return (
+        _THNN_CONV2D is not None and channels <= IM2COL_MAX_CHANNELS and tuple(dilation) == (1, 1)
+        and column_bytes <= IM2COL_MAX_BYTES
+    )
 
 
 def im2col_depthwise(t: Tensor, depthwise_weight: Tensor, stride, padding) -> Tensor:
@@ -65,7 +73,7 @@ def im2col_depthwise(t: Tensor, depthwise_weight: Tensor, stride, padding) -> Te
     if c > 1:
         eye = torch.eye(c, dtype=weight.dtype, device=weight.device)
         weight = eye[:, :, None, None] * weight  # [C, C, 1, 1] * [C, 1, kh, kw] -> [C, C, kh, kw]
-    return torch._C._nn.thnn_conv2d(t, weight, (kh, kw), None, stride, padding)
+    return _THNN_CONV2D(t, weight, (kh, kw), None, stride, padding)
 
 
 def _pointwise_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
