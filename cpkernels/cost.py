@@ -1,6 +1,8 @@
-"""The cost model of one conv layer: MACs and the minimal bytes a fused kernel must move."""
+"""The cost model of one conv layer: MACs, the minimal bytes a fused kernel must move, and the bytes
+its programs re-read from the GPU's caches."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -56,3 +58,19 @@ class ConvShape:
         """Read X once and write Y once: the floor for any implementation (weights are negligible)."""
         h, w = self.size
         return element_size * (self.batch * self.cin * h * w + self.out_pixels * self.cout)
+
+    def rows_kernel_factor_bytes(self, rank: int, rows: int, block_w: int, element_size: int) -> int:
+        """Factor bytes the rows kernel's programs read (from L2: every program reads the same factors).
+
+        Each program (``rows`` output rows x ``block_w`` columns of one image and group) reloads the
+        ``kw*Cin/G x R`` input factor for every input row it computes (``rows + 2`` at stride 1,
+        ``2*rows + 1`` at stride 2) and the ``Cout/G x R`` output factor for every output row: per
+        factor element loaded, the first GEMM does ``block_w`` MACs.
+        """
+        oh, ow = self.out_size
+        kw = self.kernel[1]
+        cin_g, cout_g = self.cin // self.groups, self.cout // self.groups
+        programs = self.batch * self.groups * math.ceil(oh / rows) * math.ceil(ow / block_w)
+        input_rows = rows + 2 if self.stride == 1 else 2 * rows + 1
+        per_program = input_rows * kw * cin_g * rank + rows * cout_g * rank
+        return programs * per_program * element_size

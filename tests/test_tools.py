@@ -27,6 +27,17 @@ def test_shared_layer_list():
     assert LAYERS_BY_NAME["vgg16-conv3_2"].ranks() == (16, 32, 64, 128)
 
 
+def test_rows_kernel_factor_bytes_by_hand():
+    from cpkernels.cost import ConvShape
+
+    # 2 images, 10x20 output (padding 1), ROWS 4, BLOCK_W 16: 3 bands x 2 strips = 6 programs per image.
+    shape = ConvShape(2, 8, 6, (10, 20))
+    per_program = (4 + 2) * 3 * 8 * 5 + 4 * 6 * 5  # input rows x kw x Cin x R + output rows x Cout x R
+    assert shape.rows_kernel_factor_bytes(5, rows=4, block_w=16, element_size=2) == 2 * 6 * per_program * 2
+    strided = ConvShape(1, 8, 6, (10, 20), stride=2)  # 5x10 output: 2 bands, 1 strip, 9 input rows each
+    assert strided.rows_kernel_factor_bytes(5, 4, 16, 2) == 2 * (9 * 3 * 8 * 5 + 4 * 6 * 5) * 2
+
+
 def test_profiler_on_cpu(tmp_path, capsys):
     out = tmp_path / "p.json"
     trace = tmp_path / "trace.json"
