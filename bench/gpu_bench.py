@@ -33,8 +33,23 @@ def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_pe
             "layout": case.layout, "median_us": round(seconds * 1e6, 2),
             "gbps_vs_min_bytes": round(bytes_per_s / 1e9, 1),
             "pct_of_copy_bw": round(100 * bytes_per_s / copy_bytes_per_s, 1),
+            **(fused_launch_info(shape, rank, dtype) if case.backend == "fused" else {}),
         })
     return rows
+
+
+def fused_launch_info(shape, rank: int, dtype: torch.dtype) -> dict:
+    """The config the autotuner chose for the latest launch and, for the rows kernel, the factor bytes
+    its programs re-read from L2 (docs/kernel.md), to tell an L2-bound run from a DRAM-bound one."""
+    from cpkernels.kernels.cp_conv2d_fused import best_config
+
+    config = best_config()
+    info = {"config": config}
+    if config and config["kernel"] == "rows":
+        es = torch.empty((), dtype=dtype).element_size()
+        info["factor_mb_from_l2"] = round(
+            shape.rows_kernel_factor_bytes(rank, config["ROWS"], config["BLOCK_W"], es) / 1e6, 1)
+    return info
 
 
 def to_markdown(env: dict, copy_gbps: float, rows: list[dict]) -> str:
@@ -44,15 +59,23 @@ def to_markdown(env: dict, copy_gbps: float, rows: list[dict]) -> str:
         f"torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}, commit {env['git_commit'][:10]}; "
         f"device copy bandwidth measured in this run: {copy_gbps:.0f} GB/s. Median times.",
         "",
-        "| layer | rank | dtype | backend | layout | median µs | GB/s (min X+Y) | % of copy BW |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layer | rank | dtype | backend | layout | median µs | GB/s (min X+Y) | % of copy BW | fused config "
+        "| factor MB from L2 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['layer']} | {r['rank']} | {r['dtype']} | {r['backend']} | {r['layout']} | {r['median_us']} | "
-        f"{r['gbps_vs_min_bytes']} | {r['pct_of_copy_bw']} |"
+        f"{r['gbps_vs_min_bytes']} | {r['pct_of_copy_bw']} | {_config_text(r.get('config'))} | "
+        f"{r.get('factor_mb_from_l2', '')} |"
         for r in rows
     ]
     return "\n".join(lines) + "\n"
+
+
+def _config_text(config) -> str:
+    if not config:
+        return ""
+    return " ".join(f"{k}={v}" for k, v in config.items())
 
 
 def main(argv=None) -> int:

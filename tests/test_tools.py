@@ -95,3 +95,23 @@ def test_gpu_bench_script_on_cpu(tmp_path):
     assert {r["backend"] for r in data["rows"]} == {"dense", "reference"}  # no fused rows without CUDA
     assert {r["rank"] for r in data["rows"]} == {32, 64}
     assert "| 128->128 @28^2 N=1 | 32 | float32 | dense | nchw |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+def test_gpu_bench_fused_row_notes_config_and_l2_bytes():
+    """What the GPU table adds to a fused row, after a launch (here under the interpreter)."""
+    import torch
+
+    from bench import gpu_bench
+    from cpkernels import cp_conv2d
+    from cpkernels.cost import ConvShape
+
+    from .oracle import random_factors
+
+    shape = ConvShape(1, 8, 6, (9, 10))
+    cp_conv2d(torch.randn(1, 8, 9, 10), random_factors(6, 8, (3, 3), 4), padding=1, backend="triton")
+    info = gpu_bench.fused_launch_info(shape, 4, torch.float32)
+    config = info["config"]
+    assert config["kernel"] == "rows"
+    expected = shape.rows_kernel_factor_bytes(4, config["ROWS"], config["BLOCK_W"], 4) / 1e6
+    assert info["factor_mb_from_l2"] == round(expected, 1)
+    assert "kernel=rows" in gpu_bench._config_text(config)
