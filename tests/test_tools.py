@@ -107,11 +107,11 @@ def test_gpu_bench_fused_row_notes_config_and_l2_bytes():
 
     from .oracle import random_factors
 
-    shape = ConvShape(1, 8, 6, (9, 10))
     cp_conv2d(torch.randn(1, 8, 9, 10), random_factors(6, 8, (3, 3), 4), padding=1, backend="triton")
-    info = gpu_bench.fused_launch_info(shape, 4, torch.float32)
+    shape = ConvShape(32, 256, 256, (56, 56))  # the traffic is the model's, for any shape
+    info = gpu_bench.fused_launch_info(shape, 64, torch.bfloat16)
     config = info["config"]
     assert config["kernel"] == "rows"
-    expected = shape.rows_kernel_factor_bytes(4, config["ROWS"], config["BLOCK_W"], 4) / 1e6
-    assert info["factor_mb_from_l2"] == round(expected, 1)
+    expected = shape.rows_kernel_factor_bytes(64, config["ROWS"], config["BLOCK_W"], 2) / 1e6
+    assert info["factor_mb_from_l2"] == round(expected, 1) > 100
     assert "kernel=rows" in gpu_bench._config_text(config)
