@@ -177,3 +177,18 @@ def test_cpu_policy():
     assert cpu.dense_is_cheaper(t(8, 3, 64), 16, 1, 64, (3, 3), (64, 64))
     assert not cpu.dense_is_cheaper(t(8, 3, 64), 2, 1, 64, (3, 3), (64, 64))
     assert not cpu.dense_is_cheaper(t(8, 128, 56), 32, 1, 128, (3, 3), (56, 56))
+
+
+@pytest.mark.parametrize("branch", CPU_BRANCHES)
+def test_cpu_path_branches_gradcheck(monkeypatch, branch):
+    """Training runs the CPU path's branches as plain torch ops: their gradients, in float64."""
+    ran = _force_cpu_branch(monkeypatch, branch)
+    factors = random_factors(4, 6, (3, 2), 2, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (torch.randn(2, 6, 6, 7, dtype=torch.float64),
+                                                   *factors.as_tuple(), torch.randn(4, dtype=torch.float64))]
+
+    def f(x, *rest):
+        return cp_conv2d(x, type(factors)(*rest[:4]), rest[4], stride=(2, 1), padding=(1, 0), backend="auto")
+
+    assert torch.autograd.gradcheck(f, leaves)
+    assert ("merged_depthwise_weight" in ran) == (branch != "dense-weight")
