@@ -35,9 +35,11 @@ timeout 220 python3 -m bench.gpu_bench --out "$out"
 bench_rc=$?
 # The compile report is a CPU-side check (CI runs it); the GPU's time goes to real launches. Each tile
 # is a compile of seconds, so the suite takes the first fitting tile (CPKERNELS_AUTOTUNE=0) and
-# test_every_tile_matches_oracle runs every tile once.
-CPKERNELS_AUTOTUNE=0 timeout 240 python3 -m pytest tests -q --deselect tests/test_aot.py -p no:cacheprovider \
-  --durations=15 2>&1 | tee "$out/tests.log"
+# test_every_tile_matches_oracle runs every tile once; with pytest-xdist, four workers compile at once.
+parallel=""
+if python3 -c "import xdist" 2>/dev/null; then parallel="-n 4"; fi
+CPKERNELS_AUTOTUNE=0 timeout 240 python3 -m pytest tests -q $parallel --deselect tests/test_aot.py \
+  -p no:cacheprovider --durations=15 2>&1 | tee "$out/tests.log"
 tests_rc=${PIPESTATUS[0]}
 echo "gpu_bench exit $bench_rc, tests exit $tests_rc"
 [ "$bench_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ]

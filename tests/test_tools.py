@@ -1,5 +1,6 @@
 """Smoke tests of the command-line tools on the CPU: demo, profiler, benchmark report."""
 import json
+import os
 import subprocess
 import sys
 
@@ -66,7 +67,9 @@ def test_benchmark_report_from_a_real_run(tmp_path):
     cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "-k", "resnet18-layer4-R32",
            f"--benchmark-json={results}", "--benchmark-min-rounds=1", "--benchmark-max-time=0.01",
            "--benchmark-warmup=off"]
-    subprocess.run(cmd, check=True, capture_output=True)
+    # Under pytest-xdist the worker's variables would make pytest-benchmark skip the timing.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
     from bench import report
 
     report.main([str(results), "--out", str(tmp_path)])
