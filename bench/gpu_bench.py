@@ -3,8 +3,9 @@
     python -m bench.gpu_bench --out DIR [--layers NAME ...] [--dtypes bfloat16 float32] [--batch N] [--device cuda]
 
 Layers default to the roofline layers of ``cpkernels/layers.py`` (N = 32, 3x3) at R = C/4 and C/2, in
-bf16 and fp32. Each row: median time (CUDA events via ``triton.testing.do_bench`` on a GPU), achieved
-GB/s against the minimal X+Y bytes, and that as a percentage of a device-to-device copy's bandwidth
+bf16 and fp32; for the ``--taps-layers`` the fused layer is also timed on the taps kernel (first dtype
+only). Each row: median time (CUDA events via ``triton.testing.do_bench`` on a GPU), achieved GB/s
+against the minimal X+Y bytes, and that as a percentage of a device-to-device copy's bandwidth
 measured in the same run. Results go to DIR/gpu_bench.json and DIR/gpu_bench.md with the device name
 and versions. ``--device cpu`` runs the same table without the fused rows (a smoke test of the script).
 """
@@ -21,20 +22,35 @@ from cpkernels.layers import LAYERS_BY_NAME, ROOFLINE_LAYERS
 from cpkernels.profile import DTYPES, build_cases, environment, measure_peaks, time_median
 
 
-def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_per_s: float) -> list[dict]:
+def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_per_s: float,
+                also_taps: bool = False) -> list[dict]:
+    """Dense, reference and fused rows for one layer and rank; ``also_taps`` adds the fused layer forced
+    onto the taps kernel ("fused-taps"), to compare the two kernels where the rows kernel applies."""
     rows = []
     nbytes = shape.minimal_bytes(torch.empty((), dtype=dtype).element_size())
-    for case in build_cases(shape, rank, dtype, device, backends=("dense", "reference", "fused")):
+
+    def row(backend: str, case) -> dict:
         seconds = time_median(case.fn, case.x)
         bytes_per_s = nbytes / seconds
-        rows.append({
+        return {
             "layer": f"{shape.cin}->{shape.cout} @{shape.size[0]}^2 N={shape.batch}",
-            "rank": rank, "dtype": str(dtype).removeprefix("torch."), "backend": case.backend,
+            "rank": rank, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
             "layout": case.layout, "median_us": round(seconds * 1e6, 2),
             "gbps_vs_min_bytes": round(bytes_per_s / 1e9, 1),
             "pct_of_copy_bw": round(100 * bytes_per_s / copy_bytes_per_s, 1),
-            **(fused_launch_info(shape, rank, dtype) if case.backend == "fused" else {}),
-        })
+            **(fused_launch_info(shape, rank, dtype) if backend.startswith("fused") else {}),
+        }
+
+    cases = build_cases(shape, rank, dtype, device, backends=("dense", "reference", "fused"))
+    rows += [row(case.backend, case) for case in cases]
+    if also_taps:
+        from cpkernels.kernels import cp_conv2d_fused as fused
+
+        default, fused.DEFAULT_KERNEL = fused.DEFAULT_KERNEL, "taps"
+        try:
+            rows += [row("fused-taps", case) for case in cases if case.backend == "fused"]
+        finally:
+            fused.DEFAULT_KERNEL = default
     return rows
 
 
@@ -85,6 +101,8 @@ def main(argv=None) -> int:
                         choices=sorted(LAYERS_BY_NAME), metavar="NAME", help="layers of cpkernels/layers.py")
     parser.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"], choices=sorted(DTYPES))
     parser.add_argument("--batch", type=int, help="override each layer's batch")
+    parser.add_argument("--taps-layers", nargs="*", default=["roofline-256-56"], metavar="NAME",
+                        help="layers also timed with the fused layer forced onto the taps kernel (first dtype only)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
     if args.device == "cuda":
@@ -93,13 +111,14 @@ def main(argv=None) -> int:
     env = environment(args.device)
     copy_bytes_per_s = measure_peaks(args.device, torch.float32)["copy_bytes_per_s"]
     rows = []
-    for dtype in (DTYPES[d] for d in args.dtypes):
+    for dtype_index, dtype in enumerate(DTYPES[d] for d in args.dtypes):
         for name in args.layers:
             shape = LAYERS_BY_NAME[name].shape
             if args.batch:
                 shape = dataclasses.replace(shape, batch=args.batch)
+            also_taps = dtype_index == 0 and name in args.taps_layers
             for rank in (shape.cout // 4, shape.cout // 2):
-                new = bench_layer(shape, rank, dtype, args.device, copy_bytes_per_s)
+                new = bench_layer(shape, rank, dtype, args.device, copy_bytes_per_s, also_taps)
                 rows += new
                 print("\n".join(to_markdown(env, copy_bytes_per_s / 1e9, new).splitlines()[-len(new):]), flush=True)
                 # Written after every layer: a run cut short by its time limit keeps what it measured.

@@ -118,3 +118,26 @@ def test_gpu_bench_fused_row_notes_config_and_l2_bytes():
     expected = shape.rows_kernel_factor_bytes(64, config["ROWS"], config["BLOCK_W"], 2) / 1e6
     assert info["factor_mb_from_l2"] == round(expected, 1) > 100
     assert "kernel=rows" in gpu_bench._config_text(config)
+
+
+def test_gpu_bench_times_the_taps_kernel_too(monkeypatch):
+    """--taps-layers rows run the same fused cases with the taps kernel forced, then restore the default."""
+    import torch
+
+    from bench import gpu_bench
+    from cpkernels.cost import ConvShape
+    from cpkernels.kernels import cp_conv2d_fused as fused
+    from cpkernels.profile import Case
+
+    seen = set()
+    x = torch.zeros(1)
+
+    def fake_cases(shape, rank, dtype, device, backends):
+        return [Case(b, "nchw", lambda x, b=b: seen.add((b, fused.DEFAULT_KERNEL)), x, 1) for b in ("dense", "fused")]
+
+    monkeypatch.setattr(gpu_bench, "build_cases", fake_cases)
+    monkeypatch.setattr(gpu_bench, "fused_launch_info", lambda *args: {})
+    rows = gpu_bench.bench_layer(ConvShape(1, 8, 8, (8, 8)), 2, torch.float32, "cpu", 1e9, also_taps=True)
+    assert [r["backend"] for r in rows] == ["dense", "fused", "fused-taps"]
+    assert seen == {("dense", "auto"), ("fused", "auto"), ("fused", "taps")}
+    assert fused.DEFAULT_KERNEL == "auto"
