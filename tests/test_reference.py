@@ -36,8 +36,10 @@ def test_matches_oracle(c, backend):
 )
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dtypes(dtype, layout, backend):
-    factors = random_factors(12, 10, (3, 3), 6, dtype=dtype)
+@pytest.mark.parametrize("rank", [pytest.param(2, id="rank2"), pytest.param(6, id="rank6"),
+                                  pytest.param(16, id="rank16")])  # the CPU path's three arrangements
+def test_dtypes(dtype, layout, backend, rank):
+    factors = random_factors(12, 10, (3, 3), rank, dtype=dtype)
     bias = torch.randn(12, dtype=dtype)
     x = torch.randn(2, 10, 9, 8, dtype=dtype)
     if layout == "channels_last":
