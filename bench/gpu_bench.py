@@ -6,8 +6,9 @@ Layers default to the roofline layers of ``cpkernels/layers.py`` (N = 32, 3x3) a
 bf16 and fp32; for the ``--taps-layers`` the fused layer is also timed on the taps kernel (first dtype
 only). Each row: median time (CUDA events via ``triton.testing.do_bench`` on a GPU), achieved GB/s
 against the minimal X+Y bytes, and that as a percentage of a device-to-device copy's bandwidth
-measured in the same run. Results go to DIR/gpu_bench.json and DIR/gpu_bench.md with the device name
-and versions. ``--device cpu`` runs the same table without the fused rows (a smoke test of the script).
+measured in the same run; for the first dtype also the time replayed in a CUDA graph. Results go to
+DIR/gpu_bench.json and DIR/gpu_bench.md with the device name and versions. ``--device cpu`` runs the
+same table without the fused rows (a smoke test of the script).
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from cpkernels.profile import DTYPES, build_cases, environment, measure_peaks, t
 
 
 def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_per_s: float,
-                also_taps: bool = False) -> list[dict]:
+                also_taps: bool = False, graph: bool = False) -> list[dict]:
     """Dense, reference and fused rows for one layer and rank; ``also_taps`` adds the fused layer forced
-    onto the taps kernel ("fused-taps"), to compare the two kernels where the rows kernel applies."""
+    onto the taps kernel ("fused-taps"), to compare the two kernels where the rows kernel applies;
+    ``graph`` adds each row's time replayed in a CUDA graph (no per-call CPU work)."""
     rows = []
     nbytes = shape.minimal_bytes(torch.empty((), dtype=dtype).element_size())
 
@@ -39,6 +41,7 @@ def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_pe
             "gbps_vs_min_bytes": round(bytes_per_s / 1e9, 1),
             "pct_of_copy_bw": round(100 * bytes_per_s / copy_bytes_per_s, 1),
             **(fused_launch_info(shape, rank, dtype) if backend.startswith("fused") else {}),
+            **(graph_time(case) if graph else {}),
         }
 
     cases = build_cases(shape, rank, dtype, device, backends=("dense", "reference", "fused"))
@@ -52,6 +55,20 @@ def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_pe
         finally:
             fused.DEFAULT_KERNEL = default
     return rows
+
+
+def graph_time(case) -> dict:
+    """Median µs of ``case`` replayed in a CUDA graph (``triton.testing.do_bench_cudagraph``): the GPU's
+    time without the per-call Python and launch work, which decides small layers in eager mode. Back to
+    back replays without an L2 flush, so layers that fit in L2 look faster than from DRAM. A capture
+    that fails is recorded, not raised."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        with torch.inference_mode():
+            return {"graph_us": round(do_bench_cudagraph(lambda: case.fn(case.x), return_mode="median") * 1e3, 2)}
+    except Exception as error:  # noqa: BLE001 - one failed capture must not end the run
+        return {"graph_error": f"{type(error).__name__}: {error}"[:200]}
 
 
 def fused_launch_info(shape, rank: int, dtype: torch.dtype) -> dict:
@@ -75,14 +92,14 @@ def to_markdown(env: dict, copy_gbps: float, rows: list[dict]) -> str:
         f"torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}, commit {env['git_commit'][:10]}; "
         f"device copy bandwidth measured in this run: {copy_gbps:.0f} GB/s. Median times.",
         "",
-        "| layer | rank | dtype | backend | layout | median µs | GB/s (min X+Y) | % of copy BW | fused config "
-        "| factor MB from L2 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | rank | dtype | backend | layout | median µs | GB/s (min X+Y) | % of copy BW | µs in a CUDA graph "
+        "| fused config | factor MB from L2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['layer']} | {r['rank']} | {r['dtype']} | {r['backend']} | {r['layout']} | {r['median_us']} | "
-        f"{r['gbps_vs_min_bytes']} | {r['pct_of_copy_bw']} | {_config_text(r.get('config'))} | "
-        f"{r.get('factor_mb_from_l2', '')} |"
+        f"{r['gbps_vs_min_bytes']} | {r['pct_of_copy_bw']} | {r.get('graph_us', r.get('graph_error', ''))} | "
+        f"{_config_text(r.get('config'))} | {r.get('factor_mb_from_l2', '')} |"
         for r in rows
     ]
     return "\n".join(lines) + "\n"
@@ -101,6 +118,8 @@ def main(argv=None) -> int:
                         choices=sorted(LAYERS_BY_NAME), metavar="NAME", help="layers of cpkernels/layers.py")
     parser.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"], choices=sorted(DTYPES))
     parser.add_argument("--batch", type=int, help="override each layer's batch")
+    parser.add_argument("--no-graph", action="store_true",
+                        help="skip the CUDA-graph replay times (taken for the first dtype only)")
     parser.add_argument("--taps-layers", nargs="*", default=["roofline-256-56"], metavar="NAME",
                         help="layers also timed with the fused layer forced onto the taps kernel (first dtype only)")
     parser.add_argument("--device", default="cuda")
@@ -117,8 +136,9 @@ def main(argv=None) -> int:
             if args.batch:
                 shape = dataclasses.replace(shape, batch=args.batch)
             also_taps = dtype_index == 0 and name in args.taps_layers
+            graph = dtype_index == 0 and args.device == "cuda" and not args.no_graph
             for rank in (shape.cout // 4, shape.cout // 2):
-                new = bench_layer(shape, rank, dtype, args.device, copy_bytes_per_s, also_taps)
+                new = bench_layer(shape, rank, dtype, args.device, copy_bytes_per_s, also_taps, graph)
                 rows += new
                 print("\n".join(to_markdown(env, copy_bytes_per_s / 1e9, new).splitlines()[-len(new):]), flush=True)
                 # Written after every layer: a run cut short by its time limit keeps what it measured.

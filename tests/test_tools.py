@@ -141,3 +141,17 @@ def test_gpu_bench_times_the_taps_kernel_too(monkeypatch):
     assert [r["backend"] for r in rows] == ["dense", "fused", "fused-taps"]
     assert seen == {("dense", "auto"), ("fused", "auto"), ("fused", "taps")}
     assert fused.DEFAULT_KERNEL == "auto"
+
+
+def test_gpu_bench_graph_time(device):
+    """CUDA-graph replay time on a GPU; elsewhere the failed capture is recorded, not raised."""
+    import torch
+
+    from bench import gpu_bench
+    from cpkernels.profile import Case
+
+    info = gpu_bench.graph_time(Case("dense", "nchw", lambda x: x * 2, torch.zeros(1024, device=device), 1))
+    if device == "cuda":
+        assert info["graph_us"] > 0
+    else:
+        assert set(info) == {"graph_error"} and info["graph_error"]
