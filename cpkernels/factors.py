@@ -32,20 +32,20 @@ class CPFactors:
     horizontal: Tensor
 
     def __post_init__(self) -> None:
-        factors = self.as_tuple()
-        if any(f.dim() != 3 for f in factors):
+        # Plain comparisons: a module builds one of these on every forward.
+        o, i, v, h = self.output, self.input, self.vertical, self.horizontal
+        if not (o.dim() == i.dim() == v.dim() == h.dim() == 3):
             raise ValueError(
                 "CPFactors expects four 3-D factors (G, dim, R), got shapes "
-                f"{[tuple(f.shape) for f in factors]}"
+                f"{[tuple(f.shape) for f in self.as_tuple()]}"
             )
-        groups = {f.shape[0] for f in factors}
-        ranks = {f.shape[2] for f in factors}
-        if len(groups) != 1 or len(ranks) != 1:
+        so, si, sv, sh = o.shape, i.shape, v.shape, h.shape
+        if not (so[0] == si[0] == sv[0] == sh[0] and so[2] == si[2] == sv[2] == sh[2]):
             raise ValueError(
                 "all CP factors must share the group and rank dimensions, got shapes "
-                f"{[tuple(f.shape) for f in factors]}"
+                f"{[tuple(f.shape) for f in self.as_tuple()]}"
             )
-        if len({f.dtype for f in factors}) != 1 or len({f.device for f in factors}) != 1:
+        if not (o.dtype == i.dtype == v.dtype == h.dtype and o.device == i.device == v.device == h.device):
             raise ValueError("all CP factors must share one dtype and one device")
 
     def as_tuple(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

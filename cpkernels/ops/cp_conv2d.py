@@ -170,19 +170,20 @@ def _check_input(x: Tensor, factors: CPFactors, bias: Optional[Tensor]) -> None:
             f"Given groups={factors.groups}, weight of size {list(factors.weight_shape)}, expected "
             f"input{shape} to have {factors.in_channels} channels, but got {channels} channels instead"
         )
-    tensors = [("weight", factors.output)] + ([("bias", bias)] if bias is not None else [])
+    tensors = (("weight", factors.output),) if bias is None else (("weight", factors.output), ("bias", bias))
+    device = x.device
     for name, t in tensors:
-        if t.device != x.device:
+        if t.device != device:
             raise RuntimeError(
                 "Expected all tensors to be on the same device, but found at least two devices, "
-                f"{x.device} and {t.device}!"
+                f"{device} and {t.device}!"
             )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != factors.out_channels):
         raise RuntimeError(
             f"Given weight of size {list(factors.weight_shape)}, expected bias to be 1-dimensional with "
             f"{factors.out_channels} elements, but got bias of size {list(bias.shape)} instead"
         )
-    if not torch.is_autocast_enabled(x.device.type):
+    if not torch.is_autocast_enabled(device.type):
         for name, t in tensors:
             if t.dtype != x.dtype:
                 raise RuntimeError(f"Input type ({x.dtype}) and {name} type ({t.dtype}) should be the same")
@@ -220,38 +221,41 @@ def cp_conv2d(
     Returns:
         ``(N, Cout, OH, OW)`` (or unbatched), in ``x``'s dtype and memory format.
     """
+    # Written with plain indexing and comparisons: this runs on every forward of every layer.
     _check_input(x, factors, bias)
     stride_ = conv_args.pair(stride, "stride")
     dilation_ = conv_args.pair(dilation, "dilation")
-    if any(s < 1 for s in stride_):
+    if stride_[0] < 1 or stride_[1] < 1:
         raise RuntimeError("non-positive stride is not supported")
-    if any(d < 1 for d in dilation_):
+    if dilation_[0] < 1 or dilation_[1] < 1:
         raise RuntimeError("dilation should be greater than zero")
     conv_args.check_padding_arg(padding, stride_)
     if padding_mode not in conv_args.PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {conv_args.PADDING_MODES}, got {padding_mode!r}")
-    pad = conv_args.explicit_padding(padding, factors.kernel_size, dilation_)
-    padded = (x.shape[-2] + pad[0] + pad[1], x.shape[-1] + pad[2] + pad[3])
-    dilated = tuple(d * (k - 1) + 1 for k, d in zip(factors.kernel_size, dilation_))
-    if padded[0] < dilated[0] or padded[1] < dilated[1]:
+    kh, kw = factors.kernel_size
+    pad = conv_args.explicit_padding(padding, (kh, kw), dilation_)
+    padded_h, padded_w = x.shape[-2] + pad[0] + pad[1], x.shape[-1] + pad[2] + pad[3]
+    dilated_h, dilated_w = dilation_[0] * (kh - 1) + 1, dilation_[1] * (kw - 1) + 1
+    if padded_h < dilated_h or padded_w < dilated_w:
         raise RuntimeError(
-            f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
-            f"({dilated[0]} x {dilated[1]}). Kernel size can't be greater than actual input size"
+            f"Calculated padded input size per channel: ({padded_h} x {padded_w}). Kernel size: "
+            f"({dilated_h} x {dilated_w}). Kernel size can't be greater than actual input size"
         )
     impl = resolve_backend(backend, x)
 
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
-    if padding_mode != "zeros" and any(pad):
+    if padding_mode != "zeros" and pad != (0, 0, 0, 0):
         pt, pb, pl, pr = pad
         x = F.pad(x, (pl, pr, pt, pb), mode=padding_mode)
         pad = (0, 0, 0, 0)
 
-    tensors = [x, *(f for f in (factors.input, factors.vertical, factors.horizontal, factors.output)), bias]
-    if torch.is_autocast_enabled(x.device.type):
+    tensors = [x, factors.input, factors.vertical, factors.horizontal, factors.output, bias]
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
         # A custom op has no autocast rule of its own (the Autocast key falls through): cast here.
-        tensors = _autocast(tensors, x.device.type)
+        tensors = _autocast(tensors, device_type)
     if torch.compiler.is_compiling():
         y = _cp_conv2d_op(*tensors, list(stride_), list(pad), list(dilation_), impl)
     elif impl == "triton":
