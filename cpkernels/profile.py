@@ -25,6 +25,8 @@ from torch import nn
 from .cost import ConvShape
 from .layers import LAYERS_BY_NAME
 from .module import CPConv2d
+from .ops import conv_args
+from .ops.cpu import plan as cpu_plan_of
 from .ops.reference import cp_conv2d_reference
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -69,11 +71,14 @@ def build_cases(
     layouts: tuple[str, ...] = ("nchw", "channels_last"),
     backends: tuple[str, ...] = ("dense", "reference", "cpu", "compiled-reference", "fused"),
     seed: int = 0,
+    dilation: int = 1,
 ) -> list[Case]:
     """Every requested backend x layout for the layer; backends that cannot run on ``device`` are left out
-    (``fused`` needs CUDA, ``cpu`` is the CPU path)."""
+    (``fused`` needs CUDA, ``cpu`` is the CPU path). ``dilation`` is not part of :class:`ConvShape`
+    (its cost model assumes 1) but is applied to every backend."""
     torch.manual_seed(seed)
-    kw = dict(stride=shape.stride, padding=shape.padding, groups=shape.groups, device=device, dtype=dtype)
+    kw = dict(stride=shape.stride, padding=shape.padding, dilation=dilation, groups=shape.groups, device=device,
+              dtype=dtype)
     dense = nn.Conv2d(shape.cin, shape.cout, shape.kernel, **kw)
     # Random factors: timings do not depend on their values, and ALS would dominate a benchmark run.
     cp = CPConv2d(shape.cin, shape.cout, shape.kernel, rank, **kw)
@@ -288,7 +293,7 @@ def main(argv=None) -> int:
     print(f"layer: {shape}, rank {rank}, {args.dtype}, {args.layout}")
 
     peaks = measure_peaks(device, dtype)
-    cases = build_cases(shape, rank, dtype, device, layouts=(args.layout,))
+    cases = build_cases(shape, rank, dtype, device, layouts=(args.layout,), dilation=args.dilation)
     rows = []
     dense_s = None
     for case in cases:
@@ -307,6 +312,18 @@ def main(argv=None) -> int:
         print(f"{r['backend']:20s} {r['median_ms']:10.3f} {(r['speedup_vs_dense'] or 0):8.2f}x "
               f"{r['macs'] / 1e6:10.1f} {r['achieved_gb_per_s']:8.1f} {r['achieved_tflop_per_s']:8.3f} "
               f"{r['pct_of_roofline']:10.1f}")
+
+    cpu_plan = None
+    cpu_case = next((c for c in cases if c.backend == "cpu"), None)
+    if cpu_case is not None:
+        layer = cpu_case.fn
+        out_size = conv_args.output_size(
+            tuple(cpu_case.x.shape[2:]), layer.kernel_size, layer.stride,
+            conv_args.explicit_padding(layer.padding, layer.kernel_size, layer.dilation), layer.dilation)
+        cpu_plan = asdict(cpu_plan_of(cpu_case.x, rank, shape.groups, shape.cout, layer.kernel_size, out_size,
+                                      layer.dilation, needs_grad=False))
+        print(f"\ncpu path: {cpu_plan['arrangement']} arrangement, batch chunks of {cpu_plan['chunk']} "
+              "(cpkernels/ops/cpu.py)")
 
     reference = next(c for c in cases if c.backend == "reference")
     stages = stage_breakdown(reference, args.trace)
@@ -327,7 +344,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "shape": asdict(shape), "rank": rank, "dtype": args.dtype,
                        "layout": args.layout, "peaks": peaks, "backends": rows, "reference_stages_ms": stages,
-                       "fused_kernel": resources}, f, indent=1)
+                       "cpu_plan": cpu_plan, "fused_kernel": resources}, f, indent=1)
         print(f"JSON written to {args.json}")
     return 0
 

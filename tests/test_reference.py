@@ -179,6 +179,16 @@ def test_cpu_policy():
     assert cpu.dense_is_cheaper(t(8, 3, 64), 16, 1, 64, (3, 3), (64, 64))
     assert not cpu.dense_is_cheaper(t(8, 3, 64), 2, 1, 64, (3, 3), (64, 64))
     assert not cpu.dense_is_cheaper(t(8, 128, 56), 32, 1, 128, (3, 3), (56, 56))
+    # The whole plan: arrangement and batch chunk.
+    cl = t(8, 128, 56).to(memory_format=torch.channels_last)
+    assert cpu.plan(t(8, 3, 32), 1, 1, 2, (5, 5), (28, 28), (1, 1), False) == cpu.Plan("im2col", 8)
+    assert cpu.plan(t(8, 128, 56), 32, 1, 128, (3, 3), (56, 56), (1, 1), False) == cpu.Plan("pixel-major", 8)
+    assert cpu.plan(t(8, 128, 112), 32, 1, 128, (3, 3), (112, 112), (1, 1), False) == cpu.Plan("pixel-major", 5)
+    assert cpu.plan(t(8, 128, 112), 32, 1, 128, (3, 3), (112, 112), (1, 1), True) == cpu.Plan("pixel-major", 8)
+    assert cpu.plan(t(8, 128, 56), 8, 1, 128, (3, 3), (56, 56), (1, 1), False).arrangement == "nchw"
+    assert cpu.plan(t(8, 128, 56), 32, 2, 128, (3, 3), (56, 56), (1, 1), False).arrangement == "nchw"
+    assert cpu.plan(cl, 32, 1, 128, (3, 3), (56, 56), (1, 1), False).arrangement == "channels-last-convs"
+    assert cpu.plan(t(8, 3, 64), 16, 1, 64, (3, 3), (64, 64), (1, 1), False).arrangement == "dense-weight"
 
 
 @pytest.mark.parametrize("branch", CPU_BRANCHES)

@@ -51,7 +51,31 @@ def test_profiler_on_cpu(tmp_path, capsys):
     assert set(data["reference_stages_ms"]) == {"stage1_pointwise_in", "stage2_vertical", "stage3_horizontal",
                                                 "stage4_pointwise_out"}
     assert all(r["spill_bytes"] == 0 for r in data["fused_kernel"]["configs"])
+    assert data["cpu_plan"] == {"arrangement": "nchw", "chunk": 2}  # rank 8: NCHW intermediates
+    assert "cpu path: nchw arrangement, batch chunks of 2" in text
     assert json.loads(trace.read_text())  # a Chrome trace
+
+
+def test_profiler_applies_dilation(monkeypatch):
+    """--dilation reaches every backend: the dense conv's output shrinks by the dilated kernel."""
+    import torch
+
+    from cpkernels.cost import ConvShape
+
+    captured = {}
+    original = profile.build_cases
+
+    def spy(*args, **kwargs):
+        cases = original(*args, **kwargs)
+        with torch.inference_mode():  # as the profiler times them
+            captured.update({c.backend: c.fn(c.x).shape for c in cases})
+        return cases
+
+    monkeypatch.setattr(profile, "build_cases", spy)
+    profile.main(["--cin", "8", "--cout", "8", "--size", "12", "--batch", "1", "--rank", "4", "--padding", "0",
+                  "--dilation", "2", "--device", "cpu"])
+    assert set(captured.values()) == {(1, 8, 8, 8)}  # 12 - 2*(3-1) = 8 for every backend
+    assert ConvShape(1, 8, 8, (12, 12), padding=0).out_size == (10, 10)  # the cost model's own (dilation 1)
 
 
 def test_profiler_lists_layers(capsys):

@@ -22,6 +22,7 @@ and takes the same normalised arguments.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -164,6 +165,40 @@ def dense_is_cheaper(x: Tensor, rank: int, groups: int, cout: int, kernel_size, 
     return dense < max(cp_macs, MACS_PER_BYTE * cp_bytes)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How the CPU path computes one call.
+
+    ``arrangement``: ``"dense-weight"`` (dense conv of the reconstructed weight), ``"im2col"`` (NCHW
+    intermediates, im2col depthwise conv), ``"pixel-major"`` (channels_last intermediates between GEMMs),
+    ``"nchw"`` (NCHW intermediates, grouped depthwise conv), or for channels_last inputs
+    ``"channels-last-im2col"`` and ``"channels-last-convs"`` (1x1 and depthwise convs). ``chunk``: images
+    per batch chunk (the whole batch when not chunked).
+    """
+
+    arrangement: str
+    chunk: int
+
+
+def plan(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size, dilation, needs_grad: bool) -> Plan:
+    """The CPU path's choice for ``x`` (4-D) and a layer of these dimensions; see the module docstring."""
+    n, _, h, w = x.shape
+    es = x.element_size()
+    if dense_is_cheaper(x, rank, groups, cout, kernel_size, out_size):
+        return Plan("dense-weight", n)
+    if is_channels_last(x):
+        if groups == 1 and depthwise_by_im2col(n, rank, kernel_size, out_size, dilation, es):
+            return Plan("channels-last-im2col", n)
+        return Plan("channels-last-convs", n)
+    # NCHW inference runs in batch chunks; out= writes have no autograd, so training takes the whole batch.
+    chunk = n if needs_grad else max(1, min(n, CHUNK_BYTES // max(1, groups * rank * h * w * es)))
+    if depthwise_by_im2col(chunk, groups * rank, kernel_size, out_size, dilation, es):
+        return Plan("im2col", chunk)
+    if groups == 1 and rank >= PIXEL_MAJOR_MIN_RANK:
+        return Plan("pixel-major", chunk)
+    return Plan("nchw", chunk)
+
+
 def cp_conv2d_cpu(
     x: Tensor,
     input_factor: Tensor,
@@ -182,7 +217,11 @@ def cp_conv2d_cpu(
     cout = output_factor.shape[0] * output_factor.shape[1]
     symmetric = pt == pb and pl == pr
     out_size = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
-    if dense_is_cheaper(x, rank, groups, cout, kernel_size, out_size):
+    tensors = (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    how = plan(x, rank, groups, cout, kernel_size, out_size, dilation, needs_grad)
+
+    if how.arrangement == "dense-weight":
         weight = torch.einsum("gor,gcr,gir,gjr->gocij", output_factor, input_factor, vertical_factor, horizontal_factor)
         weight = weight.reshape(cout, -1, *kernel_size)
         if not symmetric:
@@ -198,41 +237,33 @@ def cp_conv2d_cpu(
     def grouped_depthwise(t: Tensor) -> Tensor:
         return F.conv2d(padded(t), w_dw, None, stride, sym_pad, dilation, groups * rank)
 
-    if is_channels_last(x):
-        n = x.shape[0]
-        if groups == 1 and depthwise_by_im2col(n, rank, kernel_size, out_size, dilation, x.element_size()):
-            # Rank 1-2 layers are small enough for oneDNN's per-call set-up (40-60 us a conv) to decide:
-            # GEMMs over the pixels and the im2col depthwise conv instead of three oneDNN convs.
-            t = _pointwise_matmul(x, input_factor.transpose(1, 2), None)  # NCHW: at most 2 channels
-            t = im2col_depthwise(padded(t), w_dw, stride, sym_pad)
-            return F.linear(t.permute(0, 2, 3, 1), output_factor[0], bias).permute(0, 3, 1, 2)
-        w_in = input_factor.transpose(1, 2).reshape(groups * rank, -1, 1, 1)
-        t = grouped_depthwise(F.conv2d(x, w_in, None, 1, 0, 1, groups))
+    w_in = input_factor.transpose(1, 2)
+    if how.arrangement == "channels-last-im2col":
+        # Rank 1-2 layers are small enough for oneDNN's per-call set-up (40-60 us a conv) to decide:
+        # GEMMs over the pixels and the im2col depthwise conv instead of three oneDNN convs.
+        t = im2col_depthwise(padded(_pointwise_matmul(x, w_in, None)), w_dw, stride, sym_pad)  # NCHW, <= 2 ch
+        return F.linear(t.permute(0, 2, 3, 1), output_factor[0], bias).permute(0, 3, 1, 2)
+    if how.arrangement == "channels-last-convs":
+        t = grouped_depthwise(F.conv2d(x, w_in.reshape(groups * rank, -1, 1, 1), None, 1, 0, 1, groups))
         y = F.conv2d(t, output_factor.reshape(-1, rank, 1, 1), bias, 1, 0, 1, groups)
         return y.contiguous(memory_format=torch.channels_last)
 
-    w_in = input_factor.transpose(1, 2)
-
     def stages(xs: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        if depthwise_by_im2col(xs.shape[0], groups * rank, kernel_size, out_size, dilation, xs.element_size()):
+        if how.arrangement == "im2col":
             t = im2col_depthwise(padded(_pointwise_matmul(xs, w_in, None)), w_dw, stride, sym_pad)
             return _pointwise_matmul(t, output_factor, bias, out)
-        if groups == 1 and rank >= PIXEL_MAJOR_MIN_RANK:
-            # Pixel-major intermediates: oneDNN's NCHW depthwise conv reorders to a blocked layout and
-            # back; in channels_last it does not (3-18 % faster per layer, 8x{128..512} channels, R 16..64).
+        if how.arrangement == "pixel-major":
+            # oneDNN's NCHW depthwise conv reorders to a blocked layout and back; in channels_last it
+            # does not (3-18 % faster per layer, 8x{128..512} channels, R 16..64).
             t = grouped_depthwise(_pointwise_to_pixel_major(xs, input_factor[0]))
             return _pointwise_from_pixel_major(t, output_factor[0], bias, out)
         t = grouped_depthwise(_pointwise_matmul(xs, w_in, None)).contiguous()
         return _pointwise_matmul(t, output_factor, bias, out)
 
-    n, _, h, w = x.shape
-    chunk = max(1, CHUNK_BYTES // (groups * rank * h * w * x.element_size()))
-    tensors = (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if chunk >= n or needs_grad:  # out= writes have no autograd: training takes the whole batch
+    n = x.shape[0]
+    if how.chunk >= n:
         return stages(x)
-    oh, ow = out_size
-    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device)
-    for start in range(0, n, chunk):
-        stages(x[start:start + chunk], y[start:start + chunk])
+    y = torch.empty((n, cout, *out_size), dtype=x.dtype, device=x.device)
+    for start in range(0, n, how.chunk):
+        stages(x[start:start + how.chunk], y[start:start + how.chunk])
     return y
