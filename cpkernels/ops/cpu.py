@@ -116,22 +116,6 @@ def _pointwise_to_pixel_major(x: Tensor, input_factor: Tensor) -> Tensor:
     return t.view(n, h, w, r).permute(0, 3, 1, 2)
 
 
-def _pointwise_from_pixel_major(t: Tensor, output_factor: Tensor, bias: Optional[Tensor],
-                                out: Optional[Tensor] = None) -> Tensor:
-    """Stage 4 without groups: ``t [N, R, OH, OW]`` (channels_last strides) -> NCHW ``[N, Cout, OH, OW]``,
-    ``output_factor [Cout, R]``; ``out``: a contiguous output to write into (no autograd through it)."""
-    n, r, oh, ow = t.shape
-    cout = output_factor.shape[0]
-    t_pr = t.permute(0, 2, 3, 1).reshape(n, oh * ow, r).transpose(1, 2)  # [N, R, OH*OW], transposed operand
-    a = output_factor.expand(n, cout, r)
-    y = None if out is None else out.view(n, cout, oh * ow)
-    if bias is None:
-        y = torch.bmm(a, t_pr, out=y)
-    else:
-        y = torch.baddbmm(bias.reshape(1, -1, 1), a, t_pr, out=y)  # [N, Cout, R] @ [N, R, OH*OW]
-    return y.view(n, cout, oh, ow)
-
-
 # Inference in NCHW runs the batch in chunks whose rank-R intermediate stays near this size, so the
 # intermediates stay in cache and their memory is reused instead of page-faulted in fresh each call
 # (a 128-channel 112x112 batch-8 layer: 50 ms whole, 33 ms in chunks of 4, on a 2-core x86 CPU).
@@ -254,10 +238,11 @@ def cp_conv2d_cpu(
             return _pointwise_matmul(t, output_factor, bias, out)
         if how.arrangement == "pixel-major":
             # oneDNN's NCHW depthwise conv reorders to a blocked layout and back; in channels_last it
-            # does not (3-18 % faster per layer, 8x{128..512} channels, R 16..64).
+            # does not (3-18 % faster per layer, 8x{128..512} channels, R 16..64). Stage 4 reads the
+            # channels_last intermediate as a transposed operand.
             t = grouped_depthwise(_pointwise_to_pixel_major(xs, input_factor[0]))
-            return _pointwise_from_pixel_major(t, output_factor[0], bias, out)
-        t = grouped_depthwise(_pointwise_matmul(xs, w_in, None)).contiguous()
+        else:
+            t = grouped_depthwise(_pointwise_matmul(xs, w_in, None)).contiguous()
         return _pointwise_matmul(t, output_factor, bias, out)
 
     n = x.shape[0]
