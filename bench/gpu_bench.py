@@ -2,13 +2,16 @@
 
     python -m bench.gpu_bench --out DIR [--layers NAME ...] [--dtypes bfloat16 float32] [--batch N] [--device cuda]
 
-Layers default to the roofline layers of ``cpkernels/layers.py`` (N = 32, 3x3) at R = C/4 and C/2, in
-bf16 and fp32; for the ``--taps-layers`` the fused layer is also timed on the taps kernel (first dtype
-only). Each row: median time (CUDA events via ``triton.testing.do_bench`` on a GPU), achieved GB/s
-against the minimal X+Y bytes, and that as a percentage of a device-to-device copy's bandwidth
-measured in the same run; for the first dtype also the time replayed in a CUDA graph. Results go to
-DIR/gpu_bench.json and DIR/gpu_bench.md with the device name and versions. ``--device cpu`` runs the
-same table without the fused rows (a smoke test of the script).
+Layers default to the roofline layers of ``cpkernels/layers.py`` (N = 32, 3x3) at R = C/4, C/2, C and
+1.25 C (the last two: what trained networks need), in bf16 and fp32; for the ``--taps-layers`` the
+fused layer is also timed on the taps kernel (first dtype only). Backends: dense cuDNN, the four-stage
+reference, the fused kernel (``backend="triton"``) and ``planned`` (``backend="auto"``: what the GPU
+plan picks). Each row: median time (CUDA events via ``triton.testing.do_bench`` on a GPU), the GPU
+plan's modeled time for that row (cpkernels/plans/gpu.py), achieved GB/s against the minimal X+Y
+bytes, and that as a percentage of a device-to-device copy's bandwidth measured in the same run; for
+the first dtype also the time replayed in a CUDA graph. Results go to DIR/gpu_bench.json and
+DIR/gpu_bench.md with the device name and versions. ``--device cpu`` runs the same table without the
+fused and planned rows (a smoke test of the script).
 """
 from __future__ import annotations
 
@@ -31,20 +34,27 @@ def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_pe
     rows = []
     nbytes = shape.minimal_bytes(torch.empty((), dtype=dtype).element_size())
 
+    plan = model_plan_for(shape, rank, dtype, device)
+
     def row(backend: str, case) -> dict:
         seconds = time_median(case.fn, case.x)
+        launch = fused_launch_info(shape, rank, dtype) if backend.startswith("fused") else {}
+        strategy = {"dense": "dense", "reference": "four-stage", "planned": plan["chosen"]}.get(backend)
+        if launch.get("config"):
+            strategy = "fused-" + launch["config"]["kernel"]
         bytes_per_s = nbytes / seconds
         return {
             "layer": f"{shape.cin}->{shape.cout} @{shape.size[0]}^2 N={shape.batch}",
             "rank": rank, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
             "layout": case.layout, "median_us": round(seconds * 1e6, 2),
+            "modeled_us": plan["modeled_us"].get(strategy), "planned": plan["chosen"],
             "gbps_vs_min_bytes": round(bytes_per_s / 1e9, 1),
             "pct_of_copy_bw": round(100 * bytes_per_s / copy_bytes_per_s, 1),
-            **(fused_launch_info(shape, rank, dtype) if backend.startswith("fused") else {}),
+            **launch,
             **(graph_time(case) if graph else {}),
         }
 
-    cases = build_cases(shape, rank, dtype, device, backends=("dense", "reference", "fused"))
+    cases = build_cases(shape, rank, dtype, device, backends=("dense", "reference", "fused", "planned"))
     rows += [row(case.backend, case) for case in cases]
     if also_taps:
         from cpkernels.kernels import cp_conv2d_fused as fused
@@ -55,6 +65,14 @@ def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_pe
         finally:
             fused.DEFAULT_KERNEL = default
     return rows
+
+
+def model_plan_for(shape, rank: int, dtype: torch.dtype, device: str) -> dict:
+    """The GPU plan's model for this row, on this device's spec (an H100's for the CPU smoke run)."""
+    from cpkernels.plans import gpu
+
+    spec = gpu.spec_for_device(torch.device(device)) if device == "cuda" else gpu.GPUS["h100"]
+    return gpu.model_plan(shape, rank, dtype, spec, tf32=torch.backends.cudnn.allow_tf32).as_dict()
 
 
 def graph_time(case) -> dict:
@@ -92,12 +110,14 @@ def to_markdown(env: dict, copy_gbps: float, rows: list[dict]) -> str:
         f"torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}, commit {env['git_commit'][:10]}; "
         f"device copy bandwidth measured in this run: {copy_gbps:.0f} GB/s. Median times.",
         "",
-        "| layer | rank | dtype | backend | layout | median µs | GB/s (min X+Y) | % of copy BW | µs in a CUDA graph "
-        "| fused config | factor MB from L2 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | rank | dtype | backend | layout | median µs | modeled µs | GB/s (min X+Y) | % of copy BW "
+        "| µs in a CUDA graph | fused config | factor MB from L2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['layer']} | {r['rank']} | {r['dtype']} | {r['backend']} | {r['layout']} | {r['median_us']} | "
+        f"| {r['layer']} | {r['rank']} | {r['dtype']} | {r['backend']}"
+        f"{' (' + r['planned'] + ')' if r['backend'] == 'planned' else ''} | {r['layout']} | {r['median_us']} | "
+        f"{r['modeled_us'] if r['modeled_us'] is not None else ''} | "
         f"{r['gbps_vs_min_bytes']} | {r['pct_of_copy_bw']} | {r.get('graph_us', r.get('graph_error', ''))} | "
         f"{_config_text(r.get('config'))} | {r.get('factor_mb_from_l2', '')} |"
         for r in rows
@@ -137,7 +157,7 @@ def main(argv=None) -> int:
                 shape = dataclasses.replace(shape, batch=args.batch)
             also_taps = dtype_index == 0 and name in args.taps_layers
             graph = dtype_index == 0 and args.device == "cuda" and not args.no_graph
-            for rank in (shape.cout // 4, shape.cout // 2):
+            for rank in (LAYERS_BY_NAME[name].rank(d) for d in (4, 2, 1, 0.8)):
                 new = bench_layer(shape, rank, dtype, args.device, copy_bytes_per_s, also_taps, graph)
                 rows += new
                 print("\n".join(to_markdown(env, copy_bytes_per_s / 1e9, new).splitlines()[-len(new):]), flush=True)

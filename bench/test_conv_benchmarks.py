@@ -4,8 +4,10 @@
     pytest bench --benchmark-disable                  # smoke: every benchmark once, batch 1
     python -m bench.report results.json               # Markdown table and plots
 
-Backends: dense ``nn.Conv2d``, the four-stage reference, the CPU path (CPU only), ``torch.compile`` of
-the reference maths, and the fused kernel (CUDA only), each in NCHW and channels_last.
+Backends: dense ``nn.Conv2d``, the four-stage reference, the CPU path (CPU only: ``backend="auto"`` on
+a CPU tensor), ``torch.compile`` of the reference maths, the fused kernel and ``planned`` (CUDA only:
+``backend="auto"`` on a CUDA tensor, the GPU plan's choice), each in NCHW and channels_last, at every
+rank of the shared list (C/16 ... C/2, and C and 1.25 C, the ranks trained networks need).
 """
 import dataclasses
 
@@ -18,7 +20,7 @@ from cpkernels.profile import build_cases, roofline
 LAYER_RANKS = [
     pytest.param(layer, rank, id=f"{layer.name}-R{rank}") for layer in LAYERS for rank in layer.ranks()
 ]
-BACKENDS = ["dense", "reference", "cpu", "compiled-reference", "fused"]
+BACKENDS = ["dense", "reference", "cpu", "compiled-reference", "fused", "planned"]
 LAYOUTS = ["nchw", "channels_last"]
 
 
@@ -26,8 +28,8 @@ LAYOUTS = ["nchw", "channels_last"]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layer, rank", LAYER_RANKS)
 def test_conv(benchmark, layer, rank, backend, layout, device, dtype, smoke, env_info, peaks):
-    if backend == "fused" and device != "cuda":
-        pytest.skip("the fused Triton kernel needs a CUDA GPU")
+    if backend in ("fused", "planned") and device != "cuda":
+        pytest.skip("the fused Triton kernel and the GPU plan need a CUDA GPU")
     if backend == "cpu" and device != "cpu":
         pytest.skip("the CPU path runs on CPU tensors")
     shape = dataclasses.replace(layer.shape, batch=1) if smoke else layer.shape

@@ -1,25 +1,44 @@
 """The cost model of one conv layer: MACs, the minimal bytes a fused kernel must move, and the bytes
-its programs re-read from the GPU's caches."""
+its programs re-read from the GPU's caches. The plans (:mod:`cpkernels.plans`) decide from these."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 @dataclass(frozen=True)
 class ConvShape:
+    """One conv call's dimensions. ``stride``, ``padding`` (symmetric) and ``dilation``: an int or an
+    (H, W) pair."""
+
     batch: int
     cin: int
     cout: int
     size: tuple[int, int]  # input H, W
     kernel: tuple[int, int] = (3, 3)
-    stride: int = 1
-    padding: int = 1
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] = 1
     groups: int = 1
+    dilation: int | tuple[int, int] = 1
+
+    @property
+    def stride2(self) -> tuple[int, int]:
+        return _pair(self.stride)
+
+    @property
+    def dilation2(self) -> tuple[int, int]:
+        return _pair(self.dilation)
 
     @property
     def out_size(self) -> tuple[int, int]:
-        return tuple((s + 2 * self.padding - k) // self.stride + 1 for s, k in zip(self.size, self.kernel))
+        return tuple(
+            (s + 2 * p - d * (k - 1) - 1) // st + 1
+            for s, k, st, p, d in zip(self.size, self.kernel, self.stride2, _pair(self.padding), self.dilation2)
+        )
 
     @property
     def out_pixels(self) -> int:
@@ -37,21 +56,26 @@ class ConvShape:
         oh, ow = self.out_size
         h, w = self.size
         stage1 = self.batch * h * w * (self.cin // g) * rank * g
-        stage2 = self.batch * oh * w * kh * rank * g
+        stage2 = self.batch * oh * w * kh * rank * g  # at the vertical stride, before the horizontal one
         stage3 = self.out_pixels * kw * rank * g
         stage4 = self.out_pixels * rank * (self.cout // g) * g
         return stage1 + stage2 + stage3 + stage4
 
     def fused_kernel_macs(self, rank: int, rows: int = 8) -> int:
-        """MACs the fused kernel issues (docs/kernel.md): the rows kernel (kh = 3, stride 1 or 2, R <= 128)
-        folds only the horizontal taps and computes stride*ROWS + 3 - stride input rows per band of ROWS
-        output rows; the taps kernel folds every tap."""
+        """MACs the fused kernel that ``kernel="auto"`` launches issues (docs/kernel.md): the rows kernel
+        (kh = 3, stride 1 or 2, R <= 128) folds only the horizontal taps and computes
+        stride*ROWS + 3 - stride input rows per band of ROWS output rows; the taps kernel (R <= 128)
+        folds every tap; the wide kernel (larger ranks) does stage 1 once per input row of a band (its
+        column halo and tile padding left out here; :mod:`cpkernels.plans.gpu` counts them)."""
         kh, kw = self.kernel
         cin_g, cout_g = self.cin // self.groups, self.cout // self.groups
-        if kh == 3 and self.stride in (1, 2) and rank <= 128:
-            first = kw * cin_g * (self.stride * rows + 3 - self.stride) / rows
-        else:
+        sh = self.stride2[0]
+        if kh == 3 and sh in (1, 2) and self.dilation2[0] == 1 and rank <= 128:
+            first = kw * cin_g * (sh * rows + 3 - sh) / rows
+        elif rank <= 128:
             first = kh * kw * cin_g
+        else:
+            first = cin_g * ((rows - 1) * sh + (kh - 1) * self.dilation2[0] + 1) / rows
         return int(self.out_pixels * rank * self.groups * (first + cout_g))
 
     def minimal_bytes(self, element_size: int) -> int:
@@ -71,6 +95,6 @@ class ConvShape:
         kw = self.kernel[1]
         cin_g, cout_g = self.cin // self.groups, self.cout // self.groups
         programs = self.batch * self.groups * math.ceil(oh / rows) * math.ceil(ow / block_w)
-        input_rows = rows + 2 if self.stride == 1 else 2 * rows + 1
+        input_rows = rows + 2 if self.stride2[0] == 1 else 2 * rows + 1
         per_program = input_rows * kw * cin_g * rank + rows * cout_g * rank
         return programs * per_program * element_size

@@ -114,6 +114,18 @@ class CPFactors:
             return 0.0 if diff == 0 else float("inf")
         return float(diff / norm)
 
+    def cancellation(self) -> float:
+        """``sum_r ||term_r|| / ||W_hat||`` in float64: 1 for terms that never overlap, large where the
+        rank-one terms cancel (trained layers at R ~ C: 40-80), which is where rounding any rank-R
+        intermediate costs precision. ``inf`` for a non-zero sum of terms that reconstructs zero."""
+        f = self.to(torch.float64)
+        norms = [torch.linalg.vector_norm(t, dim=1) for t in f.as_tuple()]  # each [G, R]
+        total = (norms[0] * norms[1] * norms[2] * norms[3]).sum()
+        weight = torch.linalg.vector_norm(f.to_dense())
+        if weight == 0:
+            return 1.0 if total == 0 else float("inf")
+        return float(total / weight)
+
     def to_cptensor(self, group: int = 0):
         """Group ``group``'s CP as a TensorLy ``CPTensor`` (unit weights; factors in ``[Cout/G, Cin/G, kh, kw]``
         mode order), for use with TensorLy's own tools."""

@@ -6,20 +6,25 @@ from dataclasses import dataclass
 from .cost import ConvShape
 
 
+# The shared rank list, as divisors of C: C/16 ... C/2, then C and 1.25 C (trained networks).
+RANK_DIVISORS = (16, 8, 4, 2, 1, 0.8)
+
+
 @dataclass(frozen=True)
 class Layer:
     name: str
     shape: ConvShape
 
-    def rank(self, divisor: int) -> int:
+    def rank(self, divisor: float) -> int:
         """C/divisor for C = min(Cin, Cout), rounded to a multiple of 8 once above 8 (tensor-core
         friendly), and at least 1."""
         r = min(self.shape.cin, self.shape.cout) / divisor
         return max(1, int(round(r / 8) * 8) if r > 8 else int(round(r)))
 
     def ranks(self) -> tuple[int, ...]:
-        """The distinct ranks of {C/16, C/8, C/4, C/2}."""
-        return tuple(dict.fromkeys(self.rank(d) for d in (16, 8, 4, 2)))
+        """The distinct ranks of {C/16, C/8, C/4, C/2, C, 1.25 C}: the small ranks random weights allow,
+        and the ranks trained networks need to keep their output without fine-tuning (0.5-1.25 C)."""
+        return tuple(dict.fromkeys(self.rank(d) for d in RANK_DIVISORS))
 
 
 def _l(name, cin, cout, size, batch=8, kernel=3, stride=1, padding=None):

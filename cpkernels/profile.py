@@ -1,15 +1,18 @@
 """Kernel-level profiling of one CP layer: ``cpkernels profile`` or ``python -m cpkernels.profile``.
 
-For one layer shape and rank it prints the time of every backend against dense ``nn.Conv2d``, the
+For one layer shape and rank it prints the GPU plan (every strategy's modeled time on the device's
+GPU, or on the one named by ``--gpu``), the time of every backend against dense ``nn.Conv2d``, the
 reference path broken down per stage (``torch.profiler``), the bytes/FLOPs model with its roofline
 bound and the achieved percentage, and the fused kernel's chosen config and compiled resource use
-(from the live kernel on a GPU, from the ahead-of-time compile report on a CPU).
+(from the live kernel on a GPU, from the ahead-of-time compile report on a CPU). With ``--gpu`` on a
+machine without CUDA only the plan is computed: CPU timings say nothing about the named GPU.
 
 The backend cases built here (:func:`build_cases`) are also what the benchmark suites time.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -26,7 +29,8 @@ from .cost import ConvShape
 from .layers import LAYERS_BY_NAME
 from .module import CPConv2d
 from .ops import conv_args
-from .ops.cpu import plan as cpu_plan_of
+from .plans import gpu as gpu_plans
+from .plans.cpu import plan as cpu_plan_of
 from .ops.reference import cp_conv2d_reference
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -40,7 +44,7 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 class Case:
     """One way of computing the layer: ``fn(x)``, with the MACs that way issues."""
 
-    backend: str  # dense | reference | cpu | compiled-reference | fused
+    backend: str  # dense | reference | cpu | compiled-reference | fused | planned (the GPU plan's choice)
     layout: str
     fn: Callable
     x: torch.Tensor
@@ -69,15 +73,13 @@ def build_cases(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     layouts: tuple[str, ...] = ("nchw", "channels_last"),
-    backends: tuple[str, ...] = ("dense", "reference", "cpu", "compiled-reference", "fused"),
+    backends: tuple[str, ...] = ("dense", "reference", "cpu", "compiled-reference", "fused", "planned"),
     seed: int = 0,
-    dilation: int = 1,
 ) -> list[Case]:
     """Every requested backend x layout for the layer; backends that cannot run on ``device`` are left out
-    (``fused`` needs CUDA, ``cpu`` is the CPU path). ``dilation`` is not part of :class:`ConvShape`
-    (its cost model assumes 1) but is applied to every backend."""
+    (``fused`` and ``planned`` need CUDA, ``cpu`` is the CPU path)."""
     torch.manual_seed(seed)
-    kw = dict(stride=shape.stride, padding=shape.padding, dilation=dilation, groups=shape.groups, device=device,
+    kw = dict(stride=shape.stride, padding=shape.padding, dilation=shape.dilation, groups=shape.groups, device=device,
               dtype=dtype)
     dense = nn.Conv2d(shape.cin, shape.cout, shape.kernel, **kw)
     # Random factors: timings do not depend on their values, and ALS would dominate a benchmark run.
@@ -88,7 +90,7 @@ def build_cases(
         fmt = LAYOUTS[layout]
         x = x0.contiguous(memory_format=fmt)
         for backend in backends:
-            if backend == "fused" and device != "cuda":
+            if backend in ("fused", "planned") and device != "cuda":
                 continue
             if backend == "cpu" and device != "cpu":
                 continue
@@ -99,7 +101,7 @@ def build_cases(
             elif backend == "compiled-reference":
                 cases.append(Case(backend, layout, _compiled_reference(cp), x, shape.cp_macs(rank)))
             else:
-                impl = {"reference": "reference", "cpu": "auto", "fused": "triton"}[backend]
+                impl = {"reference": "reference", "cpu": "auto", "fused": "triton", "planned": "auto"}[backend]
                 m = CPConv2d(shape.cin, shape.cout, shape.kernel, rank, backend=impl, **kw)
                 m.load_state_dict(cp.state_dict())
                 macs = shape.fused_kernel_macs(rank) if backend == "fused" else shape.cp_macs(rank)
@@ -245,6 +247,25 @@ def _size(text: str) -> tuple[int, int]:
     return (int(h), int(w or h))
 
 
+def _gpu(text: str) -> gpu_plans.GPUSpec:
+    try:
+        return gpu_plans.gpu_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def gpu_plan(shape: ConvShape, rank: int, dtype: torch.dtype, spec: gpu_plans.GPUSpec) -> dict:
+    """The GPU plan of the layer on ``spec`` (TF32 on for fp32, PyTorch's default for convolutions)."""
+    return gpu_plans.model_plan(shape, rank, dtype, spec, tf32=True).as_dict()
+
+
+def print_gpu_plan(plan: dict) -> None:
+    print(f"\nGPU plan on {plan['gpu']} (modeled; cpkernels/plans/gpu.py): {plan['chosen']}")
+    for strategy, us in plan["modeled_us"].items():
+        mark = "  <- chosen" if strategy == plan["chosen"] else ""
+        print(f"  {strategy:12s} {us:10.2f} us{mark}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cpkernels profile", description="Profile one CP conv layer.")
     p.add_argument("--layer", help="a layer of the shared list (see --list)")
@@ -261,6 +282,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dilation", type=int, default=1)
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="nchw")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--gpu", type=_gpu, help=f"model the GPU plan on this GPU ({', '.join(gpu_plans.GPUS)}); "
+                   "default: the CUDA device's own, or h100 on a machine without one")
     p.add_argument("--trace", help="write a Chrome trace of the reference path here")
     p.add_argument("--json", help="write everything as JSON here")
     return p.parse_args(argv)
@@ -271,18 +294,33 @@ def main(argv=None) -> int:
     if args.list:
         print("\n".join(LAYERS_BY_NAME))
         return 0
-    if args.dilation != 1:
-        print("note: the cost model assumes dilation 1; timings use it as given", file=sys.stderr)
     if args.layer:
         if args.layer not in LAYERS_BY_NAME:
             raise SystemExit(f"unknown layer {args.layer!r}; --list prints the names")
         layer = LAYERS_BY_NAME[args.layer]
-        shape, rank = layer.shape, args.rank or layer.rank(4)
+        shape, rank = dataclasses.replace(layer.shape, dilation=args.dilation), args.rank or layer.rank(4)
     else:
         pad = args.kernel // 2 if args.padding is None else args.padding
-        shape = ConvShape(args.batch, args.cin, args.cout, args.size, (args.kernel, args.kernel), args.stride, pad)
+        shape = ConvShape(args.batch, args.cin, args.cout, args.size, (args.kernel, args.kernel), args.stride, pad,
+                          dilation=args.dilation)
         rank = args.rank or max(1, min(args.cin, args.cout) // 4)
     dtype, device = DTYPES[args.dtype], args.device
+    if args.gpu is not None:
+        spec = args.gpu
+    elif device == "cuda":
+        spec = gpu_plans.spec_for_device(torch.device("cuda"))
+    else:
+        spec = gpu_plans.GPUS["h100"]
+    plan = gpu_plan(shape, rank, dtype, spec)
+    if args.gpu is not None and device != "cuda":
+        print(f"layer: {shape}, rank {rank}, {args.dtype}, {args.layout}")
+        print_gpu_plan(plan)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"shape": asdict(shape), "rank": rank, "dtype": args.dtype, "layout": args.layout,
+                           "gpu_plan": plan, "strategies": gpu_plans.STRATEGIES}, f, indent=1)
+            print(f"JSON written to {args.json}")
+        return 0
     env = environment(device)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -291,9 +329,10 @@ def main(argv=None) -> int:
         print(f"Profiling on the CPU ({why}): dense and reference/CPU-path timings on {env['device']}; the fused "
               "kernel's resources come from the ahead-of-time compile report.")
     print(f"layer: {shape}, rank {rank}, {args.dtype}, {args.layout}")
+    print_gpu_plan(plan)
 
     peaks = measure_peaks(device, dtype)
-    cases = build_cases(shape, rank, dtype, device, layouts=(args.layout,), dilation=args.dilation)
+    cases = build_cases(shape, rank, dtype, device, layouts=(args.layout,))
     rows = []
     dense_s = None
     for case in cases:
@@ -344,7 +383,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "shape": asdict(shape), "rank": rank, "dtype": args.dtype,
                        "layout": args.layout, "peaks": peaks, "backends": rows, "reference_stages_ms": stages,
-                       "cpu_plan": cpu_plan, "fused_kernel": resources}, f, indent=1)
+                       "cpu_plan": cpu_plan, "gpu_plan": plan, "fused_kernel": resources}, f, indent=1)
         print(f"JSON written to {args.json}")
     return 0
 

@@ -11,7 +11,8 @@ def test_every_config_compiles_without_spills(arch):
     rows = aot.compile_report(arch)
     taps = 2 * (2 * len(fused.TILES_16BIT) + len(fused.TILES_FP32))  # x2: whole-rank and sliced paths
     rows_kernel = 2 * (2 * len(fused.ROWS_TILES_16BIT) + len(fused.ROWS_TILES_FP32))  # x2: vertical stride 1, 2
-    assert len(rows) == taps + rows_kernel
+    wide = 2 * len(fused.WIDE_TILES_16BIT) + len(fused.WIDE_TILES_FP32)
+    assert len(rows) == taps + rows_kernel + wide
     for row in rows:
         assert set(row) == set(aot.REPORT_KEYS)
         assert row["spill_bytes"] == 0, row

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cpkernels import CPConv2d, cp_conv2d
+from cpkernels import CPConv2d, CPFactors, cp_conv2d
 from cpkernels.ops.conv_args import is_channels_last
 
 from .cases import CONV_CASES, case
@@ -11,10 +11,10 @@ from .oracle import assert_matches_oracle, oracle_conv2d, random_factors
 fused = pytest.importorskip("cpkernels.kernels.cp_conv2d_fused")
 
 
-@pytest.fixture(params=["auto", "taps"], ids=["rows-where-it-applies", "taps-kernel"])
+@pytest.fixture(params=["auto", "taps", "wide"], ids=["rows-where-it-applies", "taps-kernel", "wide-kernel"])
 def kernel(request, monkeypatch):
-    """Every parity case runs twice: as dispatched (the rows kernel for 3x3, vertical stride 1) and
-    through the general taps kernel."""
+    """Every parity case runs three times: as dispatched (the rows kernel for 3x3, vertical stride 1),
+    through the general taps kernel, and through the wide kernel (which runs any shape)."""
     monkeypatch.setattr(fused, "DEFAULT_KERNEL", request.param)
     return request.param
 
@@ -58,6 +58,56 @@ FP16_CASES = [
 @pytest.mark.parametrize("c", FP16_CASES)
 def test_fused_fp16_matches_oracle(c, device, kernel):
     run_case(c, torch.float16, device)
+
+
+# Ranks past 128 (trained networks run R = 0.5-1.25 C): what "auto" sends to the wide kernel. Off-block
+# sizes everywhere, groups, stride 2, both layouts, odd kernels, dilation.
+WIDE_CASES = [
+    case("r129-off-block", 20, 13, (3, 3), 129, size=(7, 10), padding=1),
+    case("r200-stride2-channels-last", 24, 33, (3, 3), 200, size=(9, 12), stride=2, padding=1,
+         layout="channels_last"),
+    case("r160-groups2-no-bias", 16, 12, (3, 3), 160, size=(6, 9), padding=1, groups=2, bias=False),
+    case("r640-5x3-dilated", 12, 10, (5, 3), 640, size=(9, 11), dilation=(1, 2), padding=(2, 2)),
+    case("r300-same-even-strided-view", 10, 7, (2, 4), 300, size=(7, 9), padding="same", layout="strided"),
+    case("r257-stride-per-axis-batch1", 9, 17, (3, 3), 257, size=(11, 8), batch=1, stride=(2, 1), padding=1),
+]
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("c", WIDE_CASES)
+def test_wide_ranks_match_oracle(c, dtype, device):
+    run_case(c, dtype, device)
+    assert fused.best_config()["kernel"] == "wide"
+
+
+def cancelling_factors(cout, cin, kernel_size, rank, delta=0.04, dtype=torch.float64) -> CPFactors:
+    """Pairs of rank-one terms that nearly cancel (the second of each pair has ``H * (1 + delta)``), as
+    in trained layers at R ~ C, only more so."""
+    f = random_factors(cout, cin, kernel_size, rank // 2, dtype=dtype)
+    return CPFactors(torch.cat([f.output, -f.output], -1), torch.cat([f.input, f.input], -1),
+                     torch.cat([f.vertical, f.vertical], -1), torch.cat([f.horizontal, f.horizontal * (1 + delta)], -1))
+
+
+def test_wide_kernel_keeps_the_intermediate_exact(device):
+    """The wide kernel feeds the rank-R intermediate to the output GEMM unrounded (hi + lo halves in
+    16-bit): with terms that cancel more than trained layers' do (40-80x), its fp16 output stays within 2x
+    the dense fp16 conv's error. The four-stage path, which rounds its intermediates to fp16, does not:
+    the test can tell."""
+    factors = cancelling_factors(12, 16, (3, 3), 144).to(device=device, dtype=torch.float16)
+    assert factors.cancellation() > 40
+    x = torch.randn(2, 16, 9, 10, device=device).half()
+    exact = oracle_conv2d(x, factors, padding=1)  # the same fp16 inputs and factors, float64 maths
+
+    def err(y):
+        return ((y.double() - exact).norm() / exact.norm()).item()
+
+    # The dense conv of the fp16 weight (fp32 accumulation, as cuDNN's), rounded to fp16.
+    dense = torch.nn.functional.conv2d(x.float(), factors.to_dense().float(), padding=1).half()
+    wide = fused.cp_conv2d_fused(x, factors.input, factors.vertical, factors.horizontal, factors.output, None,
+                                 (1, 1), (1, 1, 1, 1), (1, 1), kernel="wide")
+    four_stage = cp_conv2d(x, factors, padding=1, backend="reference")
+    assert err(wide) <= 2 * err(dense), (err(wide), err(dense))
+    assert err(four_stage) > 2 * err(dense), (err(four_stage), err(dense))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter has no bf16 arithmetic")
@@ -150,7 +200,7 @@ def test_latest_launch_is_reported(device):
 def _every_tile():
     """One param per tile of every tile table: (kernel, tile, dtype the table is for)."""
     params = []
-    for kernel, tiles in (("taps", fused.TAPS_TILES), ("rows", fused.ROWS_TILES)):
+    for kernel, tiles in (("taps", fused.TAPS_TILES), ("rows", fused.ROWS_TILES), ("wide", fused.WIDE_TILES)):
         for table, dtype in ((tiles.tiles_16bit, torch.float16), (tiles.tiles_fp32, torch.float32)):
             for tile in table:
                 name = "-".join(f"{n}{v}" for n, v in zip(tiles.names + ("w", "s"), tile))
@@ -165,8 +215,9 @@ def test_every_tile_matches_oracle(monkeypatch, device, kernel_name, tile, dtype
     the taps kernel both rank paths (rank under BLOCK_R, and over it)."""
     import triton
 
-    tiles = fused.TAPS_TILES if kernel_name == "taps" else fused.ROWS_TILES
-    autotuner = fused.cp_conv2d_fused_kernel if kernel_name == "taps" else fused.cp_conv2d_rows_kernel
+    tiles = {"taps": fused.TAPS_TILES, "rows": fused.ROWS_TILES, "wide": fused.WIDE_TILES}[kernel_name]
+    autotuner = {"taps": fused.cp_conv2d_fused_kernel, "rows": fused.cp_conv2d_rows_kernel,
+                 "wide": fused.cp_conv2d_wide_kernel}[kernel_name]
     blocks = dict(zip(tiles.names, tile[:-2]))
     monkeypatch.setattr(tiles, "for_dtype", lambda _dtype: (tile,))
     monkeypatch.setattr(autotuner, "configs", [triton.Config(blocks, num_warps=tile[-2], num_stages=tile[-1])])
@@ -175,8 +226,10 @@ def test_every_tile_matches_oracle(monkeypatch, device, kernel_name, tile, dtype
     cin, cout = blocks["BLOCK_C"] + 5, blocks["BLOCK_O"] + 3
     if kernel_name == "taps":
         ranks, size = (blocks["BLOCK_R"] - 3, blocks["BLOCK_R"] + 5), (9, 11)
-    else:
+    elif kernel_name == "rows":
         ranks, size = (blocks["BLOCK_R"] - 3,), (blocks["ROWS"] + 3, blocks["BLOCK_W"] + 5)
+    else:  # two rank slices, two bands (the second partial), two strips, several stage-1 tiles
+        ranks, size = (blocks["BLOCK_R"] + 5,), (blocks["ROWS"] + 3, blocks["BLOCK_W"] + 5)
     for rank in ranks:
         c = case("tile", cin, cout, (3, 3), rank, size=size, padding=1, batch=2 if kernel_name == "taps" else 1)
         run_case(c.values[0], dtype, device)

@@ -70,10 +70,10 @@ def test_leaves_inputs_untouched(backend):
 )
 def test_cpu_path_in_batch_chunks(monkeypatch, groups, bias, padding, pixel_major):
     """Inference runs big NCHW batches in chunks written into one output: force a chunk per image."""
-    from cpkernels.ops import cpu
+    from cpkernels.plans import cpu as cpu_plan
 
-    monkeypatch.setattr(cpu, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(cpu, "PIXEL_MAJOR_MIN_RANK", 1 if pixel_major else 1 << 30)
+    monkeypatch.setattr(cpu_plan, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(cpu_plan, "PIXEL_MAJOR_MIN_RANK", 1 if pixel_major else 1 << 30)
     factors = random_factors(6, 8, (3, 3), 4, groups)
     b = torch.randn(6) if bias else None
     x = torch.randn(3, 8, 9, 10)
@@ -95,18 +95,19 @@ CPU_BRANCHES = [
     pytest.param("im2col-depthwise", id="im2col-depthwise"),
     pytest.param("dense-weight", id="dense-weight"),
 ]
-_SPIED = ("merged_depthwise_weight", "im2col_depthwise", "_pointwise_to_pixel_major")
+_SPIED = ("merged_depthwise_weight", "im2col_depthwise", "_pointwise_to_pixel_major", "cp_conv2d_dense_weight")
 
 
 def _force_cpu_branch(monkeypatch, branch) -> list:
     """Force ``branch``; returns a list that records which of the CPU path's helpers ran."""
     from cpkernels.ops import cpu
+    from cpkernels.plans import cpu as cpu_plan
 
     ran = []
-    monkeypatch.setattr(cpu, "dense_is_cheaper", lambda *args: branch == "dense-weight")
-    monkeypatch.setattr(cpu, "IM2COL_MAX_CHANNELS", 1 << 30 if branch == "im2col-depthwise" else 0)
-    monkeypatch.setattr(cpu, "IM2COL_MAX_BYTES", 1 << 62)
-    monkeypatch.setattr(cpu, "PIXEL_MAJOR_MIN_RANK", 1 if branch == "pixel-major-intermediates" else 1 << 30)
+    monkeypatch.setattr(cpu_plan, "dense_is_cheaper", lambda *args: branch == "dense-weight")
+    monkeypatch.setattr(cpu_plan, "IM2COL_MAX_CHANNELS", 1 << 30 if branch == "im2col-depthwise" else 0)
+    monkeypatch.setattr(cpu_plan, "IM2COL_MAX_BYTES", 1 << 62)
+    monkeypatch.setattr(cpu_plan, "PIXEL_MAJOR_MIN_RANK", 1 if branch == "pixel-major-intermediates" else 1 << 30)
     for name in _SPIED:
         original = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *args, _f=original, _n=name: ran.append(_n) or _f(*args))
@@ -129,6 +130,7 @@ def test_cpu_path_branches_match_oracle(monkeypatch, c, branch):
     assert_matches_oracle(y, oracle_conv2d(x, factors, bias, **c.conv_kwargs()), torch.float32)
     assert is_channels_last(y) == is_channels_last(x)
     assert ("merged_depthwise_weight" in ran) == (branch != "dense-weight")
+    assert ("cp_conv2d_dense_weight" in ran) == (branch == "dense-weight")
     assert ("im2col_depthwise" in ran) == (branch == "im2col-depthwise")
     if branch == "pixel-major-intermediates":
         assert "_pointwise_to_pixel_major" in ran
@@ -162,7 +164,7 @@ def test_im2col_depthwise_dtypes_and_grads(monkeypatch, dtype):
 
 def test_cpu_policy():
     """Where the CPU path's choices land, on shapes it was measured on."""
-    from cpkernels.ops import cpu
+    from cpkernels.plans import cpu
 
     def t(n, c, hw):
         return torch.empty(n, c, hw, hw, device="meta")

@@ -25,7 +25,8 @@ def test_shared_layer_list():
     assert {"example-3-2-5x5", "vgg19-conv1_1", "alexnet-conv2-5x5"} <= set(names)
     assert sum(name.startswith("vgg16-") for name in names) == 8  # with vgg19-conv1_1 = VGG-16's conv1_1
     assert any(layer.shape.stride == 2 for layer in LAYERS)
-    assert LAYERS_BY_NAME["vgg16-conv3_2"].ranks() == (16, 32, 64, 128)
+    assert LAYERS_BY_NAME["vgg16-conv3_2"].ranks() == (16, 32, 64, 128, 256, 320)
+    assert LAYERS_BY_NAME["vgg19-conv1_1"].ranks() == (1, 2, 3, 4)  # C = 3: 3/16 and 3/8 round to 1
 
 
 def test_rows_kernel_factor_bytes_by_hand():

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -35,7 +36,7 @@ _SPECIALISED = {
     "STRIDE_H": 1, "STRIDE_W": 1, "DIL_H": 1, "DIL_W": 1,
     "KH": 3, "KW": 3, "HAS_BIAS": True, "USE_INT64": False,
 }
-_POINTERS = ("x_ptr", "b_ptr", "v_ptr", "h_ptr", "a_ptr", "bias_ptr", "y_ptr")
+_POINTERS = ("x_ptr", "b_ptr", "v_ptr", "h_ptr", "a_ptr", "bias_ptr", "y_ptr", "u_ptr")
 
 
 def _triton_bin(name: str) -> Path:
@@ -85,6 +86,13 @@ def variants() -> list[tuple[str, str, tuple[int, ...], torch.dtype, dict]]:
             name = f"rows{rows_}_W{bw}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}_sh{sh}"
             meta = {"ROWS": rows_, "BLOCK_W": bw, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo, "STRIDE_H": sh}
             out.append((name, "cp_conv2d_rows_kernel", (warps, stages), dtype, meta))
+        wide = fused.WIDE_TILES_FP32 if dtype == torch.float32 else fused.WIDE_TILES_16BIT
+        for rows_, step, bw, bm, bc, br, bo, warps, stages in wide:
+            name = f"wide{rows_}_S{step}_W{bw}_M{bm}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}"
+            ring, bw_in = fused.wide_geometry((3, 3), (1, 1), (1, 1), step, bw)
+            meta = {"ROWS": rows_, "STEP": step, "BLOCK_W": bw, "BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_R": br,
+                    "BLOCK_O": bo, "RING": ring, "BW_IN": bw_in, "SPLIT_Z": dtype != torch.float32}
+            out.append((name, "cp_conv2d_wide_kernel", (warps, stages), dtype, meta))
     return out
 
 
@@ -112,18 +120,20 @@ def compile_config(kernel_name: str, launch: tuple[int, int], dtype: torch.dtype
     for name in jit_fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name == "u_ptr":
+            signature[name] = "*fp32"  # the wide kernel's scratch ring
         elif name in _POINTERS:
             signature[name] = f"*{elem}"
         else:
             signature[name] = "i32"
-    attrs = {(jit_fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in _POINTERS}
+    attrs = {(jit_fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in _POINTERS if p in jit_fn.arg_names}
     src = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", ARCHS[arch], 32)
     warps, stages = launch
     return triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
 
 
-def compile_report(arch: str = "sm_90") -> list[dict]:
+def compile_report(arch: str = "sm_90", kernels: Optional[tuple[str, ...]] = None) -> list[dict]:
     """One dict per (config, dtype) with the keys of ``REPORT_KEYS``."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
@@ -137,6 +147,8 @@ def compile_report(arch: str = "sm_90") -> list[dict]:
         return json.loads(out.stdout)
     rows = []
     for name, kernel_name, launch, dtype, meta in variants():
+        if kernels is not None and not name.startswith(kernels):
+            continue
         kernel = compile_config(kernel_name, launch, dtype, arch, meta)
         ptx = kernel.asm["ptx"]
         registers, spill_bytes = _ptxas_usage(ptx, arch)
@@ -162,8 +174,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Compile the fused CP conv kernel's configs for a GPU arch.")
     parser.add_argument("--arch", choices=sorted(ARCHS), default="sm_90")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--kernel", action="append", choices=("taps", "rows", "wide"),
+                        help="only this kernel's configs (repeatable); default: all")
     args = parser.parse_args(argv)
-    rows = compile_report(args.arch)
+    rows = compile_report(args.arch, tuple(args.kernel) if args.kernel else None)
     print(json.dumps(rows) if args.json else format_table(rows))
     return 0
 

@@ -25,7 +25,6 @@ autograd) is :mod:`cpkernels.ops.cp_conv2d`; the design and its roofline are in 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -34,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops import conv_args
-from ..ops.cp_conv2d import triton_interpreter_enabled
+from ..switches import autotune_enabled, triton_interpreter_enabled
 
 INT32_MAX = 2**31 - 1
 
@@ -118,12 +117,6 @@ class TileSet:
         return fitting if autotune_enabled() else fitting[:1]
 
 
-def autotune_enabled() -> bool:
-    """``CPKERNELS_AUTOTUNE=0`` takes the first fitting tile instead of timing them all: every tile
-    is a compile of a few seconds, so a test suite on a GPU would spend most of its time compiling."""
-    return os.environ.get("CPKERNELS_AUTOTUNE", "1") != "0"
-
-
 TAPS_TILES = TileSet(("BLOCK_P", "BLOCK_C", "BLOCK_R", "BLOCK_O"), TILES_16BIT, TILES_FP32, TILES_INTERPRETER)
 
 
@@ -133,12 +126,13 @@ TAPS_TILES = TileSet(("BLOCK_P", "BLOCK_C", "BLOCK_R", "BLOCK_O"), TILES_16BIT, 
 @triton.jit
 def _channel_contraction(
     acc, x_pix, pix_ok, C_IN_G, rr, mask_r, b_grp, tap_scale, stride_xc, stride_bc, stride_br,
-    DOT_PRECISION: tl.constexpr, OFFSET_TY: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, OFFSET_TY: tl.constexpr, BLOCK_C: tl.constexpr, SCALED: tl.constexpr = True,
 ):
     """acc[p, r] += sum_c x[p, c] * B[c, r] * tap_scale[r], over every input channel of the group.
 
     ``x_pix`` [BP] points at channel 0 of each pixel's (shifted) input, ``pix_ok`` [BP] masks pixels
     outside the image (the zero padding); ``tap_scale`` [BR] is the tap's depthwise weight per rank.
+    ``SCALED=False``: plain ``x @ B`` (``tap_scale`` unused), every product exact in the fp32 accumulator.
     """
     offs_c = tl.arange(0, BLOCK_C).to(OFFSET_TY)
     for c0 in range(0, C_IN_G, BLOCK_C):
@@ -151,10 +145,11 @@ def _channel_contraction(
             b_grp + cc[:, None] * stride_bc + rr[None, :] * stride_br,
             mask=mask_c[:, None] & mask_r[None, :], other=0.0,
         )  # [BC, BR]
-        # The tap folded into B, rounded once to the input dtype: [BC, BR]
-        w_tap = (b.to(tl.float32) * tap_scale[None, :]).to(x.dtype)
+        if SCALED:
+            # The tap folded into B, rounded once to the input dtype: [BC, BR]
+            b = (b.to(tl.float32) * tap_scale[None, :]).to(x.dtype)
         # [BP, BC] @ [BC, BR] -> [BP, BR]
-        acc = tl.dot(x, w_tap, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(x, b, acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -448,6 +443,184 @@ def cp_conv2d_rows_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
+# Wide kernel: any rank (made for R > 128, where the rows kernel's register window does not fit)
+# --------------------------------------------------------------------------------------------------
+# Stage 1 (K = Cin, once per input pixel) goes to a program-private fp32 ring of input rows in global
+# memory, small enough to stay in L2 and re-read from L1; stages 2-3 (kh*kw FMAs per element) read it
+# shifted, and stage 4 accumulates the output over rank slices, so no contraction is ever repeated
+# and the rank-R intermediate reaches the output GEMM in fp32 (split into two 16-bit halves for
+# 16-bit inputs: the terms of a trained layer cancel, and rounding z to bf16 is what costs precision).
+# (ROWS, STEP, BLOCK_W, BLOCK_M, BLOCK_C, BLOCK_R, BLOCK_O, num_warps, num_stages)
+WIDE_TILES_16BIT = (
+    (8, 4, 16, 64, 32, 64, 128, 8, 2),
+    (16, 4, 16, 64, 32, 64, 128, 8, 2),
+    (8, 4, 16, 128, 32, 64, 128, 8, 2),
+    (8, 4, 16, 64, 64, 64, 128, 8, 2),
+    (8, 2, 32, 64, 32, 64, 128, 8, 2),
+)
+WIDE_TILES_FP32 = (
+    (8, 4, 16, 64, 32, 32, 128, 8, 2),
+    (16, 4, 16, 64, 32, 32, 128, 8, 2),
+    (8, 4, 16, 64, 32, 32, 256, 8, 2),
+    (8, 2, 32, 64, 32, 64, 128, 8, 2),
+)
+WIDE_TILES_INTERPRETER = ((4, 2, 8, 64, 32, 64, 64, 4, 1),)
+
+WIDE_TILES = TileSet(
+    ("ROWS", "STEP", "BLOCK_W", "BLOCK_M", "BLOCK_C", "BLOCK_R", "BLOCK_O"),
+    WIDE_TILES_16BIT, WIDE_TILES_FP32, WIDE_TILES_INTERPRETER,
+)
+
+
+def wide_geometry(kernel_size, stride, dilation, step: int, block_w: int) -> tuple[int, int]:
+    """``(RING, BW_IN)``: input rows and input columns one program's ring holds (a step of ``step``
+    output rows reads ``RING`` input rows; ``block_w`` output columns read ``BW_IN`` input columns)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    return (step - 1) * sh + (kh - 1) * dh + 1, (block_w - 1) * sw + (kw - 1) * dw + 1
+
+
+@triton.autotune(
+    configs=WIDE_TILES.configs(),
+    key=["C_IN_G", "RANK", "C_OUT_G", "KH", "KW", "STRIDE_H", "STRIDE_W"],
+    prune_configs_by={"early_config_prune": WIDE_TILES.prune},
+)
+@triton.heuristics({
+    "RING": lambda a: (a["STEP"] - 1) * a["STRIDE_H"] + (a["KH"] - 1) * a["DIL_H"] + 1,
+    "BW_IN": lambda a: (a["BLOCK_W"] - 1) * a["STRIDE_W"] + (a["KW"] - 1) * a["DIL_W"] + 1,
+})
+@triton.jit
+def cp_conv2d_wide_kernel(
+    x_ptr,  # [N, G*C_IN_G, H, W], any strides
+    b_ptr,  # input factor [G, C_IN_G, RANK]
+    v_ptr,  # vertical factor [G, KH, RANK]
+    h_ptr,  # horizontal factor [G, KW, RANK]
+    a_ptr,  # output factor [G, C_OUT_G, RANK]
+    bias_ptr,  # [G*C_OUT_G], read only when HAS_BIAS
+    y_ptr,  # [N, G*C_OUT_G, OH, OW], any strides
+    u_ptr,  # fp32 scratch: [programs * G, RING, BW_IN, RANK], one ring per program of the grid
+    H, W, OH, OW,
+    C_IN_G, RANK, C_OUT_G,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    stride_bg, stride_bc, stride_br,
+    stride_vg, stride_vi, stride_vr,
+    stride_hg, stride_hj, stride_hr,
+    stride_ag, stride_ao, stride_ar,
+    PAD_T, PAD_L,
+    N,  # images: the grid's programs share N * bands * strips work items
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_INT64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SPLIT_Z: tl.constexpr,  # 16-bit inputs: z enters the output GEMM as hi + lo halves (fp32-exact)
+    ROWS: tl.constexpr,  # output rows per work item: the band the ring walks down
+    STEP: tl.constexpr,  # output rows per step (M of the output GEMM is STEP * BLOCK_W)
+    BLOCK_W: tl.constexpr,  # output columns per work item
+    BLOCK_M: tl.constexpr,  # input pixels per stage-1 GEMM tile
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+    RING: tl.constexpr, BW_IN: tl.constexpr,  # from wide_geometry
+):
+    OFFSET_TY: tl.constexpr = tl.int64 if USE_INT64 else tl.int32
+    pid = tl.program_id(0).to(OFFSET_TY)
+    programs = tl.num_programs(0).to(OFFSET_TY)
+    group = tl.program_id(2).to(OFFSET_TY)
+    strips = tl.cdiv(OW, BLOCK_W)
+    bands = tl.cdiv(OH, ROWS)
+    u_prog = u_ptr + (group * programs + pid) * (RING * BW_IN * RANK)  # this program's ring
+    b_grp = b_ptr + group * stride_bg
+    v_grp = v_ptr + group * stride_vg
+    h_grp = h_ptr + group * stride_hg
+    a_grp = a_ptr + group * stride_ag
+    offs_m = tl.arange(0, BLOCK_M).to(OFFSET_TY)
+    offs_q = tl.arange(0, STEP * BLOCK_W).to(OFFSET_TY)  # output pixels of a step: STEP rows x BLOCK_W
+    t_q = offs_q // BLOCK_W
+    q_q = offs_q % BLOCK_W
+    offs_rs = tl.arange(0, BLOCK_R)
+
+    for work in range(pid, N * strips * bands, programs):  # a persistent grid: few rings, kept hot
+        strip = work % strips
+        band = (work // strips) % bands
+        n = work // (strips * bands)
+        p_band = band * ROWS  # first output row of the band
+        ow0 = strip * BLOCK_W
+        ih_band = p_band * STRIDE_H - PAD_T  # input row of ring row 0
+        iw_strip = ow0 * STRIDE_W - PAD_L  # input column of ring column 0
+        x_img = x_ptr + n * stride_xn + group * C_IN_G * stride_xc
+        steps = tl.cdiv(tl.minimum(OH - p_band, ROWS), STEP)
+        for s in range(0, steps):
+            # Ring rows this step reads: k_lo .. k_hi (relative to the band); the earlier ones are there.
+            k_lo = s * STEP * STRIDE_H
+            k_hi = k_lo + RING - 1
+            k_first = k_lo
+            if s > 0:
+                k_first = tl.maximum(k_lo, k_hi - STEP * STRIDE_H + 1)
+            new_pixels = (k_hi - k_first + 1) * BW_IN
+            # Stage 1 of the new input rows, K = Cin: [BM, BC] @ [BC, BR] -> [BM, BR] into the ring.
+            for m0 in range(0, new_pixels, BLOCK_M):
+                m = m0 + offs_m
+                k = k_first + m // BW_IN
+                col = m % BW_IN
+                ih = ih_band + k
+                iw = iw_strip + col
+                ok = (m < new_pixels) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # zeros: the padding
+                x_pix = x_img + ih * stride_xh + iw * stride_xw
+                u_row = u_prog + ((k % RING) * BW_IN + col) * RANK  # [BM] ring addresses
+                for r0 in range(0, RANK, BLOCK_R):
+                    rr = r0 + offs_rs
+                    mask_r = rr < RANK
+                    u = _channel_contraction(
+                        tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), x_pix, ok, C_IN_G, rr, mask_r, b_grp,
+                        mask_r, stride_xc, stride_bc, stride_br, DOT_PRECISION, OFFSET_TY, BLOCK_C, SCALED=False,
+                    )
+                    tl.store(u_row[:, None] + rr[None, :], u, mask=(m < new_pixels)[:, None] & mask_r[None, :])
+            tl.debug_barrier()  # the ring rows written above are read by other threads below
+
+            # Stages 2-4 for STEP output rows: z = sum_ij V[i]H[j] u[shifted] (fp32), y = z @ A + bias.
+            p = p_band + s * STEP + t_q  # [SB] output rows
+            ow = ow0 + q_q  # [SB] output columns
+            out_ok = (p < OH) & (p < p_band + ROWS) & (ow < OW)
+            y_pix = y_ptr + n * stride_yn + p * stride_yh + ow * stride_yw
+            for o0 in range(0, C_OUT_G, BLOCK_O):
+                offs_o = o0 + tl.arange(0, BLOCK_O).to(OFFSET_TY)
+                mask_o = offs_o < C_OUT_G
+                acc_y = tl.zeros([STEP * BLOCK_W, BLOCK_O], dtype=tl.float32)
+                for r0 in range(0, RANK, BLOCK_R):
+                    rr = r0 + offs_rs
+                    mask_r = rr < RANK
+                    z = tl.zeros([STEP * BLOCK_W, BLOCK_R], dtype=tl.float32)
+                    # A runtime loop over the taps: one tap's addresses live at a time (unrolled, the
+                    # kh*kw gathers spilled at every tile).
+                    for tap in range(KH * KW):
+                        i = tap // KW
+                        j = tap % KW
+                        v_i = tl.load(v_grp + i * stride_vi + rr * stride_vr, mask=mask_r, other=0.0)
+                        h_j = tl.load(h_grp + j * stride_hj + rr * stride_hr, mask=mask_r, other=0.0)
+                        vh = v_i.to(tl.float32) * h_j.to(tl.float32)  # [BR]: tap (i, j), never rounded
+                        ring_pix = ((k_lo + t_q * STRIDE_H + i * DIL_H) % RING) * BW_IN + q_q * STRIDE_W + j * DIL_W
+                        u = tl.load(u_prog + ring_pix[:, None] * RANK + rr[None, :], mask=mask_r[None, :], other=0.0)
+                        z += vh[None, :] * u  # [SB, BR]
+                    a = tl.load(
+                        a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
+                        mask=mask_r[:, None] & mask_o[None, :], other=0.0,
+                    )  # [BR, BO]
+                    if SPLIT_Z:
+                        z_hi = z.to(a.dtype)
+                        z_lo = (z - z_hi.to(tl.float32)).to(a.dtype)
+                        # [SB, BR] @ [BR, BO] -> [SB, BO], twice: z = z_hi + z_lo to ~16 mantissa bits
+                        acc_y = tl.dot(z_hi, a, acc_y, input_precision=DOT_PRECISION)
+                        acc_y = tl.dot(z_lo, a, acc_y, input_precision=DOT_PRECISION)
+                    else:
+                        # [SB, BR] @ [BR, BO] -> [SB, BO]
+                        acc_y = tl.dot(z.to(a.dtype), a, acc_y, input_precision=DOT_PRECISION)
+                if HAS_BIAS:
+                    acc_y += tl.load(bias_ptr + group * C_OUT_G + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+                y_ptrs = y_pix[:, None] + (group * C_OUT_G + offs_o)[None, :] * stride_yc
+                tl.store(y_ptrs, acc_y.to(y_ptr.dtype.element_ty), mask=out_ok[:, None] & mask_o[None, :])
+            tl.debug_barrier()  # every thread is done reading the ring before the next step overwrites it
+
+
+# --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
 def needs_int64(*tensors: Optional[Tensor]) -> bool:
@@ -461,7 +634,13 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNELS = ("auto", "rows", "taps", "wide")
 DEFAULT_KERNEL = "auto"  # which kernel cp_conv2d_fused launches when not told (tests switch it)
+
+
+def rows_kernel_applies(kernel_size, stride, dilation, rank: int, max_rank: int = 128) -> bool:
+    """The rows kernel's window holds three input rows of the whole rank in registers."""
+    return kernel_size[0] == 3 and stride[0] in (1, 2) and dilation[0] == 1 and rank <= max_rank
 
 
 def new_output(shape: tuple[int, ...], x: Tensor) -> Tensor:
@@ -490,8 +669,10 @@ def cp_conv2d_fused(
     and memory format; ``x`` is read through its strides, never copied. ``out``, if given, receives the
     result (any strides). ``force_int64`` takes the 64-bit offset path even for small tensors.
     ``kernel``: ``"rows"`` (the rolling-window kernel; kh = 3, vertical stride 1 or 2, vertical dilation 1,
-    rank <= 128), ``"taps"`` (the general kernel), or ``"auto"`` (rows wherever it applies); None
-    means :data:`DEFAULT_KERNEL`.
+    rank <= 128), ``"taps"`` (the general kernel), ``"wide"`` (any shape and rank; stage 1 once per
+    input pixel through a scratch ring), or ``"auto"`` (rows wherever it applies, else taps up to its
+    whole-rank tiles, else wide); None means :data:`DEFAULT_KERNEL`. Which kernel runs a call on a
+    GPU is the GPU plan's choice (:mod:`cpkernels.plans.gpu`); ``"auto"`` is the rule without a plan.
     """
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the fused kernel supports {SUPPORTED_DTYPES}, got {x.dtype}")
@@ -512,32 +693,37 @@ def cp_conv2d_fused(
         y = out
     if y.numel() == 0:
         return y
-    use_int64 = force_int64 or needs_int64(x, y)
     kernel = DEFAULT_KERNEL if kernel is None else kernel
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     max_rows_rank = max(t[3] for t in ROWS_TILES.for_dtype(x.dtype))
-    rows_apply = kh == 3 and stride[0] in (1, 2) and dilation[0] == 1 and rank <= max_rows_rank
-    if kernel not in ("auto", "rows", "taps"):
-        raise ValueError(f"kernel must be 'auto', 'rows' or 'taps', got {kernel!r}")
+    rows_apply = rows_kernel_applies((kh, kw), stride, dilation, rank, max_rows_rank)
     if kernel == "rows" and not rows_apply:
         raise ValueError(
             f"the rows kernel needs kh = 3, vertical stride 1 or 2, vertical dilation 1 and rank <= {max_rows_rank}"
         )
+    if kernel == "auto":
+        # The GPU's tiles decide, under the interpreter too (its one tile is not what a GPU runs).
+        taps_tiles = TAPS_TILES.tiles_fp32 if x.dtype == torch.float32 else TAPS_TILES.tiles_16bit
+        kernel = "rows" if rows_apply else ("taps" if rank <= max(t[2] for t in taps_tiles) else "wide")
+    args = (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias if bias is not None else y, y)
+    strides = (*x.stride(), *y.stride(), *input_factor.stride(), *vertical_factor.stride(),
+               *horizontal_factor.stride(), *output_factor.stride())
+    flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype))
     global _last_kernel, _last_autotuner
-    if rows_apply and kernel != "taps":
+    if kernel == "wide":
+        return _launch_wide(args, strides, flags, (n, h, w, oh, ow, groups, cin_g, rank, cout_g, kh, kw),
+                            stride, padding, dilation, force_int64)
+    use_int64 = force_int64 or needs_int64(x, y)
+    if kernel == "rows":
         _last_autotuner = cp_conv2d_rows_kernel
 
         def rows_grid(meta):
             return (n * triton.cdiv(oh, meta["ROWS"]) * triton.cdiv(ow, meta["BLOCK_W"]), 1, groups)
 
         _last_kernel = cp_conv2d_rows_kernel[rows_grid](
-            x, input_factor, vertical_factor, horizontal_factor, output_factor,
-            bias if bias is not None else y, y,
-            h, w, oh, ow, cin_g, rank, cout_g,
-            *x.stride(), *y.stride(),
-            *input_factor.stride(), *vertical_factor.stride(), *horizontal_factor.stride(), *output_factor.stride(),
-            stride[1], padding[0], padding[2], dilation[1],
-            STRIDE_H=stride[0], KW=kw, HAS_BIAS=bias is not None, USE_INT64=use_int64,
-            DOT_PRECISION=dot_precision(x.dtype),
+            *args, h, w, oh, ow, cin_g, rank, cout_g, *strides, stride[1], padding[0], padding[2], dilation[1],
+            STRIDE_H=stride[0], KW=kw, USE_INT64=use_int64, **flags,
         )
         return y
     m = n * oh * ow
@@ -549,13 +735,50 @@ def cp_conv2d_fused(
 
     _last_autotuner = cp_conv2d_fused_kernel
     _last_kernel = cp_conv2d_fused_kernel[grid](
-        x, input_factor, vertical_factor, horizontal_factor, output_factor,
-        bias if bias is not None else y, y,
-        m, h, w, oh, ow, cin_g, rank, cout_g,
-        *x.stride(), *y.stride(),
-        *input_factor.stride(), *vertical_factor.stride(), *horizontal_factor.stride(), *output_factor.stride(),
+        *args, m, h, w, oh, ow, cin_g, rank, cout_g, *strides,
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, USE_INT64=use_int64, DOT_PRECISION=dot_precision(x.dtype),
+        KH=kh, KW=kw, USE_INT64=use_int64, **flags,
+    )
+    return y
+
+
+def wide_programs(work: int, device: torch.device) -> int:
+    """Programs of the wide kernel's persistent grid: one per SM (each holds one ring), three under the
+    interpreter (so the tests walk the work loop)."""
+    if device.type != "cuda":
+        return min(work, 3)
+    return min(work, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def wide_work(n: int, oh: int, ow: int, rows: int, block_w: int) -> int:
+    return n * triton.cdiv(oh, rows) * triton.cdiv(ow, block_w)
+
+
+def _launch_wide(args, strides, flags, dims, stride, padding, dilation, force_int64):
+    """The wide kernel with its scratch: one fp32 ring per program, sized for the largest tile it may take."""
+    global _last_kernel, _last_autotuner
+    x, y = args[0], args[-1]
+    n, h, w, oh, ow, groups, cin_g, rank, cout_g, kh, kw = dims
+    names = WIDE_TILES.names
+
+    def ring_elements(tile) -> int:
+        meta = dict(zip(names, tile))
+        ring, bw_in = wide_geometry((kh, kw), stride, dilation, meta["STEP"], meta["BLOCK_W"])
+        programs = wide_programs(wide_work(n, oh, ow, meta["ROWS"], meta["BLOCK_W"]), x.device)
+        return programs * groups * ring * bw_in * rank
+
+    scratch = torch.empty(max(ring_elements(t) for t in WIDE_TILES.for_dtype(x.dtype)),
+                          dtype=torch.float32, device=x.device)
+    use_int64 = force_int64 or needs_int64(x, y, scratch)
+
+    def grid(meta):
+        return (wide_programs(wide_work(n, oh, ow, meta["ROWS"], meta["BLOCK_W"]), x.device), 1, groups)
+
+    _last_autotuner = cp_conv2d_wide_kernel
+    _last_kernel = cp_conv2d_wide_kernel[grid](
+        *args, scratch, h, w, oh, ow, cin_g, rank, cout_g, *strides, padding[0], padding[2], n,
+        STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
+        USE_INT64=use_int64, SPLIT_Z=x.dtype != torch.float32, **flags,
     )
     return y
 
@@ -574,5 +797,5 @@ def best_config() -> Optional[dict]:
     cfg = getattr(_last_autotuner, "best_config", None)
     if cfg is None:
         return None
-    name = "rows" if _last_autotuner is cp_conv2d_rows_kernel else "taps"
+    name = {cp_conv2d_rows_kernel: "rows", cp_conv2d_wide_kernel: "wide"}.get(_last_autotuner, "taps")
     return {"kernel": name, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

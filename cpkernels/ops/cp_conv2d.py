@@ -5,15 +5,16 @@ Chain: :func:`cp_conv2d` (Python API: argument checks, padding modes, autocast, 
 ``torch.export`` see; eager calls take the same forward and backward through an
 ``autograd.Function``, or plain torch ops for the PyTorch-only paths) -> one implementation:
 ``"reference"``, the four-stage path (:mod:`cpkernels.ops.reference`); ``"cpu"``, the same stages
-arranged for CPU libraries (:mod:`cpkernels.ops.cpu`); ``"triton"``, the fused kernel
-(:mod:`cpkernels.kernels.cp_conv2d_fused`).
+arranged for CPU libraries (:mod:`cpkernels.ops.cpu`); ``"dense"``, one conv of the reconstructed
+weight; ``"triton"`` (or ``"triton-rows"``/``"-taps"``/``"-wide"`` for one kernel), the fused kernel
+(:mod:`cpkernels.kernels.cp_conv2d_fused`). On CUDA tensors ``backend="auto"`` follows the GPU plan
+(:mod:`cpkernels.plans.gpu`), which picks among dense, the four stages and the fused kernels.
 
 Autograd: the backward is the reference maths (:func:`cp_conv2d_reference_backward`) whichever backend
 ran forward, so gradients for ``x``, every factor and the bias are exact up to rounding.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -21,44 +22,38 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..factors import CPFactors
+from ..switches import triton_available, triton_interpreter_enabled
 from . import conv_args
 from .cpu import cp_conv2d_cpu
-from .reference import cp_conv2d_reference, cp_conv2d_reference_backward
+from .reference import cp_conv2d_dense_weight, cp_conv2d_reference, cp_conv2d_reference_backward
 
 BACKENDS = ("auto", "reference", "triton")
-IMPLEMENTATIONS = ("reference", "cpu", "triton")
-_IMPLS = {"reference": cp_conv2d_reference, "cpu": cp_conv2d_cpu}
+FUSED_IMPLS = {"triton": None, "triton-rows": "rows", "triton-taps": "taps", "triton-wide": "wide"}
+IMPLEMENTATIONS = ("reference", "cpu", "dense", *FUSED_IMPLS)
+_IMPLS = {"reference": cp_conv2d_reference, "cpu": cp_conv2d_cpu, "dense": cp_conv2d_dense_weight}
+# The GPU plan's strategies (cpkernels.plans.gpu.STRATEGIES) and the implementation each one runs.
+STRATEGY_IMPLS = {"dense": "dense", "four-stage": "reference", "fused-rows": "triton-rows",
+                  "fused-taps": "triton-taps", "fused-wide": "triton-wide"}
 
 
 # --------------------------------------------------------------------------------------------------
 # Backend selection
 # --------------------------------------------------------------------------------------------------
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_backend(backend: str, x: Tensor) -> str:
-    """The implementation that runs for ``x``: ``"triton"``, ``"cpu"`` or ``"reference"``.
+    """The implementation that runs for ``x``: ``"triton"``, ``"cpu"``, ``"reference"``, or ``"gpu-plan"``
+    (decided per call by :func:`cpkernels.plans.gpu.choose`).
 
-    ``"auto"`` picks the fused kernel for CUDA tensors and the CPU path (the reference stages arranged
-    for CPU libraries) for CPU tensors. float64 never runs the fused kernel: it accumulates in fp32,
-    and float64 must not silently lose precision.
+    ``"auto"`` follows the GPU plan for CUDA tensors and takes the CPU path (the reference stages
+    arranged for CPU libraries) for CPU tensors. float64 never runs the fused kernel: it accumulates
+    in fp32, and float64 must not silently lose precision.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
     if backend == "auto":
-        if x.device.type == "cuda" and x.dtype != torch.float64 and triton_available():
-            return "triton"
+        if x.device.type == "cuda":
+            return "gpu-plan" if triton_available() else "reference"
         return "cpu" if x.device.type == "cpu" else "reference"
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package, which is not installed")
@@ -88,14 +83,12 @@ def _cp_conv2d_op(
 ) -> Tensor:
     """CP conv of a 4-D ``x``; ``padding`` is ``(top, bottom, left, right)`` zero padding."""
     args = (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation)
-    if impl == "triton":
+    if impl in FUSED_IMPLS:
         from ..kernels.cp_conv2d_fused import cp_conv2d_fused
 
-        return cp_conv2d_fused(*args)
-    if impl == "cpu":
-        return cp_conv2d_cpu(*args)
-    if impl == "reference":
-        return cp_conv2d_reference(*args)
+        return cp_conv2d_fused(*args, kernel=FUSED_IMPLS[impl])
+    if impl in _IMPLS:
+        return _IMPLS[impl](*args)
     raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
@@ -136,18 +129,18 @@ class _FusedCPConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding,
-                dilation):
+                dilation, kernel):
         from ..kernels.cp_conv2d_fused import cp_conv2d_fused
 
         y = cp_conv2d_fused(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride,
-                            padding, dilation)
+                            padding, dilation, kernel=kernel)
         _setup_context(ctx, (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride,
                              padding, dilation, "triton"), y)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _backward(ctx, grad_y)[:6] + (None, None, None)
+        return _backward(ctx, grad_y)[:6] + (None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +191,23 @@ def _autocast(tensors: list[Optional[Tensor]], device_type: str) -> list[Optiona
     ]
 
 
+def _planned_impl(tensors, stride, pad, dilation, measure: bool) -> str:
+    """The implementation the GPU plan picks for this call (cached per call signature)."""
+    from ..plans import gpu
+
+    x, f_in, f_v, f_h, f_out, _ = tensors
+    groups, _, rank = f_in.shape
+
+    def run(strategy: str) -> Tensor:
+        with torch.no_grad():
+            return _cp_conv2d_op(*tensors, list(stride), list(pad), list(dilation), STRATEGY_IMPLS[strategy])
+
+    kernel_size = (f_v.shape[1], f_h.shape[1])
+    chosen = gpu.choose(x, rank, groups, f_out.shape[0] * f_out.shape[1], kernel_size, stride, pad, dilation,
+                        run=run if measure else None)
+    return STRATEGY_IMPLS[chosen.chosen]
+
+
 def cp_conv2d(
     x: Tensor,
     factors: CPFactors,
@@ -216,7 +226,8 @@ def cp_conv2d(
         bias: ``(Cout,)`` or None.
         stride, padding, dilation: as ``nn.Conv2d`` (ints, pairs, ``"same"``, ``"valid"``).
         padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``, as ``nn.Conv2d``.
-        backend: ``"auto"`` (fused kernel on CUDA, reference elsewhere), ``"reference"`` or ``"triton"``.
+        backend: ``"auto"`` (the GPU plan on CUDA, the CPU path on CPU), ``"reference"`` or ``"triton"``
+            (the fused kernel, forced).
 
     Returns:
         ``(N, Cout, OH, OW)`` (or unbatched), in ``x``'s dtype and memory format.
@@ -256,10 +267,13 @@ def cp_conv2d(
     if torch.is_autocast_enabled(device_type):
         # A custom op has no autocast rule of its own (the Autocast key falls through): cast here.
         tensors = _autocast(tensors, device_type)
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if impl == "gpu-plan":
+        impl = _planned_impl(tensors, stride_, pad, dilation_, measure=not compiling)
+    if compiling:
         y = _cp_conv2d_op(*tensors, list(stride_), list(pad), list(dilation_), impl)
-    elif impl == "triton":
-        y = _FusedCPConv2d.apply(*tensors, stride_, pad, dilation_)
+    elif impl in FUSED_IMPLS:
+        y = _FusedCPConv2d.apply(*tensors, stride_, pad, dilation_, FUSED_IMPLS[impl])
     else:
         # Eager PyTorch-only paths: plain differentiable torch ops, so autograd needs no recomputation
         # and the custom op's per-call cost is saved (see _FusedCPConv2d).

@@ -15,21 +15,22 @@ What profiling the four-stage reference on a 2-core x86 CPU showed (``python -m 
   intermediates take the im2col conv with a block-diagonal weight (:func:`depthwise_by_im2col`).
 - Layers with a few input channels and CP ranks near them (a 3->64 conv at rank 16, say) save few
   MACs, and the CP form moves more bytes than the dense conv (it writes and re-reads two rank-R
-  intermediates). There a rough CPU cost model (:func:`dense_is_cheaper`) picks the dense conv with
-  the reconstructed weight, which computes the same function.
+  intermediates). There a rough CPU cost model (:func:`cpkernels.plans.cpu.dense_is_cheaper`)
+  picks the dense conv with the reconstructed weight, which computes the same function.
 It computes exactly what :func:`cpkernels.ops.reference.cp_conv2d_reference` computes, up to rounding,
 and takes the same normalised arguments.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conv_args import is_channels_last, output_size
+from ..plans import cpu as cpu_plan
+from .conv_args import output_size
+from .reference import cp_conv2d_dense_weight
 
 
 def merged_depthwise_weight(vertical_factor: Tensor, horizontal_factor: Tensor) -> Tensor:
@@ -40,30 +41,9 @@ def merged_depthwise_weight(vertical_factor: Tensor, horizontal_factor: Tensor) 
     return w.permute(0, 3, 1, 2).reshape(g * r, 1, kh, kw)
 
 
-# The im2col depthwise conv: for at most this many intermediate channels (it does channels times the
-# depthwise MACs), and while its column buffer (kh*kw times the output) stays under this size; past
-# it, first-touch page faults of the buffer cost more than the idle vector lanes (a 5x5 at rank 1 on
-# 8x224x224: 14.5 ms against 2.3 ms for oneDNN).
-IM2COL_MAX_CHANNELS = 2
-IM2COL_MAX_BYTES = 16 << 20
-# Without groups, from this rank up the intermediates are pixel-major (see ``stages`` below); under it
-# the first GEMM's narrow [Cin, R] operand made MKL 2-4x slower than the NCHW arrangement.
-PIXEL_MAJOR_MIN_RANK = 16
-
-
-# ATen's im2col conv (``thnn_conv2d``, present in every torch release this package supports); without
-# it the depthwise stage stays a grouped conv.
+# ATen's im2col conv (``thnn_conv2d``, present in every torch release this package supports); the
+# plan (:mod:`cpkernels.plans.cpu`) takes it only where it exists.
 _THNN_CONV2D = getattr(torch._C._nn, "thnn_conv2d", None)
-
-
-def depthwise_by_im2col(n: int, channels: int, kernel_size, out_size, dilation, element_size: int) -> bool:
-    """Whether the depthwise stage over ``n`` images of ``channels`` intermediate channels runs as an
-    im2col conv (on NCHW intermediates)."""
-    column_bytes = n * channels * kernel_size[0] * kernel_size[1] * out_size[0] * out_size[1] * element_size
-    return (
-        _THNN_CONV2D is not None and channels <= IM2COL_MAX_CHANNELS and tuple(dilation) == (1, 1)
-        and column_bytes <= IM2COL_MAX_BYTES
-    )
 
 
 def im2col_depthwise(t: Tensor, depthwise_weight: Tensor, stride, padding) -> Tensor:
@@ -116,73 +96,6 @@ def _pointwise_to_pixel_major(x: Tensor, input_factor: Tensor) -> Tensor:
     return t.view(n, h, w, r).permute(0, 3, 1, 2)
 
 
-# Inference in NCHW runs the batch in chunks whose rank-R intermediate stays near this size, so the
-# intermediates stay in cache and their memory is reused instead of page-faulted in fresh each call
-# (a 128-channel 112x112 batch-8 layer: 50 ms whole, 33 ms in chunks of 4, on a 2-core x86 CPU).
-CHUNK_BYTES = 8 << 20
-
-
-# The model's constant: MACs per byte moved at which the CPU is as busy computing as moving data.
-# On the 2-core x86 machine the project was tuned on, a square fp32 matmul ran at ~90 GMAC/s and a
-# freshly allocated 51 MB activation cost ~9 ms of first-touch page faults (~6 GB/s) before any copy;
-# 5 sits between those rates.
-MACS_PER_BYTE = 5.0
-# Below this many dense MACs (~0.1 ms of dense conv there) per-call costs decide, not MACs or bytes:
-# oneDNN's conv set-up alone took 40-60 us a call, and the CP stages (two GEMMs and a depthwise conv)
-# ran faster, e.g. the 3->2 5x5 conv at rank 1 on 8x3x32x32: 70 us against 135 us dense.
-DENSE_MIN_MACS = 10_000_000
-
-
-def dense_is_cheaper(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size) -> bool:
-    """Whether the dense conv beats the CP stages under a max(MACs, bytes) model of the CPU."""
-    n, cin, h, w = x.shape
-    (kh, kw), (oh, ow) = kernel_size, out_size
-    es = x.element_size()
-    x_px, y_px = n * h * w, n * oh * ow
-    dense_macs = y_px * cout * (cin // groups) * kh * kw
-    if dense_macs < DENSE_MIN_MACS:
-        return False
-    dense = max(dense_macs, MACS_PER_BYTE * es * (x_px * cin + y_px * cout))
-    gr = groups * rank
-    cp_macs = x_px * cin * rank + y_px * gr * kh * kw + y_px * rank * cout
-    cp_bytes = es * (x_px * cin + 2 * x_px * gr + 2 * y_px * gr + y_px * cout)
-    return dense < max(cp_macs, MACS_PER_BYTE * cp_bytes)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How the CPU path computes one call.
-
-    ``arrangement``: ``"dense-weight"`` (dense conv of the reconstructed weight), ``"im2col"`` (NCHW
-    intermediates, im2col depthwise conv), ``"pixel-major"`` (channels_last intermediates between GEMMs),
-    ``"nchw"`` (NCHW intermediates, grouped depthwise conv), or for channels_last inputs
-    ``"channels-last-im2col"`` and ``"channels-last-convs"`` (1x1 and depthwise convs). ``chunk``: images
-    per batch chunk (the whole batch when not chunked).
-    """
-
-    arrangement: str
-    chunk: int
-
-
-def plan(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size, dilation, needs_grad: bool) -> Plan:
-    """The CPU path's choice for ``x`` (4-D) and a layer of these dimensions; see the module docstring."""
-    n, _, h, w = x.shape
-    es = x.element_size()
-    if dense_is_cheaper(x, rank, groups, cout, kernel_size, out_size):
-        return Plan("dense-weight", n)
-    if is_channels_last(x):
-        if groups == 1 and depthwise_by_im2col(n, rank, kernel_size, out_size, dilation, es):
-            return Plan("channels-last-im2col", n)
-        return Plan("channels-last-convs", n)
-    # NCHW inference runs in batch chunks; out= writes have no autograd, so training takes the whole batch.
-    chunk = n if needs_grad else max(1, min(n, CHUNK_BYTES // max(1, groups * rank * h * w * es)))
-    if depthwise_by_im2col(chunk, groups * rank, kernel_size, out_size, dilation, es):
-        return Plan("im2col", chunk)
-    if groups == 1 and rank >= PIXEL_MAJOR_MIN_RANK:
-        return Plan("pixel-major", chunk)
-    return Plan("nchw", chunk)
-
-
 def cp_conv2d_cpu(
     x: Tensor,
     input_factor: Tensor,
@@ -203,14 +116,10 @@ def cp_conv2d_cpu(
     out_size = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
     tensors = (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    how = plan(x, rank, groups, cout, kernel_size, out_size, dilation, needs_grad)
+    how = cpu_plan.plan(x, rank, groups, cout, kernel_size, out_size, dilation, needs_grad)
 
     if how.arrangement == "dense-weight":
-        weight = torch.einsum("gor,gcr,gir,gjr->gocij", output_factor, input_factor, vertical_factor, horizontal_factor)
-        weight = weight.reshape(cout, -1, *kernel_size)
-        if not symmetric:
-            return F.conv2d(F.pad(x, (pl, pr, pt, pb)), weight, bias, stride, 0, dilation, groups)
-        return F.conv2d(x, weight, bias, stride, (pt, pl), dilation, groups)
+        return cp_conv2d_dense_weight(x, *tensors[1:], stride, padding, dilation)
 
     w_dw = merged_depthwise_weight(vertical_factor, horizontal_factor)
     sym_pad = (pt, pl) if symmetric else (0, 0)

@@ -33,6 +33,34 @@ def stage_weights(
     return w_in, w_vert, w_horz, w_out
 
 
+def dense_weight(
+    input_factor: Tensor, vertical_factor: Tensor, horizontal_factor: Tensor, output_factor: Tensor
+) -> Tensor:
+    """The reconstructed conv weight ``[Cout, Cin/G, kh, kw]`` (differentiable)."""
+    w = torch.einsum("gor,gcr,gir,gjr->gocij", output_factor, input_factor, vertical_factor, horizontal_factor)
+    return w.reshape(-1, *w.shape[2:])
+
+
+def cp_conv2d_dense_weight(
+    x: Tensor,
+    input_factor: Tensor,
+    vertical_factor: Tensor,
+    horizontal_factor: Tensor,
+    output_factor: Tensor,
+    bias: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """The same function as one dense conv of the reconstructed weight: where CP saves too little to
+    win (the CPU and GPU plans decide)."""
+    weight = dense_weight(input_factor, vertical_factor, horizontal_factor, output_factor)
+    pt, pb, pl, pr = padding
+    if pt == pb and pl == pr:
+        return F.conv2d(x, weight, bias, stride, (pt, pl), dilation, input_factor.shape[0])
+    return F.conv2d(F.pad(x, (pl, pr, pt, pb)), weight, bias, stride, 0, dilation, input_factor.shape[0])
+
+
 def _split_padding(lo: int, hi: int) -> tuple[tuple[int, int], int]:
     """Symmetric part for the conv, and the explicit (lo, hi) pad still needed before it."""
     if lo == hi:

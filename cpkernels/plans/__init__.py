@@ -1,0 +1,7 @@
+"""The choices this package makes from costs, built on the cost model of :mod:`cpkernels.cost`:
+
+- :mod:`cpkernels.plans.cpu`: how the CPU path arranges a call (or runs the dense conv of the
+  reconstructed weight);
+- :mod:`cpkernels.plans.gpu`: which strategy runs a call on a GPU (dense, four-stage, or one of the
+  fused kernels), by a roofline model of a named GPU or by measuring.
+"""

@@ -1,0 +1,106 @@
+"""The CPU path's plan: which arrangement of the CP stages (or the dense conv of the reconstructed
+weight) runs one call on the CPU, and in what batch chunks. The stages themselves are in
+:mod:`cpkernels.ops.cpu`, whose docstring says what profiling showed for each choice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..ops.conv_args import is_channels_last
+
+# The im2col depthwise conv: for at most this many intermediate channels (it does channels times the
+# depthwise MACs), and while its column buffer (kh*kw times the output) stays under this size; past
+# it, first-touch page faults of the buffer cost more than the idle vector lanes (a 5x5 at rank 1 on
+# 8x224x224: 14.5 ms against 2.3 ms for oneDNN).
+IM2COL_MAX_CHANNELS = 2
+IM2COL_MAX_BYTES = 16 << 20
+# Without groups, from this rank up the intermediates are pixel-major (``stages`` in ops/cpu.py); under it
+# the first GEMM's narrow [Cin, R] operand made MKL 2-4x slower than the NCHW arrangement.
+PIXEL_MAJOR_MIN_RANK = 16
+
+
+# ATen's im2col conv (``thnn_conv2d``, present in every torch release this package supports); without
+# it the depthwise stage stays a grouped conv.
+_HAS_THNN_CONV2D = hasattr(torch._C._nn, "thnn_conv2d")
+
+
+def depthwise_by_im2col(n: int, channels: int, kernel_size, out_size, dilation, element_size: int) -> bool:
+    """Whether the depthwise stage over ``n`` images of ``channels`` intermediate channels runs as an
+    im2col conv (on NCHW intermediates)."""
+    column_bytes = n * channels * kernel_size[0] * kernel_size[1] * out_size[0] * out_size[1] * element_size
+    return (
+        _HAS_THNN_CONV2D and channels <= IM2COL_MAX_CHANNELS and tuple(dilation) == (1, 1)
+        and column_bytes <= IM2COL_MAX_BYTES
+    )
+
+
+# Inference in NCHW runs the batch in chunks whose rank-R intermediate stays near this size, so the
+# intermediates stay in cache and their memory is reused instead of page-faulted in fresh each call
+# (a 128-channel 112x112 batch-8 layer: 50 ms whole, 33 ms in chunks of 4, on a 2-core x86 CPU).
+CHUNK_BYTES = 8 << 20
+
+
+# The model's constant: MACs per byte moved at which the CPU is as busy computing as moving data.
+# On the 2-core x86 machine the project was tuned on, a square fp32 matmul ran at ~90 GMAC/s and a
+# freshly allocated 51 MB activation cost ~9 ms of first-touch page faults (~6 GB/s) before any copy;
+# 5 sits between those rates.
+MACS_PER_BYTE = 5.0
+# Below this many dense MACs (~0.1 ms of dense conv there) per-call costs decide, not MACs or bytes:
+# oneDNN's conv set-up alone took 40-60 us a call, and the CP stages (two GEMMs and a depthwise conv)
+# ran faster, e.g. the 3->2 5x5 conv at rank 1 on 8x3x32x32: 70 us against 135 us dense.
+DENSE_MIN_MACS = 10_000_000
+
+
+def dense_is_cheaper(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size) -> bool:
+    """Whether the dense conv beats the CP stages under a max(MACs, bytes) model of the CPU."""
+    n, cin, h, w = x.shape
+    (kh, kw), (oh, ow) = kernel_size, out_size
+    es = x.element_size()
+    x_px, y_px = n * h * w, n * oh * ow
+    dense_macs = y_px * cout * (cin // groups) * kh * kw
+    if dense_macs < DENSE_MIN_MACS:
+        return False
+    dense = max(dense_macs, MACS_PER_BYTE * es * (x_px * cin + y_px * cout))
+    gr = groups * rank
+    cp_macs = x_px * cin * rank + y_px * gr * kh * kw + y_px * rank * cout
+    cp_bytes = es * (x_px * cin + 2 * x_px * gr + 2 * y_px * gr + y_px * cout)
+    return dense < max(cp_macs, MACS_PER_BYTE * cp_bytes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the CPU path computes one call.
+
+    ``arrangement``: ``"dense-weight"`` (dense conv of the reconstructed weight), ``"im2col"`` (NCHW
+    intermediates, im2col depthwise conv), ``"pixel-major"`` (channels_last intermediates between GEMMs),
+    ``"nchw"`` (NCHW intermediates, grouped depthwise conv), or for channels_last inputs
+    ``"channels-last-im2col"`` and ``"channels-last-convs"`` (1x1 and depthwise convs). ``chunk``: images
+    per batch chunk (the whole batch when not chunked).
+    """
+
+    arrangement: str
+    chunk: int
+
+
+def plan(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size, dilation, needs_grad: bool) -> Plan:
+    """The CPU path's choice for ``x`` (4-D) and a layer of these dimensions; see the module docstring."""
+    n, _, h, w = x.shape
+    es = x.element_size()
+    if dense_is_cheaper(x, rank, groups, cout, kernel_size, out_size):
+        return Plan("dense-weight", n)
+    if is_channels_last(x):
+        if groups == 1 and depthwise_by_im2col(n, rank, kernel_size, out_size, dilation, es):
+            return Plan("channels-last-im2col", n)
+        return Plan("channels-last-convs", n)
+    # NCHW inference runs in batch chunks; out= writes have no autograd, so training takes the whole batch.
+    chunk = n if needs_grad else max(1, min(n, CHUNK_BYTES // max(1, groups * rank * h * w * es)))
+    if depthwise_by_im2col(chunk, groups * rank, kernel_size, out_size, dilation, es):
+        return Plan("im2col", chunk)
+    if groups == 1 and rank >= PIXEL_MAJOR_MIN_RANK:
+        return Plan("pixel-major", chunk)
+    return Plan("nchw", chunk)
+
+

@@ -1,0 +1,418 @@
+"""The GPU plan: which way of computing a CP layer runs one call on a CUDA device.
+
+The counterpart of :mod:`cpkernels.plans.cpu`. For each call signature (shape, rank, groups, stride,
+dilation, dtype, layout, TF32 switch, device) it picks one of :data:`STRATEGIES` by a written cost
+model, on the peaks of a named GPU (:class:`GPUSpec`):
+
+    time = max(tensor-core FLOPs / peak, CUDA-core FLOPs / fp32 peak, HBM bytes / HBM bandwidth,
+               L2 bytes / L2 bandwidth) / fill + launches * launch latency
+
+``fill`` is the share of the SMs a kernel's grid occupies (a grid of 32 programs on 132 SMs runs at a
+quarter of the peaks). Each fused kernel is modeled at each of its tiles and the best tile counts, as
+its autotuner would pick it. Everything here is arithmetic on the shapes and on datasheet peaks;
+``L2 bandwidth`` and ``launch latency`` are assumptions of the model (no datasheet states them), and
+no timing of this package's kernels on a GPU has been fed back into it yet.
+
+``CPKERNELS_GPU_PLAN=measure`` (or :data:`MEASURE` = True) instead times every candidate once per call
+signature on the device, after checking that each computes what the four-stage path computes, and
+keeps the fastest: like ``torch.backends.cudnn.benchmark``. Decisions are cached per signature; a new
+signature is decided when first seen (from the model at once; in measured mode by timing it then).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..cost import ConvShape
+from ..switches import gpu_plan_mode
+
+# The strategies, in the order the plan lists them. Every one computes F.conv2d with the reconstructed
+# weight, up to rounding (the tests compare each with a float64 oracle).
+STRATEGIES = {
+    "dense": "F.conv2d (cuDNN) with the weight reconstructed from the factors at each call",
+    "four-stage": "the reference path: 1x1, kh x 1, 1 x kw, 1x1 convs; three intermediates through HBM",
+    "fused-rows": "one Triton launch, rolling window of input rows in registers (kh = 3, vertical stride "
+                  "1 or 2, vertical dilation 1, R <= 128)",
+    "fused-taps": "one Triton launch, implicit GEMM over kh*kw*Cin (any shape; R <= 128 in one pass, "
+                  "larger ranks recompute stage 1 per block of output channels)",
+    "fused-wide": "one Triton launch, stage 1 once per input pixel into an fp32 scratch ring, rank walked "
+                  "in slices (any shape and rank)",
+}
+
+# Overridden by tests and users: True times the candidates (see the module docstring).
+MEASURE: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """Datasheet peaks of one GPU (dense, no sparsity), plus the model's assumptions."""
+
+    name: str
+    hbm_bytes_per_s: float
+    tensor_flops_16bit: float  # fp16/bf16 tensor cores, fp32 accumulation
+    tensor_flops_tf32: float
+    fp32_flops: float  # CUDA cores
+    sms: int
+    l2_bytes: int
+    # Assumptions (no datasheet figure): L2 read bandwidth, and the GPU-side cost of one launch.
+    l2_bytes_per_s: float
+    launch_s: float = 3e-6
+
+    def tensor_flops(self, dtype: torch.dtype, tf32: bool) -> float:
+        if dtype == torch.float32:
+            return self.tensor_flops_tf32 if tf32 else self.fp32_flops
+        return self.tensor_flops_16bit
+
+
+GPUS = {
+    "h100": GPUSpec("NVIDIA H100 SXM", 3.35e12, 989e12, 494e12, 67e12, 132, 50 << 20, 7e12),
+    "h200": GPUSpec("NVIDIA H200", 4.8e12, 989e12, 494e12, 67e12, 132, 50 << 20, 7e12),
+    "a100": GPUSpec("NVIDIA A100 SXM", 2.04e12, 312e12, 156e12, 19.5e12, 108, 40 << 20, 4e12),
+    "l4": GPUSpec("NVIDIA L4", 0.3e12, 121e12, 60e12, 30e12, 58, 48 << 20, 1.5e12),
+}
+
+
+def gpu_spec(name: str) -> GPUSpec:
+    """The spec of a known GPU by key (``"h100"``, ``"a100"``, ``"l4"``, ``"h200"``)."""
+    key = name.lower().replace(" ", "").replace("-", "").replace("_", "")
+    for known in GPUS:
+        if key in (known, known + "sxm", known + "pcie"):
+            return GPUS[known]
+    raise ValueError(f"unknown GPU {name!r}; known GPUs: {', '.join(GPUS)}")
+
+
+def spec_for_device(device: torch.device) -> GPUSpec:
+    """The spec whose key appears in the device's name; other GPUs are modeled as an H100 with their
+    own SM count (the measured mode is the remedy there)."""
+    props = torch.cuda.get_device_properties(device)
+    name = props.name.lower()
+    for key, spec in GPUS.items():
+        if key in name.replace(" ", ""):
+            return spec
+    base = GPUS["h100"]
+    return GPUSpec(props.name, base.hbm_bytes_per_s, base.tensor_flops_16bit, base.tensor_flops_tf32,
+                   base.fp32_flops, props.multi_processor_count, base.l2_bytes, base.l2_bytes_per_s)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cost:
+    """What one strategy moves and computes for one call (``flops``: tensor-core; ``simt_flops``: CUDA cores)."""
+
+    flops: float
+    hbm_bytes: float
+    l2_bytes: float = 0.0
+    simt_flops: float = 0.0
+    launches: int = 1
+    programs: Optional[int] = None  # grid size, for the fill of the SMs (None: a library kernel)
+    tile: Optional[tuple] = None
+
+    def seconds(self, spec: GPUSpec, dtype: torch.dtype, tf32: bool) -> float:
+        busy = max(self.flops / spec.tensor_flops(dtype, tf32), self.simt_flops / spec.fp32_flops,
+                   self.hbm_bytes / spec.hbm_bytes_per_s, self.l2_bytes / spec.l2_bytes_per_s)
+        fill = 1.0 if self.programs is None else min(1.0, self.programs / spec.sms)
+        return busy / fill + self.launches * spec.launch_s
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _xy_bytes(s: ConvShape, es: int) -> float:
+    return s.minimal_bytes(es)
+
+
+def cost_dense(s: ConvShape, rank: int, es: int) -> Cost:
+    kh, kw = s.kernel
+    weight = s.cout * (s.cin // s.groups) * kh * kw
+    # The reconstruction: G x [Cout/G, R] (.) [Cin/G, R] (.) [kh, R] (.) [kw, R] -> W, about R MACs per weight.
+    return Cost(2 * (s.dense_macs() + weight * rank), _xy_bytes(s, es) + 2 * weight * es, launches=3)
+
+
+def cost_four_stage(s: ConvShape, rank: int, es: int) -> Cost:
+    n, (h, w), (oh, ow) = s.batch, s.size, s.out_size
+    gr = s.groups * rank
+    t1, t2, t3 = n * h * w * gr, n * oh * w * gr, n * oh * ow * gr  # the three intermediates
+    kh, kw = s.kernel
+    gemm_macs = n * h * w * s.cin * rank + n * oh * ow * rank * s.cout
+    return Cost(2 * gemm_macs, _xy_bytes(s, es) + 2 * es * (t1 + t2 + t3),
+                simt_flops=2 * (t2 * kh + t3 * kw), launches=4)
+
+
+def _factor_bytes(s: ConvShape, rank: int, es: int) -> int:
+    kh, kw = s.kernel
+    return es * s.groups * rank * (s.cin // s.groups + kh + kw + s.cout // s.groups)
+
+
+def cost_rows(s: ConvShape, rank: int, es: int, tile: tuple) -> Cost:
+    rows, bw, _bc, br, _bo = tile[:5]
+    oh, ow = s.out_size
+    sh = s.stride2[0]
+    kw = s.kernel[1]
+    cin_g, cout_g = s.cin // s.groups, s.cout // s.groups
+    bands, strips = _cdiv(oh, rows), _cdiv(ow, bw)
+    programs = s.batch * bands * strips * s.groups
+    input_rows = rows * sh + 3 - sh
+    # Masked columns of the last strip and rows of the last band still run on the tensor cores.
+    first = programs * input_rows * bw * kw * cin_g * br
+    out = programs * rows * bw * br * cout_g
+    l2 = s.rows_kernel_factor_bytes(rank, rows, bw, es)
+    return Cost(2 * (first + out), _xy_bytes(s, es) + _factor_bytes(s, rank, es), l2_bytes=l2,
+                programs=programs, tile=tile)
+
+
+def cost_taps(s: ConvShape, rank: int, es: int, tile: tuple) -> Cost:
+    bp, _bc, br, bo = tile[:4]
+    kh, kw = s.kernel
+    cin_g, cout_g = s.cin // s.groups, s.cout // s.groups
+    pixel_programs = _cdiv(s.out_pixels, bp) * s.groups
+    r_pad = _cdiv(rank, br) * br
+    o_programs = 1 if rank <= br else _cdiv(cout_g, bo)  # the sliced path recomputes stage 1 per block
+    programs = pixel_programs * o_programs
+    first = programs * bp * kh * kw * cin_g * r_pad
+    out = pixel_programs * bp * r_pad * _cdiv(cout_g, bo) * bo
+    l2 = es * programs * (kh * kw * cin_g * r_pad + r_pad * min(cout_g, bo) * (_cdiv(cout_g, bo) if rank <= br else 1))
+    return Cost(2 * (first + out), _xy_bytes(s, es) + _factor_bytes(s, rank, es), l2_bytes=l2,
+                programs=programs, tile=tile)
+
+
+def cost_wide(s: ConvShape, rank: int, es: int, tile: tuple, sms: int, l2_capacity: int,
+              split_z: bool) -> Cost:
+    rows, step, bw, bm, _bc, br, bo = tile[:7]
+    (kh, kw), (sh, sw), (dh, dw) = s.kernel, s.stride2, s.dilation2
+    oh, ow = s.out_size
+    cin_g, cout_g = s.cin // s.groups, s.cout // s.groups
+    ring = (step - 1) * sh + (kh - 1) * dh + 1
+    bw_in = (bw - 1) * sw + (kw - 1) * dw + 1
+    work = s.batch * _cdiv(oh, rows) * _cdiv(ow, bw)
+    steps = _cdiv(rows, step)
+    ring_rows = (steps * step - 1) * sh + (kh - 1) * dh + 1  # input rows one band computes
+    r_pad = _cdiv(rank, br) * br
+    o_blocks = _cdiv(cout_g, bo)
+    ring_pixels = s.groups * work * _cdiv(ring_rows * bw_in, bm) * bm
+    out_pixels = s.groups * work * steps * step * bw
+    first = ring_pixels * cin_g * r_pad
+    out = out_pixels * r_pad * o_blocks * bo * (2 if split_z else 1)
+    depthwise = out_pixels * o_blocks * kh * kw * r_pad  # z is rebuilt from the ring per output block
+    programs = min(work, sms) * s.groups
+    ring_bytes = 4 * rank * ring * bw_in * programs  # the rings live at once
+    scratch = 4 * rank * (ring_pixels + out_pixels * o_blocks * ring / step)  # written, and read from L2
+    factors = es * (ring_pixels // bm * cin_g * r_pad + out_pixels // (step * bw) * o_blocks * bo * r_pad)
+    hbm = _xy_bytes(s, es) + _factor_bytes(s, rank, es)
+    if ring_bytes > l2_capacity:  # the rings no longer fit L2: their traffic reaches HBM
+        hbm += scratch
+    return Cost(2 * (first + out), hbm, l2_bytes=scratch + factors, simt_flops=2 * depthwise,
+                programs=programs, tile=tile)
+
+
+def _tiles(kernel: str, dtype: torch.dtype):
+    from ..kernels import cp_conv2d_fused as fused
+
+    tiles = {"rows": fused.ROWS_TILES, "taps": fused.TAPS_TILES, "wide": fused.WIDE_TILES}[kernel]
+    return tiles.tiles_fp32 if dtype == torch.float32 else tiles.tiles_16bit
+
+
+def candidate_costs(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, tf32: bool) -> dict[str, Cost]:
+    """The cost of every strategy that can run this call (float64 runs only dense and four-stage), the
+    fused kernels at their best tile."""
+    es = torch.empty((), dtype=dtype).element_size()
+    costs = {"dense": cost_dense(s, rank, es), "four-stage": cost_four_stage(s, rank, es)}
+    if dtype == torch.float64:
+        return costs
+
+    def best(kernel, model, tiles=None):
+        tiles = _tiles(kernel, dtype) if tiles is None else tiles
+        return min((model(t) for t in tiles), key=lambda c: c.seconds(spec, dtype, tf32))
+
+    from ..kernels.cp_conv2d_fused import rows_kernel_applies
+
+    rows_tiles = [t for t in _tiles("rows", dtype) if t[3] >= rank]  # its window holds the whole rank
+    if rows_tiles and rows_kernel_applies(s.kernel, s.stride2, s.dilation2, rank, rank):
+        costs["fused-rows"] = best("rows", lambda t: cost_rows(s, rank, es, t), rows_tiles)
+    costs["fused-taps"] = best("taps", lambda t: cost_taps(s, rank, es, t))
+    costs["fused-wide"] = best(
+        "wide", lambda t: cost_wide(s, rank, es, t, spec.sms, spec.l2_bytes, split_z=dtype != torch.float32))
+    return costs
+
+
+@dataclass(frozen=True)
+class GPUPlan:
+    """The choice for one call: ``chosen`` (a key of :data:`STRATEGIES`), every candidate's modeled time,
+    and the measured ones when the measured mode decided."""
+
+    gpu: str
+    chosen: str
+    modeled_us: dict = field(default_factory=dict)
+    measured_us: Optional[dict] = None
+
+    def as_dict(self) -> dict:
+        out = {"gpu": self.gpu, "chosen": self.chosen, "modeled_us": self.modeled_us}
+        if self.measured_us is not None:
+            out["measured_us"] = self.measured_us
+        return out
+
+
+def model_plan(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, tf32: bool = True) -> GPUPlan:
+    """The model's choice: the candidate with the least modeled time."""
+    costs = candidate_costs(s, rank, dtype, spec, tf32)
+    modeled = {k: round(c.seconds(spec, dtype, tf32) * 1e6, 2) for k, c in costs.items()}
+    return GPUPlan(spec.name, min(modeled, key=modeled.get), modeled)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-call choice (what backend="auto" on a CUDA tensor follows)
+# --------------------------------------------------------------------------------------------------
+_CACHE: dict[tuple, GPUPlan] = {}
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def measuring() -> bool:
+    return MEASURE if MEASURE is not None else gpu_plan_mode() == "measure"
+
+
+def call_key(x: torch.Tensor, rank: int, groups: int, cout: int, kernel_size, stride, padding, dilation,
+             tf32: bool) -> tuple:
+    """Everything that changes the choice."""
+    from ..ops.conv_args import is_channels_last
+
+    return (x.device, tuple(x.shape), groups, rank, cout, tuple(kernel_size), tuple(stride), tuple(padding),
+            tuple(dilation), x.dtype, is_channels_last(x), tf32, measuring())
+
+
+def shape_of_call(x: torch.Tensor, groups: int, cout: int, kernel_size, stride, padding, dilation) -> ConvShape:
+    """The cost model's shape of a call; ``padding`` is ``(top, bottom, left, right)`` (the model takes the
+    mean per axis: asymmetric padding changes the output by at most one row or column)."""
+    n, cin, h, w = x.shape
+    pad = ((padding[0] + padding[1]) // 2, (padding[2] + padding[3]) // 2)
+    return ConvShape(n, cin, cout, (h, w), tuple(kernel_size), tuple(stride), pad, groups, tuple(dilation))
+
+
+def choose(x: torch.Tensor, rank: int, groups: int, cout: int, kernel_size, stride, padding, dilation,
+           run: Optional[Callable[[str], torch.Tensor]] = None, spec: Optional[GPUSpec] = None) -> GPUPlan:
+    """The plan for one call, cached per :func:`call_key`. ``run(strategy)`` computes the call with one
+    strategy; the measured mode needs it."""
+    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    key = call_key(x, rank, groups, cout, kernel_size, stride, padding, dilation, tf32)
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return cached
+    if spec is None:
+        spec = spec_for_device(x.device) if x.device.type == "cuda" else GPUS["h100"]
+    shape = shape_of_call(x, groups, cout, kernel_size, stride, padding, dilation)
+    planned = model_plan(shape, rank, x.dtype, spec, tf32)
+    if measuring() and run is not None:
+        measured = measure(run, tuple(planned.modeled_us), x.dtype)
+        planned = GPUPlan(planned.gpu, min(measured, key=measured.get), planned.modeled_us, measured)
+    _CACHE[key] = planned
+    return planned
+
+
+# Largest difference from the four-stage path, relative to its largest |value|, that a candidate may show
+# before the measured mode refuses it (an error, not a silent pick): fp32 loose enough for TF32.
+AGREEMENT = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-9}
+
+
+def measure(run: Callable[[str], torch.Tensor], candidates: tuple[str, ...], dtype: torch.dtype,
+            timer: Optional[Callable[[Callable], float]] = None) -> dict[str, float]:
+    """Median microseconds of every candidate, after checking each against the four-stage path."""
+    reference = run("four-stage").float()
+    scale = max(reference.abs().max().item(), 1e-6) if reference.numel() else 1.0
+    times = {}
+    for strategy in candidates:
+        y = run(strategy)
+        diff = (y.float() - reference).abs().max().item() if y.numel() else 0.0
+        if not diff <= AGREEMENT[dtype] * scale:
+            raise RuntimeError(f"GPU plan: {strategy} differs from the four-stage path by {diff:.3g} "
+                               f"(scale {scale:.3g}); not choosing it")
+        times[strategy] = round((timer or _time)(lambda s=strategy: run(s)) * 1e6, 2)
+    return times
+
+
+def _time(fn: Callable) -> float:
+    """Median seconds of ``fn()`` on the current device."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e-3
+    import time
+
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[1]
+
+
+def per_pixel(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, tf32: bool = True) -> dict:
+    """MACs, HBM bytes and modeled nanoseconds per output pixel of each candidate (docs/kernel.md)."""
+    px = s.out_pixels
+    out = {}
+    for k, c in candidate_costs(s, rank, dtype, spec, tf32).items():
+        out[k] = {"macs": round(c.flops / 2 / px), "hbm_bytes": round(c.hbm_bytes / px, 1),
+                  "ns": round(c.seconds(spec, dtype, tf32) / px * 1e9, 3), "tile": c.tile}
+    return out
+
+
+def layer_table(spec: GPUSpec, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Markdown: the plan for every layer of the shared list at every rank of the list (docs/kernel.md)."""
+    from ..layers import LAYERS, ROOFLINE_LAYERS
+
+    names = list(STRATEGIES)
+    lines = ["| layer | N | R | " + " | ".join(f"{k} µs" for k in names) + " | chosen | chosen / dense |",
+             "|---|---|---|" + "---|" * len(names) + "---|---|"]
+    for layer in LAYERS + ROOFLINE_LAYERS:
+        for rank in layer.ranks():
+            plan = model_plan(layer.shape, rank, dtype, spec)
+            cells = " | ".join(f"{plan.modeled_us[k]:.1f}" if k in plan.modeled_us else "-" for k in names)
+            ratio = plan.modeled_us[plan.chosen] / plan.modeled_us["dense"]
+            lines.append(f"| {layer.name} | {layer.shape.batch} | {rank} | {cells} | {plan.chosen} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def per_pixel_table(spec: GPUSpec, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Markdown: MACs, HBM bytes and modeled ns per output pixel of every strategy, for the roofline
+    layers at R = C/4 and R = C (docs/kernel.md)."""
+    from ..layers import ROOFLINE_LAYERS
+
+    cases = [(layer.name, layer.shape, layer.rank(d)) for layer in ROOFLINE_LAYERS for d in (4, 1)]
+    lines = ["| layer | R | strategy | MACs / pixel | HBM bytes / pixel | ns / pixel | best tile |",
+             "|---|---|---|---|---|---|---|"]
+    for name, shape, rank in cases:
+        for strategy, row in per_pixel(shape, rank, dtype, spec).items():
+            tile = "" if row["tile"] is None else ",".join(map(str, row["tile"]))
+            lines.append(f"| {name} | {rank} | {strategy} | {row['macs']:,} | {row['hbm_bytes']:,} | {row['ns']} | "
+                         f"{tile} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cpkernels.plans.gpu",
+                                     description="The GPU plan's model as Markdown tables (docs/kernel.md).")
+    parser.add_argument("--gpu", default="h100", help=f"one of {', '.join(GPUS)}")
+    parser.add_argument("--per-pixel", action="store_true", help="per-pixel costs of the roofline layers instead")
+    args = parser.parse_args(argv)
+    try:
+        spec = gpu_spec(args.gpu)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.per_pixel:
+        print(per_pixel_table(spec))
+    else:
+        print(layer_table(spec))
+    return 0
+
+
+__all__ = ["GPUS", "GPUPlan", "GPUSpec", "STRATEGIES", "choose", "gpu_spec", "model_plan", "measure"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
