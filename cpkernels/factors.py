@@ -97,8 +97,7 @@ class CPFactors:
 
     def to_dense(self) -> Tensor:
         """The reconstructed weight ``[Cout, Cin/G, kh, kw]``."""
-        w = torch.einsum("gor,gcr,gir,gjr->gocij", *self.as_tuple())
-        return w.reshape(self.weight_shape)
+        return reconstruct(self.output, self.input, self.vertical, self.horizontal)
 
     def relative_error(self, weight: Tensor) -> float:
         """``||W - W_hat|| / ||W||`` in float64 (0 when both are zero)."""
@@ -147,6 +146,17 @@ class CPFactors:
             f"CPFactors(rank={self.rank}, groups={self.groups}, weight_shape=({cout}, {cin_g}, {kh}, {kw}), "
             f"num_params={self.num_params}, dtype={self.dtype}, device={self.device})"
         )
+
+
+def reconstruct(output: Tensor, input: Tensor, vertical: Tensor, horizontal: Tensor) -> Tensor:
+    """``W[g*Cout/G + o, c, i, j] = sum_r A[g,o,r] B[g,c,r] V[g,i,r] H[g,j,r]`` as one batched GEMM
+    against the Khatri-Rao product of the small factors (differentiable). A 4-operand einsum built a
+    ``Cout x Cin x kh x kw x R`` intermediate instead: 10 ms a call for a 128x128x3x3 weight at R = 160."""
+    g, cout_g, r = output.shape
+    cin_g, kh, kw = input.shape[1], vertical.shape[1], horizontal.shape[1]
+    kr = input[:, :, None, None, :] * vertical[:, None, :, None, :] * horizontal[:, None, None, :, :]
+    w = torch.bmm(output, kr.reshape(g, cin_g * kh * kw, r).transpose(1, 2))  # [G, Co, R] @ [G, R, Ci*kh*kw]
+    return w.reshape(g * cout_g, cin_g, kh, kw)
 
 
 def params_per_rank(out_channels: int, in_channels: int, kernel_size: tuple[int, int], groups: int) -> int:

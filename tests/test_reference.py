@@ -181,6 +181,10 @@ def test_cpu_policy():
     assert cpu.dense_is_cheaper(t(8, 3, 64), 16, 1, 64, (3, 3), (64, 64))
     assert not cpu.dense_is_cheaper(t(8, 3, 64), 2, 1, 64, (3, 3), (64, 64))
     assert not cpu.dense_is_cheaper(t(8, 128, 56), 32, 1, 128, (3, 3), (56, 56))
+    # Trained-network ranks: a stride-2 layer at R = 1.25 C (1.4x fewer MACs, R > C intermediates at the
+    # input's resolution) measured slower than dense; at R = C it measured faster.
+    assert cpu.dense_is_cheaper(t(8, 128, 56), 160, 1, 128, (3, 3), (28, 28))
+    assert not cpu.dense_is_cheaper(t(8, 128, 56), 128, 1, 128, (3, 3), (28, 28))
     # The whole plan: arrangement and batch chunk.
     cl = t(8, 128, 56).to(memory_format=torch.channels_last)
     assert cpu.plan(t(8, 3, 32), 1, 1, 2, (5, 5), (28, 28), (1, 1), False) == cpu.Plan("im2col", 8)

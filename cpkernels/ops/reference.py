@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
+from ..factors import reconstruct
+
 
 def stage_weights(
     input_factor: Tensor, vertical_factor: Tensor, horizontal_factor: Tensor, output_factor: Tensor
@@ -31,14 +33,6 @@ def stage_weights(
     w_horz = horizontal_factor.transpose(1, 2).reshape(g * r, 1, 1, kw)
     w_out = output_factor.reshape(-1, r, 1, 1)
     return w_in, w_vert, w_horz, w_out
-
-
-def dense_weight(
-    input_factor: Tensor, vertical_factor: Tensor, horizontal_factor: Tensor, output_factor: Tensor
-) -> Tensor:
-    """The reconstructed conv weight ``[Cout, Cin/G, kh, kw]`` (differentiable)."""
-    w = torch.einsum("gor,gcr,gir,gjr->gocij", output_factor, input_factor, vertical_factor, horizontal_factor)
-    return w.reshape(-1, *w.shape[2:])
 
 
 def cp_conv2d_dense_weight(
@@ -54,7 +48,7 @@ def cp_conv2d_dense_weight(
 ) -> Tensor:
     """The same function as one dense conv of the reconstructed weight: where CP saves too little to
     win (the CPU and GPU plans decide)."""
-    weight = dense_weight(input_factor, vertical_factor, horizontal_factor, output_factor)
+    weight = reconstruct(output_factor, input_factor, vertical_factor, horizontal_factor)
     pt, pb, pl, pr = padding
     if pt == pb and pl == pr:
         return F.conv2d(x, weight, bias, stride, (pt, pl), dilation, input_factor.shape[0])
