@@ -25,7 +25,7 @@ from .ops import conv_args
 
 NUMERIC_KEYS = ("params_before", "params_after", "macs_before", "macs_after", "seconds")
 ROW_KEYS = ("name", "shape", "stride", "rank", "params_before", "params_after", "macs_before", "macs_after",
-            "weight_error", "degeneracy", "seconds", "skipped")
+            "weight_error", "degeneracy", "cancellation", "seconds", "skipped")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,18 +106,19 @@ class CompressionReport:
         def num(v, spec=","):
             return "-" if v is None else format(v, spec)
 
-        header = ("layer", "shape", "rank", "params", "MACs", "weight err", "degeneracy", "s", "")
+        header = ("layer", "shape", "rank", "params", "MACs", "weight err", "degeneracy", "cancellation", "s", "")
         lines = []
         for r in self.rows:
             params = f"{num(r['params_before'])} -> {num(r['params_after'])}"
             macs = "-" if r["macs_before"] is None else f"{num(r['macs_before'])} -> {num(r['macs_after'])}"
             lines.append((r["name"], "x".join(map(str, r["shape"])), num(r["rank"], "d"), params, macs,
-                          num(r["weight_error"], ".3f"), num(r["degeneracy"], ".1f"), num(r["seconds"], ".2f"),
+                          num(r["weight_error"], ".3f"), num(r["degeneracy"], ".1f"), num(r["cancellation"], ".1f"),
+                          num(r["seconds"], ".2f"),
                           f"skipped: {r['skipped']}" if r["skipped"] else ""))
         t = self.totals
         lines.append(("total", "", "", f"{num(t['params_before'])} -> {num(t['params_after'])}",
                       "-" if t["macs_before"] is None else f"{num(t['macs_before'])} -> {num(t['macs_after'])}",
-                      "", "", num(t["seconds"], ".2f"), ""))
+                      "", "", "", num(t["seconds"], ".2f"), ""))
         widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
         fmt = "  ".join(f"{{:{w}}}" for w in widths)
         table = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
@@ -269,7 +270,7 @@ def compress_model(
             "name": name, "shape": tuple(conv.weight.shape), "stride": tuple(conv.stride), "rank": None,
             "params_before": conv.weight.numel(), "params_after": conv.weight.numel(),
             "macs_before": shape.dense_macs() if shape else None, "macs_after": shape.dense_macs() if shape else None,
-            "weight_error": None, "degeneracy": None, "seconds": None, "skipped": reason,
+            "weight_error": None, "degeneracy": None, "cancellation": None, "seconds": None, "skipped": reason,
         }
         if reason is None:
             start = time.perf_counter()
@@ -282,7 +283,8 @@ def compress_model(
             else:
                 row.update(rank=factors.rank, params_after=factors.num_params,
                            macs_after=shape.cp_macs(factors.rank) if shape else None,
-                           weight_error=factors.relative_error(conv.weight), degeneracy=degeneracy(factors))
+                           weight_error=factors.relative_error(conv.weight), degeneracy=degeneracy(factors),
+                           cancellation=factors.cancellation())
                 for n in all_names:  # a shared conv is decomposed once and replaced under every name
                     _set_submodule(model, n, layer)
         report.rows.append(row)

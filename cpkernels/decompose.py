@@ -71,6 +71,30 @@ def _check_weight(weight: Tensor, groups: int) -> None:
         raise ValueError("cannot decompose a weight holding NaN or infinite values")
 
 
+def exact_rank(shape) -> int:
+    """A rank at which a 4-way tensor of this shape has a known exact CP (:func:`exact_cp`): the
+    product of its three smallest dimensions."""
+    return math.prod(shape) // max(shape)
+
+
+def exact_cp(w: Tensor, rank: int) -> list[Tensor]:
+    """The exact CP of a 4-way ``w`` with one term per index of its three smaller modes: those factors
+    are unit vectors and the largest mode's factor holds the matching slice of ``w`` (zero terms pad it
+    to ``rank >= exact_rank(w.shape)``). No term is larger than ``w`` and none cancel, where ALS at such
+    over-ranks returned terms 600x the weight's norm."""
+    dims = tuple(w.shape)
+    full = max(range(4), key=lambda k: dims[k])
+    others = [k for k in range(4) if k != full]
+    terms = exact_rank(dims)
+    factors = [w.new_zeros(d, rank) for d in dims]
+    index = torch.cartesian_prod(*(torch.arange(dims[k], device=w.device) for k in others)).reshape(terms, 3)
+    term = torch.arange(terms, device=w.device)
+    for col, k in enumerate(others):
+        factors[k][index[:, col], term] = 1
+    factors[full][:, :terms] = w.permute(*others, full).reshape(terms, dims[full]).T
+    return factors
+
+
 def _cp_one(
     w: Tensor, rank: int, *, method, init, n_iter_max, tol, random_state, l2_reg, warm_start=None
 ) -> list[Tensor]:
@@ -81,6 +105,8 @@ def _cp_one(
     if not bool(w.any()):
         # ALS divides by the norm: an all-zero slice has the exact all-zero CP.
         return [w.new_zeros(dim, rank) for dim in w.shape]
+    if rank >= exact_rank(w.shape):
+        return exact_cp(w, rank)
 
     def run(init_, l2):
         if method == "als":

@@ -151,12 +151,17 @@ class CPFactors:
 def reconstruct(output: Tensor, input: Tensor, vertical: Tensor, horizontal: Tensor) -> Tensor:
     """``W[g*Cout/G + o, c, i, j] = sum_r A[g,o,r] B[g,c,r] V[g,i,r] H[g,j,r]`` as one batched GEMM
     against the Khatri-Rao product of the small factors (differentiable). A 4-operand einsum built a
-    ``Cout x Cin x kh x kw x R`` intermediate instead: 10 ms a call for a 128x128x3x3 weight at R = 160."""
+    ``Cout x Cin x kh x kw x R`` intermediate instead: 10 ms a call for a 128x128x3x3 weight at R = 160.
+    16-bit factors are combined in fp32 and the weight rounded once: trained layers' terms cancel, and
+    rounding every product would cost the weight its precision."""
     g, cout_g, r = output.shape
     cin_g, kh, kw = input.shape[1], vertical.shape[1], horizontal.shape[1]
-    kr = input[:, :, None, None, :] * vertical[:, None, :, None, :] * horizontal[:, None, None, :, :]
-    w = torch.bmm(output, kr.reshape(g, cin_g * kh * kw, r).transpose(1, 2))  # [G, Co, R] @ [G, R, Ci*kh*kw]
-    return w.reshape(g * cout_g, cin_g, kh, kw)
+    dtype = torch.promote_types(output.dtype, torch.float32)
+    b, v, h = (f.to(dtype) for f in (input, vertical, horizontal))
+    kr = b[:, :, None, None, :] * v[:, None, :, None, :] * h[:, None, None, :, :]
+    # [G, Co, R] @ [G, R, Ci*kh*kw] -> [G, Co, Ci*kh*kw]
+    w = torch.bmm(output.to(dtype), kr.reshape(g, cin_g * kh * kw, r).transpose(1, 2))
+    return w.reshape(g * cout_g, cin_g, kh, kw).to(output.dtype)
 
 
 def params_per_rank(out_channels: int, in_channels: int, kernel_size: tuple[int, int], groups: int) -> int:

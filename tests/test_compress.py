@@ -51,6 +51,7 @@ def test_compress_replaces_what_it_should_and_says_why_not():
     assert rows["body.0"]["macs_before"] == 16 * 16 * 32 * 16 * 9
     assert rows["body.0"]["macs_after"] < rows["body.0"]["macs_before"]
     assert 0 <= rows["body.0"]["weight_error"] <= 1 and rows["body.0"]["degeneracy"] >= 1
+    assert rows["body.0"]["cancellation"] >= 1 - 1e-9  # sum of the terms' norms over the weight's norm
     totals = report.totals
     assert totals["params_after"] < totals["params_before"]
     assert totals["macs_after"] < totals["macs_before"]

@@ -233,3 +233,39 @@ def test_strongest_terms_keeps_the_largest_rank_one_terms():
     assert kept.rank == 3 and kept.groups == 2
     norms = lambda g: torch.stack([torch.linalg.vector_norm(t, dim=1) for t in g.as_tuple()]).prod(0)  # noqa: E731
     assert torch.equal(norms(kept).sort(dim=1).values, norms(f).sort(dim=1).values[:, 2:])
+
+
+def test_cancellation_of_the_terms():
+    """Sum of the rank-one terms' norms over the weight's norm: 1 for one term, by hand for two, inf for
+    terms that cancel exactly."""
+    a, b, v, h = (torch.randn(1, n, 1, dtype=torch.float64) for n in (4, 3, 2, 2))
+    one = CPFactors(a, b, v, h)
+    assert one.cancellation() == pytest.approx(1.0)
+    pair = CPFactors(torch.cat([a, -0.5 * a], -1), *(torch.cat([t, t], -1) for t in (b, v, h)))
+    assert pair.cancellation() == pytest.approx(1.5 / 0.5)  # terms of norms 1 and 0.5 (x ||w||), sum 0.5
+    exact = CPFactors(torch.cat([a, -a], -1), *(torch.cat([t, t], -1) for t in (b, v, h)))
+    assert exact.cancellation() == float("inf")
+    assert CPFactors(*(torch.zeros_like(t) for t in (a, b, v, h))).cancellation() == 1.0
+
+
+@pytest.mark.parametrize(
+    "shape, rank",
+    [pytest.param((3, 4, 2, 1), 6, id="conv-4-3-2x1-at-6"), pytest.param((6, 1, 1, 2), 5, id="6-1-1x2-at-5"),
+     pytest.param((2, 3, 3, 3), 20, id="2-3-3x3-at-20")],
+)
+def test_over_ranked_weights_get_the_exact_decomposition(shape, rank):
+    """At a rank where an exact CP is known (one term per index of the three smaller modes), that one is
+    built: exact, and no term larger than the weight (ALS returned a term 600x the weight's norm for the
+    first case)."""
+    from cpkernels.decompose import exact_rank
+
+    weight = torch.randn(shape, dtype=torch.float64)
+    assert rank >= exact_rank(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # such ranks save no parameters, and say so
+        factors = decompose_conv(weight, rank)
+    assert factors.rank == rank
+    assert factors.relative_error(weight) < 1e-12
+    norms = [torch.linalg.vector_norm(f, dim=1) for f in factors.as_tuple()]
+    assert float((norms[0] * norms[1] * norms[2] * norms[3]).max()) <= float(weight.norm()) * (1 + 1e-12)
+    assert factors.cancellation() <= exact_rank(shape) ** 0.5 + 1e-9

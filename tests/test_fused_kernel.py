@@ -101,8 +101,9 @@ def test_wide_kernel_keeps_the_intermediate_exact(device):
     def err(y):
         return ((y.double() - exact).norm() / exact.norm()).item()
 
-    # The dense conv of the fp16 weight (fp32 accumulation, as cuDNN's), rounded to fp16.
-    dense = torch.nn.functional.conv2d(x.float(), factors.to_dense().float(), padding=1).half()
+    # The dense conv of the weight rounded to fp16 (fp32 accumulation, as cuDNN's), rounded to fp16.
+    weight = factors.to(torch.float64).to_dense().half()
+    dense = torch.nn.functional.conv2d(x.float(), weight.float(), padding=1).half()
     wide = fused.cp_conv2d_fused(x, factors.input, factors.vertical, factors.horizontal, factors.output, None,
                                  (1, 1), (1, 1, 1, 1), (1, 1), kernel="wide")
     four_stage = cp_conv2d(x, factors, padding=1, backend="reference")
