@@ -36,14 +36,21 @@ def test_dense_and_four_stage_costs_by_hand():
     weight = 6 * 8 * 9
     assert dense.flops == 2 * (200 * 6 * 8 * 9 + weight * 4)
     assert dense.hbm_bytes == 2 * (200 * 8 + 200 * 6) + 2 * weight * 2
-    four = gpu.cost_four_stage(s, 4, 2)
+    four = gpu.cost_four_stage(s, 4, torch.float32)
     assert four.flops == 2 * (200 * 8 * 4 + 200 * 4 * 6)
-    assert four.hbm_bytes == 2 * (200 * 8 + 200 * 6) + 2 * 2 * 3 * 200 * 4  # three R-channel intermediates
+    assert four.hbm_bytes == 4 * (200 * 8 + 200 * 6) + 2 * 4 * 3 * 200 * 4  # three R-channel intermediates
     assert four.launches == 4
     spec = gpu.GPUS["h100"]
-    expected = max(four.flops / spec.tensor_flops_16bit, four.hbm_bytes / spec.hbm_bytes_per_s,
+    expected = max(four.flops / spec.tensor_flops_tf32, four.hbm_bytes / spec.hbm_bytes_per_s,
                    four.simt_flops / spec.fp32_flops) + 4 * spec.launch_s
-    assert four.seconds(spec, torch.bfloat16, tf32=True) == pytest.approx(expected)
+    assert four.seconds(spec, torch.float32, tf32=True) == pytest.approx(expected)
+    # 16-bit inputs: fp32 intermediates and casts of X and Y; bf16 GEMMs in TF32, fp16 ones in IEEE fp32.
+    bf16 = gpu.cost_four_stage(s, 4, torch.bfloat16)
+    assert bf16.hbm_bytes == 2 * (200 * 8 + 200 * 6) + 2 * 4 * (200 * 8 + 200 * 6) + 2 * 4 * 3 * 200 * 4
+    assert bf16.seconds(spec, torch.bfloat16, tf32=True) == pytest.approx(
+        max(bf16.flops / spec.tensor_flops_tf32, bf16.hbm_bytes / spec.hbm_bytes_per_s) + 6 * spec.launch_s)
+    fp16 = gpu.cost_four_stage(s, 4, torch.float16)
+    assert fp16.flops == 0 and fp16.simt_flops == four.simt_flops + four.flops
 
 
 def test_fill_counts_idle_sms():

@@ -91,7 +91,7 @@ def variants() -> list[tuple[str, str, tuple[int, ...], torch.dtype, dict]]:
             name = f"wide{rows_}_S{step}_W{bw}_M{bm}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}"
             ring, bw_in = fused.wide_geometry((3, 3), (1, 1), (1, 1), step, bw)
             meta = {"ROWS": rows_, "STEP": step, "BLOCK_W": bw, "BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_R": br,
-                    "BLOCK_O": bo, "RING": ring, "BW_IN": bw_in, "SPLIT_Z": dtype != torch.float32}
+                    "BLOCK_O": bo, "RING": ring, "BW_IN": bw_in}
             out.append((name, "cp_conv2d_wide_kernel", (warps, stages), dtype, meta))
     return out
 
@@ -113,6 +113,7 @@ def compile_config(kernel_name: str, launch: tuple[int, int], dtype: torch.dtype
     constexprs = {
         **{k: v for k, v in _SPECIALISED.items() if k in jit_fn.arg_names},
         "DOT_PRECISION": "tf32" if dtype == torch.float32 else "ieee",
+        "PRECISE": dtype != torch.float32,  # as the launcher sets it
         **meta,
     }
     elem = DTYPES[dtype]

@@ -43,16 +43,14 @@ INT32_MAX = 2**31 - 1
 # (BLOCK_P, BLOCK_C, BLOCK_R, BLOCK_O, num_warps, num_stages). Every block is a power of two >= 16
 # (tl.dot's minimum). Each set holds only tiles that compile without register spills for sm_80 and
 # sm_90, on both rank paths (``python -m cpkernels.kernels.aot``); 4-warp tiles and BLOCK_O = 256 all
-# spilled. BLOCK_R = 128 tiles let ranks up to 128 take the whole-rank path.
+# spilled, and so did the 16-bit BLOCK_R = 128 tiles once 16-bit inputs kept z exact (PRECISE): ranks
+# above 64 in 16 bits go to the wide kernel.
 TILES_16BIT = (
-    (128, 32, 32, 64, 8, 3),
     (64, 32, 64, 64, 8, 2),
     (64, 32, 32, 128, 8, 3),
     (64, 32, 64, 128, 8, 3),
     (64, 16, 32, 128, 8, 2),
     (128, 16, 32, 64, 8, 2),
-    (64, 32, 128, 64, 8, 2),
-    (64, 16, 128, 64, 8, 2),
 )
 TILES_FP32 = (
     (64, 32, 64, 64, 8, 2),
@@ -154,15 +152,31 @@ def _channel_contraction(
 
 
 @triton.jit
+def _dot_z(z, a, acc, DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr):
+    """acc += z @ a for fp32 ``z`` [BP, BR] and ``a`` [BR, BO] in the factors' dtype. ``PRECISE``: z enters
+    as two 16-bit halves (hi + lo, ~16 mantissa bits): the terms of trained layers cancel, and rounding z
+    once to 16 bits is what costs a CP layer its precision. Otherwise z is rounded once, as the four
+    stages round their stored intermediates."""
+    z_hi = z.to(a.dtype)
+    # [BP, BR] @ [BR, BO] -> [BP, BO]
+    acc = tl.dot(z_hi, a, acc, input_precision=DOT_PRECISION)
+    if PRECISE:
+        acc = tl.dot((z - z_hi.to(tl.float32)).to(a.dtype), a, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _rank_slice(
     x_rows, pix_m, ih0, iw0, H, W, C_IN_G, RANK, r0,
     b_grp, v_grp, h_grp,
     stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr,
     DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFSET_TY: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """z[p, r] for ranks r0 .. r0 + BLOCK_R: stages 1-3 of BLOCK_P output pixels, in fp32 registers."""
+    """z[p, r] for ranks r0 .. r0 + BLOCK_R: stages 1-3 of BLOCK_P output pixels, in fp32 registers.
+    ``PRECISE``: each tap's ``x @ B`` is exact in fp32 and scaled there, instead of folding the tap into
+    a B rounded to the input dtype."""
     rr = r0 + tl.arange(0, BLOCK_R)
     mask_r = rr < RANK
     acc_z = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
@@ -179,8 +193,14 @@ def _rank_slice(
         v_i = tl.load(v_grp + i * stride_vi + rr * stride_vr, mask=mask_r, other=0.0).to(tl.float32)
         h_j = tl.load(h_grp + j * stride_hj + rr * stride_hr, mask=mask_r, other=0.0).to(tl.float32)
         vh = v_i * h_j  # [BR]: tap (i, j) of the merged depthwise filter
-        acc_z = _channel_contraction(acc_z, x_pix, pix_ok, C_IN_G, rr, mask_r, b_grp, vh,
-                                     stride_xc, stride_bc, stride_br, DOT_PRECISION, OFFSET_TY, BLOCK_C)
+        if PRECISE:
+            part = _channel_contraction(tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32), x_pix, pix_ok, C_IN_G,
+                                        rr, mask_r, b_grp, vh, stride_xc, stride_bc, stride_br, DOT_PRECISION,
+                                        OFFSET_TY, BLOCK_C, SCALED=False)
+            acc_z += vh[None, :] * part
+        else:
+            acc_z = _channel_contraction(acc_z, x_pix, pix_ok, C_IN_G, rr, mask_r, b_grp, vh,
+                                         stride_xc, stride_bc, stride_br, DOT_PRECISION, OFFSET_TY, BLOCK_C)
     return acc_z
 
 
@@ -188,11 +208,12 @@ def _rank_slice(
 def _output_stage(
     z, rr, mask_r, a_grp, stride_ao, stride_ar, bias_ptr, y_pix, mask_pix, stride_yc, o_first, C_OUT_G,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFSET_TY: tl.constexpr, BLOCK_O: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     """Stage 4 for a tile of pixels, every output-channel block: y[p, o] = z[p, :] . A[o, :] + bias[o].
 
-    ``z`` [BP, BR] in the factors' dtype; ``y_pix`` [BP] output pointers at channel 0; ``o_first`` the
-    group's first output channel."""
+    ``z`` [BP, BR] in fp32; ``y_pix`` [BP] output pointers at channel 0; ``o_first`` the group's first
+    output channel."""
     for o0 in range(0, C_OUT_G, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O).to(OFFSET_TY)
         mask_o = offs_o < C_OUT_G
@@ -200,8 +221,7 @@ def _output_stage(
             a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
             mask=mask_r[:, None] & mask_o[None, :], other=0.0,
         )  # [BR, BO]
-        # [BP, BR] @ [BR, BO] -> [BP, BO]
-        acc_y = tl.dot(z, a, input_precision=DOT_PRECISION)
+        acc_y = _dot_z(z, a, tl.zeros([z.shape[0], BLOCK_O], dtype=tl.float32), DOT_PRECISION, PRECISE)
         if HAS_BIAS:
             acc_y += tl.load(bias_ptr + o_first + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_pix[:, None] + (o_first + offs_o)[None, :] * stride_yc
@@ -240,6 +260,7 @@ def cp_conv2d_fused_kernel(
     USE_INT64: tl.constexpr,  # 64-bit offsets: some tensor has more than 2**31 - 1 elements
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee", for fp32 inputs
     WHOLE_RANK: tl.constexpr,  # BLOCK_R >= RANK: z is computed once, output channels loop inside
+    PRECISE: tl.constexpr,  # 16-bit inputs: exact taps, z into the output GEMM as hi + lo (see _dot_z)
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     OFFSET_TY: tl.constexpr = tl.int64 if USE_INT64 else tl.int32
@@ -271,10 +292,10 @@ def cp_conv2d_fused_kernel(
         z = _rank_slice(
             x_rows, mask_m, ih0, iw0, H, W, C_IN_G, RANK, 0, b_grp, v_grp, h_grp,
             stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr,
-            DIL_H, DIL_W, KH, KW, DOT_PRECISION, OFFSET_TY, BLOCK_P, BLOCK_C, BLOCK_R,
-        ).to(a_ptr.dtype.element_ty)
+            DIL_H, DIL_W, KH, KW, DOT_PRECISION, OFFSET_TY, BLOCK_P, BLOCK_C, BLOCK_R, PRECISE,
+        )
         _output_stage(z, rr, mask_r, a_grp, stride_ao, stride_ar, bias_ptr, y_rows, mask_m, stride_yc,
-                      group * C_OUT_G, C_OUT_G, HAS_BIAS, DOT_PRECISION, OFFSET_TY, BLOCK_O)
+                      group * C_OUT_G, C_OUT_G, HAS_BIAS, DOT_PRECISION, OFFSET_TY, BLOCK_O, PRECISE)
     else:
         # Larger ranks: this program owns one output-channel block and walks the rank in slices.
         offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O).to(OFFSET_TY)
@@ -286,14 +307,13 @@ def cp_conv2d_fused_kernel(
             z = _rank_slice(
                 x_rows, mask_m, ih0, iw0, H, W, C_IN_G, RANK, r0, b_grp, v_grp, h_grp,
                 stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr,
-                DIL_H, DIL_W, KH, KW, DOT_PRECISION, OFFSET_TY, BLOCK_P, BLOCK_C, BLOCK_R,
+                DIL_H, DIL_W, KH, KW, DOT_PRECISION, OFFSET_TY, BLOCK_P, BLOCK_C, BLOCK_R, PRECISE,
             )
             a = tl.load(
                 a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
                 mask=mask_r[:, None] & mask_o[None, :], other=0.0,
             )  # [BR, BO]
-            # [BP, BR] @ [BR, BO] -> [BP, BO]
-            acc_y = tl.dot(z.to(a.dtype), a, acc_y, input_precision=DOT_PRECISION)
+            acc_y = _dot_z(z, a, acc_y, DOT_PRECISION, PRECISE)  # [BP, BR] @ [BR, BO] -> [BP, BO]
         if HAS_BIAS:
             acc_y += tl.load(bias_ptr + group * C_OUT_G + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_rows[:, None] + (group * C_OUT_G + offs_o)[None, :] * stride_yc
@@ -313,8 +333,6 @@ ROWS_TILES_16BIT = (
     (8, 64, 32, 64, 64, 8, 2),
     (16, 64, 32, 64, 64, 8, 2),
     (16, 64, 32, 64, 128, 8, 2),
-    (8, 128, 32, 64, 64, 8, 2),
-    (8, 64, 16, 128, 64, 8, 2),
     (8, 32, 32, 128, 64, 8, 2),
 )
 ROWS_TILES_FP32 = (
@@ -335,9 +353,10 @@ def _row_of_u(
     x_col, ih, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
     stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
     KW: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFSET_TY: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """u[q, r] = sum_{j,c} x[c, ih, iw0[q] + j*DIL_W] * B[c,r] H[j,r]: stages 1 and 3 of one input row."""
+    """u[q, r] = sum_{j,c} x[c, ih, iw0[q] + j*DIL_W] * B[c,r] H[j,r]: stages 1 and 3 of one input row
+    (``PRECISE``: each tap's ``x @ B`` exact in fp32, then scaled by H[j])."""
     # An input row outside the image masks every column (a vector test: the interpreter mishandles
     # a scalar mask broadcast into a load mask).
     in_row = mask_w & (iw0 * 0 + ih >= 0) & (iw0 * 0 + ih < H)  # [BW]
@@ -347,8 +366,14 @@ def _row_of_u(
         ok = in_row & (iw >= 0) & (iw < W)  # [BW]: masked taps are the zero padding
         h_j = tl.load(h_grp + j * stride_hj + rr * stride_hr, mask=mask_r, other=0.0).to(tl.float32)
         x_pix = x_col + ih * stride_xh + iw * stride_xw  # [BW] pointers
-        acc = _channel_contraction(acc, x_pix, ok, C_IN_G, rr, mask_r, b_grp, h_j,
-                                   stride_xc, stride_bc, stride_br, DOT_PRECISION, OFFSET_TY, BLOCK_C)
+        if PRECISE:
+            part = _channel_contraction(tl.zeros([BLOCK_W, BLOCK_R], dtype=tl.float32), x_pix, ok, C_IN_G, rr,
+                                        mask_r, b_grp, h_j, stride_xc, stride_bc, stride_br, DOT_PRECISION,
+                                        OFFSET_TY, BLOCK_C, SCALED=False)
+            acc += h_j[None, :] * part
+        else:
+            acc = _channel_contraction(acc, x_pix, ok, C_IN_G, rr, mask_r, b_grp, h_j,
+                                       stride_xc, stride_bc, stride_br, DOT_PRECISION, OFFSET_TY, BLOCK_C)
     return acc
 
 
@@ -382,6 +407,7 @@ def cp_conv2d_rows_kernel(
     HAS_BIAS: tl.constexpr,
     USE_INT64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PRECISE: tl.constexpr,  # 16-bit inputs: exact taps, z into the output GEMM as hi + lo (see _dot_z)
     ROWS: tl.constexpr,  # output rows per program: the band walked by the rolling window
     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -414,27 +440,27 @@ def cp_conv2d_rows_kernel(
     # stride 1 consecutive output rows share two rows, with stride 2 one.
     u_top = _row_of_u(x_col, ih0, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
                       stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
-                      KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R)
+                      KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R, PRECISE)
     if STRIDE_H == 1:
         u_mid = _row_of_u(x_col, ih0 + 1, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
                           stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
-                          KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R)
+                          KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R, PRECISE)
     for t in range(ROWS):
         row0 = ih0 + t * STRIDE_H
         if STRIDE_H != 1:
             u_mid = _row_of_u(x_col, row0 + 1, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
                               stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
-                              KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R)
+                              KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R, PRECISE)
         u_bot = _row_of_u(x_col, row0 + 2, H, iw0, mask_w, W, C_IN_G, rr, mask_r, b_grp, h_grp,
                           stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_hj, stride_hr, DIL_W,
-                          KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R)
+                          KW, DOT_PRECISION, OFFSET_TY, BLOCK_W, BLOCK_C, BLOCK_R, PRECISE)
         # Stage 2, the vertical taps, on the three rows in registers: [BW, BR]
-        z = (v0 * u_top + v1 * u_mid + v2 * u_bot).to(a_ptr.dtype.element_ty)
+        z = v0 * u_top + v1 * u_mid + v2 * u_bot
         p = p0 + t
         row_ok = mask_w & (ow * 0 + p < OH)  # vector test, as in _row_of_u
         y_row = y_ptr + n * stride_yn + p * stride_yh + ow * stride_yw  # [BW] pointers
         _output_stage(z, rr, mask_r, a_grp, stride_ao, stride_ar, bias_ptr, y_row, row_ok, stride_yc,
-                      group * C_OUT_G, C_OUT_G, HAS_BIAS, DOT_PRECISION, OFFSET_TY, BLOCK_O)
+                      group * C_OUT_G, C_OUT_G, HAS_BIAS, DOT_PRECISION, OFFSET_TY, BLOCK_O, PRECISE)
         if STRIDE_H == 1:
             u_top = u_mid
             u_mid = u_bot
@@ -454,7 +480,6 @@ def cp_conv2d_rows_kernel(
 WIDE_TILES_16BIT = (
     (8, 4, 16, 64, 32, 64, 128, 8, 2),
     (16, 4, 16, 64, 32, 64, 128, 8, 2),
-    (8, 4, 16, 128, 32, 64, 128, 8, 2),
     (8, 4, 16, 64, 64, 64, 128, 8, 2),
     (8, 2, 32, 64, 32, 64, 128, 8, 2),
 )
@@ -513,7 +538,7 @@ def cp_conv2d_wide_kernel(
     HAS_BIAS: tl.constexpr,
     USE_INT64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    SPLIT_Z: tl.constexpr,  # 16-bit inputs: z enters the output GEMM as hi + lo halves (fp32-exact)
+    PRECISE: tl.constexpr,  # 16-bit inputs: z into the output GEMM as hi + lo (see _dot_z)
     ROWS: tl.constexpr,  # output rows per work item: the band the ring walks down
     STEP: tl.constexpr,  # output rows per step (M of the output GEMM is STEP * BLOCK_W)
     BLOCK_W: tl.constexpr,  # output columns per work item
@@ -604,15 +629,7 @@ def cp_conv2d_wide_kernel(
                         a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
                         mask=mask_r[:, None] & mask_o[None, :], other=0.0,
                     )  # [BR, BO]
-                    if SPLIT_Z:
-                        z_hi = z.to(a.dtype)
-                        z_lo = (z - z_hi.to(tl.float32)).to(a.dtype)
-                        # [SB, BR] @ [BR, BO] -> [SB, BO], twice: z = z_hi + z_lo to ~16 mantissa bits
-                        acc_y = tl.dot(z_hi, a, acc_y, input_precision=DOT_PRECISION)
-                        acc_y = tl.dot(z_lo, a, acc_y, input_precision=DOT_PRECISION)
-                    else:
-                        # [SB, BR] @ [BR, BO] -> [SB, BO]
-                        acc_y = tl.dot(z.to(a.dtype), a, acc_y, input_precision=DOT_PRECISION)
+                    acc_y = _dot_z(z, a, acc_y, DOT_PRECISION, PRECISE)  # [SB, BR] @ [BR, BO] -> [SB, BO]
                 if HAS_BIAS:
                     acc_y += tl.load(bias_ptr + group * C_OUT_G + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
                 y_ptrs = y_pix[:, None] + (group * C_OUT_G + offs_o)[None, :] * stride_yc
@@ -709,7 +726,8 @@ def cp_conv2d_fused(
     args = (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias if bias is not None else y, y)
     strides = (*x.stride(), *y.stride(), *input_factor.stride(), *vertical_factor.stride(),
                *horizontal_factor.stride(), *output_factor.stride())
-    flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype))
+    # 16-bit inputs keep the rank-R intermediate exact into the output GEMM (_dot_z).
+    flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), PRECISE=x.dtype != torch.float32)
     global _last_kernel, _last_autotuner
     if kernel == "wide":
         return _launch_wide(args, strides, flags, (n, h, w, oh, ow, groups, cin_g, rank, cout_g, kh, kw),
@@ -778,7 +796,7 @@ def _launch_wide(args, strides, flags, dims, stride, padding, dilation, force_in
     _last_kernel = cp_conv2d_wide_kernel[grid](
         *args, scratch, h, w, oh, ow, cin_g, rank, cout_g, *strides, padding[0], padding[2], n,
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
-        USE_INT64=use_int64, SPLIT_Z=x.dtype != torch.float32, **flags,
+        USE_INT64=use_int64, **flags,
     )
     return y
 

@@ -25,14 +25,16 @@ from ..factors import CPFactors
 from ..switches import triton_available, triton_interpreter_enabled
 from . import conv_args
 from .cpu import cp_conv2d_cpu
-from .reference import cp_conv2d_dense_weight, cp_conv2d_reference, cp_conv2d_reference_backward
+from .reference import (cp_conv2d_dense_weight, cp_conv2d_reference, cp_conv2d_reference_backward,
+                        cp_conv2d_reference_fp32)
 
 BACKENDS = ("auto", "reference", "triton")
 FUSED_IMPLS = {"triton": None, "triton-rows": "rows", "triton-taps": "taps", "triton-wide": "wide"}
-IMPLEMENTATIONS = ("reference", "cpu", "dense", *FUSED_IMPLS)
-_IMPLS = {"reference": cp_conv2d_reference, "cpu": cp_conv2d_cpu, "dense": cp_conv2d_dense_weight}
+IMPLEMENTATIONS = ("reference", "reference-fp32", "cpu", "dense", *FUSED_IMPLS)
+_IMPLS = {"reference": cp_conv2d_reference, "reference-fp32": cp_conv2d_reference_fp32, "cpu": cp_conv2d_cpu,
+          "dense": cp_conv2d_dense_weight}
 # The GPU plan's strategies (cpkernels.plans.gpu.STRATEGIES) and the implementation each one runs.
-STRATEGY_IMPLS = {"dense": "dense", "four-stage": "reference", "fused-rows": "triton-rows",
+STRATEGY_IMPLS = {"dense": "dense", "four-stage": "reference-fp32", "fused-rows": "triton-rows",
                   "fused-taps": "triton-taps", "fused-wide": "triton-wide"}
 
 

@@ -32,7 +32,8 @@ from ..switches import gpu_plan_mode
 # weight, up to rounding (the tests compare each with a float64 oracle).
 STRATEGIES = {
     "dense": "F.conv2d (cuDNN) with the weight reconstructed from the factors at each call",
-    "four-stage": "the reference path: 1x1, kh x 1, 1 x kw, 1x1 convs; three intermediates through HBM",
+    "four-stage": "the reference path: 1x1, kh x 1, 1 x kw, 1x1 convs; three intermediates through HBM, in "
+                  "fp32 for 16-bit inputs (TF32 GEMMs for bf16, IEEE fp32 for fp16)",
     "fused-rows": "one Triton launch, rolling window of input rows in registers (kh = 3, vertical stride "
                   "1 or 2, vertical dilation 1, R <= 128)",
     "fused-taps": "one Triton launch, implicit GEMM over kh*kw*Cin (any shape; R <= 128 in one pass, "
@@ -110,8 +111,11 @@ class Cost:
     launches: int = 1
     programs: Optional[int] = None  # grid size, for the fill of the SMs (None: a library kernel)
     tile: Optional[tuple] = None
+    gemm_dtype: Optional[torch.dtype] = None  # the GEMMs' own dtype where it is not the input's
 
     def seconds(self, spec: GPUSpec, dtype: torch.dtype, tf32: bool) -> float:
+        if self.gemm_dtype is not None:
+            dtype = self.gemm_dtype
         busy = max(self.flops / spec.tensor_flops(dtype, tf32), self.simt_flops / spec.fp32_flops,
                    self.hbm_bytes / spec.hbm_bytes_per_s, self.l2_bytes / spec.l2_bytes_per_s)
         fill = 1.0 if self.programs is None else min(1.0, self.programs / spec.sms)
@@ -133,14 +137,25 @@ def cost_dense(s: ConvShape, rank: int, es: int) -> Cost:
     return Cost(2 * (s.dense_macs() + weight * rank), _xy_bytes(s, es) + 2 * weight * es, launches=3)
 
 
-def cost_four_stage(s: ConvShape, rank: int, es: int) -> Cost:
+def cost_four_stage(s: ConvShape, rank: int, dtype: torch.dtype) -> Cost:
+    """16-bit inputs run with fp32 intermediates (``ops.reference.cp_conv2d_reference_fp32``): X and Y
+    are cast (written and re-read in fp32), the intermediates move 4 bytes an element, and the GEMMs
+    run in TF32 (bf16 inputs) or IEEE fp32 (fp16 inputs)."""
+    es = torch.empty((), dtype=dtype).element_size()
     n, (h, w), (oh, ow) = s.batch, s.size, s.out_size
     gr = s.groups * rank
     t1, t2, t3 = n * h * w * gr, n * oh * w * gr, n * oh * ow * gr  # the three intermediates
     kh, kw = s.kernel
     gemm_macs = n * h * w * s.cin * rank + n * oh * ow * rank * s.cout
-    return Cost(2 * gemm_macs, _xy_bytes(s, es) + 2 * es * (t1 + t2 + t3),
-                simt_flops=2 * (t2 * kh + t3 * kw), launches=4)
+    sixteen = dtype in (torch.float16, torch.bfloat16)
+    casts = 2 * 4 * (n * h * w * s.cin + s.out_pixels * s.cout) if sixteen else 0
+    depthwise = 2 * (t2 * kh + t3 * kw)
+    if dtype == torch.float16:  # IEEE fp32 GEMMs: the CUDA cores
+        tensor, simt = 0.0, depthwise + 2 * gemm_macs
+    else:
+        tensor, simt = 2 * gemm_macs, depthwise
+    return Cost(tensor, _xy_bytes(s, es) + casts + 2 * max(es, 4) * (t1 + t2 + t3), simt_flops=simt,
+                launches=6 if sixteen else 4, gemm_dtype=torch.float32 if sixteen else None)
 
 
 def _factor_bytes(s: ConvShape, rank: int, es: int) -> int:
@@ -148,7 +163,11 @@ def _factor_bytes(s: ConvShape, rank: int, es: int) -> int:
     return es * s.groups * rank * (s.cin // s.groups + kh + kw + s.cout // s.groups)
 
 
-def cost_rows(s: ConvShape, rank: int, es: int, tile: tuple) -> Cost:
+# The fused kernels with 16-bit inputs (PRECISE in cp_conv2d_fused): the output GEMM runs twice (z as hi + lo)
+# and each tap's product is scaled in fp32 on the CUDA cores instead of folded into a rounded factor.
+
+
+def cost_rows(s: ConvShape, rank: int, es: int, tile: tuple, precise: bool = False) -> Cost:
     rows, bw, _bc, br, _bo = tile[:5]
     oh, ow = s.out_size
     sh = s.stride2[0]
@@ -159,13 +178,14 @@ def cost_rows(s: ConvShape, rank: int, es: int, tile: tuple) -> Cost:
     input_rows = rows * sh + 3 - sh
     # Masked columns of the last strip and rows of the last band still run on the tensor cores.
     first = programs * input_rows * bw * kw * cin_g * br
-    out = programs * rows * bw * br * cout_g
+    out = programs * rows * bw * br * cout_g * (2 if precise else 1)
+    taps = programs * input_rows * bw * kw * br if precise else 0
     l2 = s.rows_kernel_factor_bytes(rank, rows, bw, es)
     return Cost(2 * (first + out), _xy_bytes(s, es) + _factor_bytes(s, rank, es), l2_bytes=l2,
-                programs=programs, tile=tile)
+                simt_flops=2 * taps, programs=programs, tile=tile)
 
 
-def cost_taps(s: ConvShape, rank: int, es: int, tile: tuple) -> Cost:
+def cost_taps(s: ConvShape, rank: int, es: int, tile: tuple, precise: bool = False) -> Cost:
     bp, _bc, br, bo = tile[:4]
     kh, kw = s.kernel
     cin_g, cout_g = s.cin // s.groups, s.cout // s.groups
@@ -174,14 +194,15 @@ def cost_taps(s: ConvShape, rank: int, es: int, tile: tuple) -> Cost:
     o_programs = 1 if rank <= br else _cdiv(cout_g, bo)  # the sliced path recomputes stage 1 per block
     programs = pixel_programs * o_programs
     first = programs * bp * kh * kw * cin_g * r_pad
-    out = pixel_programs * bp * r_pad * _cdiv(cout_g, bo) * bo
+    out = pixel_programs * bp * r_pad * _cdiv(cout_g, bo) * bo * (2 if precise else 1)
+    taps = programs * bp * kh * kw * r_pad if precise else 0
     l2 = es * programs * (kh * kw * cin_g * r_pad + r_pad * min(cout_g, bo) * (_cdiv(cout_g, bo) if rank <= br else 1))
     return Cost(2 * (first + out), _xy_bytes(s, es) + _factor_bytes(s, rank, es), l2_bytes=l2,
-                programs=programs, tile=tile)
+                simt_flops=2 * taps, programs=programs, tile=tile)
 
 
 def cost_wide(s: ConvShape, rank: int, es: int, tile: tuple, sms: int, l2_capacity: int,
-              split_z: bool) -> Cost:
+              precise: bool = False) -> Cost:
     rows, step, bw, bm, _bc, br, bo = tile[:7]
     (kh, kw), (sh, sw), (dh, dw) = s.kernel, s.stride2, s.dilation2
     oh, ow = s.out_size
@@ -196,7 +217,7 @@ def cost_wide(s: ConvShape, rank: int, es: int, tile: tuple, sms: int, l2_capaci
     ring_pixels = s.groups * work * _cdiv(ring_rows * bw_in, bm) * bm
     out_pixels = s.groups * work * steps * step * bw
     first = ring_pixels * cin_g * r_pad
-    out = out_pixels * r_pad * o_blocks * bo * (2 if split_z else 1)
+    out = out_pixels * r_pad * o_blocks * bo * (2 if precise else 1)
     depthwise = out_pixels * o_blocks * kh * kw * r_pad  # z is rebuilt from the ring per output block
     programs = min(work, sms) * s.groups
     ring_bytes = 4 * rank * ring * bw_in * programs  # the rings live at once
@@ -220,7 +241,7 @@ def candidate_costs(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, 
     """The cost of every strategy that can run this call (float64 runs only dense and four-stage), the
     fused kernels at their best tile."""
     es = torch.empty((), dtype=dtype).element_size()
-    costs = {"dense": cost_dense(s, rank, es), "four-stage": cost_four_stage(s, rank, es)}
+    costs = {"dense": cost_dense(s, rank, es), "four-stage": cost_four_stage(s, rank, dtype)}
     if dtype == torch.float64:
         return costs
 
@@ -230,12 +251,13 @@ def candidate_costs(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, 
 
     from ..kernels.cp_conv2d_fused import rows_kernel_applies
 
+    precise = dtype != torch.float32  # as the launcher sets PRECISE
+
     rows_tiles = [t for t in _tiles("rows", dtype) if t[3] >= rank]  # its window holds the whole rank
     if rows_tiles and rows_kernel_applies(s.kernel, s.stride2, s.dilation2, rank, rank):
-        costs["fused-rows"] = best("rows", lambda t: cost_rows(s, rank, es, t), rows_tiles)
-    costs["fused-taps"] = best("taps", lambda t: cost_taps(s, rank, es, t))
-    costs["fused-wide"] = best(
-        "wide", lambda t: cost_wide(s, rank, es, t, spec.sms, spec.l2_bytes, split_z=dtype != torch.float32))
+        costs["fused-rows"] = best("rows", lambda t: cost_rows(s, rank, es, t, precise), rows_tiles)
+    costs["fused-taps"] = best("taps", lambda t: cost_taps(s, rank, es, t, precise))
+    costs["fused-wide"] = best("wide", lambda t: cost_wide(s, rank, es, t, spec.sms, spec.l2_bytes, precise))
     return costs
 
 
