@@ -320,7 +320,7 @@ def choose(x: torch.Tensor, rank: int, groups: int, cout: int, kernel_size, stri
            run: Optional[Callable[[str], torch.Tensor]] = None, spec: Optional[GPUSpec] = None) -> GPUPlan:
     """The plan for one call, cached per :func:`call_key`. ``run(strategy)`` computes the call with one
     strategy; the measured mode needs it."""
-    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    tf32 = torch.backends.cudnn.allow_tf32  # fp32 inputs, and the fp32 four stages of bf16 inputs, follow it
     key = call_key(x, rank, groups, cout, kernel_size, stride, padding, dilation, tf32)
     cached = _CACHE.get(key)
     if cached is not None:
