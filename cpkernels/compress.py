@@ -23,6 +23,7 @@ from .decompose import RankSpec, resolve_rank
 from .module import CPConv2d
 from .ops import conv_args
 
+DEFAULT_RANK = 0.25  # compress_model's rank when neither rank nor target_error is given
 NUMERIC_KEYS = ("params_before", "params_after", "macs_before", "macs_after", "seconds")
 ROW_KEYS = ("name", "shape", "stride", "rank", "params_before", "params_after", "macs_before", "macs_after",
             "weight_error", "degeneracy", "cancellation", "seconds", "skipped")
@@ -194,7 +195,7 @@ def _skip_reason(name, conv, rank, in_hw, include, exclude, predicate, min_chann
 
 def compress_model(
     model: nn.Module,
-    rank: Union[RankSpec, Mapping[str, RankSpec], None] = 0.25,
+    rank: Union[RankSpec, Mapping[str, RankSpec], None] = None,
     *,
     target_error: Optional[float] = None,
     include: Optional[Sequence[str]] = None,
@@ -215,9 +216,9 @@ def compress_model(
         model: any module; it is left untouched unless ``inplace=True``.
         rank: for every layer an ``int``, a ``float`` in (0, 1] (fraction of its parameters), or a dict
             ``{qualified name: rank}`` (layers missing from it fall back to ``target_error`` if given,
-            else are skipped).
-        target_error: instead of a rank (``rank=None``): per layer, the smallest rank with relative
-            weight error at most this.
+            else are skipped). Without ``rank`` and ``target_error``: 0.25.
+        target_error: instead of a rank: per layer, the smallest rank with relative weight error at
+            most this.
         include, exclude: glob patterns on qualified names (``"features.*"``).
         predicate: ``predicate(name, module) -> bool``, a further filter.
         min_channels: skip layers with fewer input or output channels.
@@ -234,7 +235,7 @@ def compress_model(
         are skipped, each with its reason. A conv shared by several parents is replaced once.
     """
     if rank is None and target_error is None:
-        raise ValueError("compress_model needs a rank policy or a target_error")
+        rank = DEFAULT_RANK
     if target_error is not None and rank is not None and not isinstance(rank, Mapping):
         raise ValueError("give either rank or target_error, not both (a per-layer rank dict may go with it)")
     if not inplace:

@@ -86,7 +86,7 @@ def test_rank_that_saves_no_macs_is_skipped():
 
 def test_target_error_policy_and_csv(tmp_path):
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
-    out, report = compress_model(model, rank=None, target_error=0.5, progress=False)
+    out, report = compress_model(model, target_error=0.5, progress=False)  # as README offers it: no rank=None
     for r in report.rows:
         if r["skipped"] is None:
             assert r["weight_error"] <= 0.5
@@ -94,6 +94,15 @@ def test_target_error_policy_and_csv(tmp_path):
     report.to_csv(path)
     text = path.read_text().splitlines()
     assert text[0].split(",")[:3] == ["name", "shape", "stride"] and len(text) == 3
+
+
+def test_default_rank_policy_is_a_quarter_of_the_parameters():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    _, default = compress_model(model, progress=False)
+    _, quarter = compress_model(model, rank=0.25, progress=False)
+    assert [r["rank"] for r in default.rows] == [r["rank"] for r in quarter.rows]
+    with pytest.raises(ValueError, match="give either rank or target_error"):
+        compress_model(model, rank=0.5, target_error=0.3, progress=False)
 
 
 def test_inplace_modifies_and_keeps_device_and_dtype():
