@@ -10,10 +10,11 @@ from .decompose import decompose_conv, resolve_rank
 from .factors import CPFactors
 from .module import CPConv2d
 from .ops import cp_conv2d
+from .plans.ranks import RankPlan, plan_ranks
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CPConv2d", "CPFactors", "CompressionReport", "apply_structure", "compress_model", "cp_conv2d",
-    "decompose_conv", "resolve_rank", "__version__",
+    "CPConv2d", "CPFactors", "CompressionReport", "RankPlan", "apply_structure", "compress_model", "cp_conv2d",
+    "decompose_conv", "plan_ranks", "resolve_rank", "__version__",
 ]

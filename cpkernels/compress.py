@@ -214,9 +214,11 @@ def compress_model(
 
     Args:
         model: any module; it is left untouched unless ``inplace=True``.
-        rank: for every layer an ``int``, a ``float`` in (0, 1] (fraction of its parameters), or a dict
+        rank: for every layer an ``int``, a ``float`` in (0, 1] (fraction of its parameters), a dict
             ``{qualified name: rank}`` (layers missing from it fall back to ``target_error`` if given,
-            else are skipped). Without ``rank`` and ``target_error``: 0.25.
+            else are skipped), or a :class:`cpkernels.plans.ranks.RankPlan` from
+            :func:`cpkernels.plan_ranks` (its decompositions are reused). Without ``rank`` and
+            ``target_error``: 0.25.
         target_error: instead of a rank: per layer, the smallest rank with relative weight error at
             most this.
         include, exclude: glob patterns on qualified names (``"features.*"``).
@@ -234,6 +236,10 @@ def compress_model(
         Depthwise and 1x1 convs, layers under ``min_channels`` and layers where CP would not save MACs
         are skipped, each with its reason. A conv shared by several parents is replaced once.
     """
+    from .plans.ranks import RankPlan
+
+    if isinstance(rank, RankPlan):
+        return _apply_plan(model, rank, inplace, backend)
     if rank is None and target_error is None:
         rank = DEFAULT_RANK
     if target_error is not None and rank is not None and not isinstance(rank, Mapping):
@@ -289,6 +295,43 @@ def compress_model(
                 for n in all_names:  # a shared conv is decomposed once and replaced under every name
                     _set_submodule(model, n, layer)
         report.rows.append(row)
+    return model, report
+
+
+def _apply_plan(model: nn.Module, plan, inplace: bool, backend: str) -> tuple[nn.Module, CompressionReport]:
+    """``compress_model(model, plan)``: the plan's ranks, with the factors it decomposed when it has them
+    (a plan read from JSON has none: those layers are decomposed at the planned rank)."""
+    plan.check_model(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    names_of = _names_by_module(model)
+    report = CompressionReport()
+    for row in plan.rows:
+        conv = model.get_submodule(row["name"])
+        out = {"name": row["name"], "shape": tuple(conv.weight.shape), "stride": tuple(conv.stride), "rank": None,
+               "params_before": conv.weight.numel(), "params_after": conv.weight.numel(), "macs_before": None,
+               "macs_after": None, "weight_error": None, "degeneracy": None, "cancellation": None, "seconds": None,
+               "skipped": row["reason"]}
+        if plan.metric == "macs" and row["considered"]:
+            out.update(macs_before=row["cost_before"], macs_after=row["cost_before"])
+        if row["rank"] is not None:
+            start = time.perf_counter()
+            factors = plan.factors.get(row["name"])
+            if factors is None:
+                layer = CPConv2d.from_conv(conv, row["rank"], backend=backend)
+            else:
+                layer = CPConv2d.from_factors(factors.to(device=conv.weight.device, dtype=conv.weight.dtype),
+                                              None if conv.bias is None else conv.bias.detach(), conv.stride,
+                                              conv.padding, conv.dilation, conv.padding_mode, backend)
+            f = layer.factors.detach()
+            out.update(rank=f.rank, params_after=f.num_params, weight_error=f.relative_error(conv.weight),
+                       degeneracy=degeneracy(f), cancellation=f.cancellation(), seconds=time.perf_counter() - start,
+                       skipped=None)
+            if plan.metric == "macs":
+                out.update(macs_before=row["cost_before"], macs_after=row["cost_after"])
+            for n in names_of[id(conv)]:
+                _set_submodule(model, n, layer)
+        report.rows.append(out)
     return model, report
 
 
