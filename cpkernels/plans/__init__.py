@@ -3,5 +3,6 @@
 - :mod:`cpkernels.plans.cpu`: how the CPU path arranges a call (or runs the dense conv of the
   reconstructed weight);
 - :mod:`cpkernels.plans.gpu`: which strategy runs a call on a GPU (dense, four-stage, or one of the
-  fused kernels), by a roofline model of a named GPU or by measuring.
+  fused kernels), by a roofline model of a named GPU or by measuring;
+- :mod:`cpkernels.plans.ranks`: which rank each conv of a network gets for a budget (``plan_ranks``).
 """
