@@ -121,7 +121,8 @@ def test_gpu_bench_script_on_cpu(tmp_path):
                     "--dtypes", "float32"])
     data = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert {r["backend"] for r in data["rows"]} == {"dense", "reference"}  # no fused rows without CUDA
-    assert {r["rank"] for r in data["rows"]} == {32, 64}
+    assert {r["rank"] for r in data["rows"]} == {32, 64, 128, 160}  # C/4, C/2, C, 1.25 C
+    assert all(r["modeled_us"] > 0 and r["planned"] for r in data["rows"])  # each row beside the GPU plan's model
     assert "| 128->128 @28^2 N=1 | 32 | float32 | dense | nchw |" in (tmp_path / "gpu_bench.md").read_text()
 
 
