@@ -157,6 +157,16 @@ def _input_sizes(model: nn.Module, example_inputs) -> dict[int, tuple[int, int]]
     return sizes
 
 
+def conv_input_sizes(model: nn.Module, input_size=None, example_inputs=None) -> dict[int, tuple[int, int]]:
+    """The (H, W) each conv sees, keyed by module id, from ``example_inputs`` or, failing those, zeros of
+    ``input_size`` in the model's device and dtype; empty when neither is given."""
+    if example_inputs is None and input_size is not None:
+        ref = next(model.parameters(), None)
+        example_inputs = (torch.zeros(tuple(input_size), device=None if ref is None else ref.device,
+                                      dtype=None if ref is None else ref.dtype),)
+    return {} if example_inputs is None else _input_sizes(model, tuple(example_inputs))
+
+
 def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
     """Every qualified name of every submodule, shared ones included, keyed by module id."""
     names: dict[int, list[str]] = {}
@@ -246,11 +256,7 @@ def compress_model(
         raise ValueError("give either rank or target_error, not both (a per-layer rank dict may go with it)")
     if not inplace:
         model = copy.deepcopy(model)
-    if example_inputs is None and input_size is not None:
-        ref = next(model.parameters(), None)
-        example_inputs = (torch.zeros(tuple(input_size), device=None if ref is None else ref.device,
-                                      dtype=None if ref is None else ref.dtype),)
-    sizes = _input_sizes(model, tuple(example_inputs)) if example_inputs is not None else {}
+    sizes = conv_input_sizes(model, input_size, example_inputs)
 
     names_of = _names_by_module(model)
     convs = {key: (names[0], model.get_submodule(names[0]), names) for key, names in names_of.items()

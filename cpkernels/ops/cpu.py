@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..plans import cpu as cpu_plan
 from .conv_args import output_size
-from .reference import cp_conv2d_dense_weight
+from .reference import cp_conv2d_dense_weight, upcast_16bit
 
 
 def merged_depthwise_weight(vertical_factor: Tensor, horizontal_factor: Tensor) -> Tensor:
@@ -114,8 +114,7 @@ def cp_conv2d_cpu(
 ) -> Tensor:
     """CP conv of a 4-D ``x`` on the CPU; ``padding`` is ``(top, bottom, left, right)`` zero padding."""
     if x.dtype in (torch.float16, torch.bfloat16):
-        up = [t if t is None else t.float() for t in (x, input_factor, vertical_factor, horizontal_factor,
-                                                      output_factor, bias)]
+        up = upcast_16bit(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias)
         return cp_conv2d_cpu(*up, stride, padding, dilation).to(x.dtype)
     groups, _, rank = input_factor.shape
     pt, pb, pl, pr = padding

@@ -100,6 +100,12 @@ def cp_conv2d_reference(
     return y.contiguous()
 
 
+def upcast_16bit(*tensors):
+    """fp16/bf16 tensors as fp32 (others and None as they are): for running 16-bit layers with fp32
+    intermediates."""
+    return [t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
 def cp_conv2d_reference_fp32(
     x: Tensor,
     input_factor: Tensor,
@@ -119,8 +125,7 @@ def cp_conv2d_reference_fp32(
     if x.dtype not in (torch.float16, torch.bfloat16):
         return cp_conv2d_reference(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias,
                                    stride, padding, dilation)
-    up = [t if t is None else t.float() for t in (x, input_factor, vertical_factor, horizontal_factor,
-                                                  output_factor, bias)]
+    up = upcast_16bit(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias)
     allow_tf32 = x.dtype == torch.bfloat16 and torch.backends.cudnn.allow_tf32
     with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
                                     deterministic=torch.backends.cudnn.deterministic, allow_tf32=allow_tf32):

@@ -126,15 +126,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _xy_bytes(s: ConvShape, es: int) -> float:
-    return s.minimal_bytes(es)
-
-
 def cost_dense(s: ConvShape, rank: int, es: int) -> Cost:
     kh, kw = s.kernel
     weight = s.cout * (s.cin // s.groups) * kh * kw
     # The reconstruction: G x [Cout/G, R] (.) [Cin/G, R] (.) [kh, R] (.) [kw, R] -> W, about R MACs per weight.
-    return Cost(2 * (s.dense_macs() + weight * rank), _xy_bytes(s, es) + 2 * weight * es, launches=3)
+    return Cost(2 * (s.dense_macs() + weight * rank), s.minimal_bytes(es) + 2 * weight * es, launches=3)
 
 
 def cost_four_stage(s: ConvShape, rank: int, dtype: torch.dtype) -> Cost:
@@ -154,7 +150,7 @@ def cost_four_stage(s: ConvShape, rank: int, dtype: torch.dtype) -> Cost:
         tensor, simt = 0.0, depthwise + 2 * gemm_macs
     else:
         tensor, simt = 2 * gemm_macs, depthwise
-    return Cost(tensor, _xy_bytes(s, es) + casts + 2 * max(es, 4) * (t1 + t2 + t3), simt_flops=simt,
+    return Cost(tensor, s.minimal_bytes(es) + casts + 2 * max(es, 4) * (t1 + t2 + t3), simt_flops=simt,
                 launches=6 if sixteen else 4, gemm_dtype=torch.float32 if sixteen else None)
 
 
@@ -181,7 +177,7 @@ def cost_rows(s: ConvShape, rank: int, es: int, tile: tuple, precise: bool = Fal
     out = programs * rows * bw * br * cout_g * (2 if precise else 1)
     taps = programs * input_rows * bw * kw * br if precise else 0
     l2 = s.rows_kernel_factor_bytes(rank, rows, bw, es)
-    return Cost(2 * (first + out), _xy_bytes(s, es) + _factor_bytes(s, rank, es), l2_bytes=l2,
+    return Cost(2 * (first + out), s.minimal_bytes(es) + _factor_bytes(s, rank, es), l2_bytes=l2,
                 simt_flops=2 * taps, programs=programs, tile=tile)
 
 
@@ -197,7 +193,7 @@ def cost_taps(s: ConvShape, rank: int, es: int, tile: tuple, precise: bool = Fal
     out = pixel_programs * bp * r_pad * _cdiv(cout_g, bo) * bo * (2 if precise else 1)
     taps = programs * bp * kh * kw * r_pad if precise else 0
     l2 = es * programs * (kh * kw * cin_g * r_pad + r_pad * min(cout_g, bo) * (_cdiv(cout_g, bo) if rank <= br else 1))
-    return Cost(2 * (first + out), _xy_bytes(s, es) + _factor_bytes(s, rank, es), l2_bytes=l2,
+    return Cost(2 * (first + out), s.minimal_bytes(es) + _factor_bytes(s, rank, es), l2_bytes=l2,
                 simt_flops=2 * taps, programs=programs, tile=tile)
 
 
@@ -223,7 +219,7 @@ def cost_wide(s: ConvShape, rank: int, es: int, tile: tuple, sms: int, l2_capaci
     ring_bytes = 4 * rank * ring * bw_in * programs  # the rings live at once
     scratch = 4 * rank * (ring_pixels + out_pixels * o_blocks * ring / step)  # written, and read from L2
     factors = es * (ring_pixels // bm * cin_g * r_pad + out_pixels // (step * bw) * o_blocks * bo * r_pad)
-    hbm = _xy_bytes(s, es) + _factor_bytes(s, rank, es)
+    hbm = s.minimal_bytes(es) + _factor_bytes(s, rank, es)
     if ring_bytes > l2_capacity:  # the rings no longer fit L2: their traffic reaches HBM
         hbm += scratch
     return Cost(2 * (first + out), hbm, l2_bytes=scratch + factors, simt_flops=2 * depthwise,

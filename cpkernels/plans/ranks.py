@@ -219,7 +219,7 @@ def plan_ranks(
         n_iter_max, random_state, decompose_kwargs: for the decompositions (each rung warm-starts
             from the one above, so a small budget suffices).
     """
-    from ..compress import _input_sizes, _names_by_module, _skip_reason
+    from ..compress import _names_by_module, _skip_reason, conv_input_sizes
 
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
@@ -231,16 +231,10 @@ def plan_ranks(
         raise ValueError("calibration data is for method='data', which is not implemented yet")
     if not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
-    sizes = {}
-    if example_inputs is None and input_size is not None:
-        ref = next(model.parameters(), None)
-        example_inputs = (torch.zeros(tuple(input_size), device=None if ref is None else ref.device,
-                                      dtype=None if ref is None else ref.dtype),)
-    if example_inputs is not None:
-        sizes = _input_sizes(model, tuple(example_inputs))
-    elif metric == "macs":
+    if metric == "macs" and input_size is None and example_inputs is None:
         raise ValueError("metric='macs' needs input_size or example_inputs (a conv's MACs depend on its input)")
 
+    sizes = conv_input_sizes(model, input_size, example_inputs)
     options = dict(method="als", init="svd", n_iter_max=n_iter_max, tol=1e-8, random_state=random_state,
                    l2_reg=0.0, **decompose_kwargs)
     plan = RankPlan(metric, method, float(budget))
