@@ -1,4 +1,4 @@
-"""Command line: ``python -m cpkernels demo|profile`` (or the ``cpkernels`` console script)."""
+"""Command line: ``python -m cpkernels demo|profile|plan|compress|export`` (or the ``cpkernels`` console script)."""
 from __future__ import annotations
 
 import argparse
@@ -11,10 +11,17 @@ def main(argv=None) -> int:
         from .profile import main as profile_main
 
         return profile_main(argv[1:])
+    if argv[:1] in (["plan"], ["compress"], ["export"]):
+        from .commands import main as commands_main
+
+        return commands_main(argv)
     parser = argparse.ArgumentParser(prog="cpkernels", description="CP-decomposed convolutions.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="decompose three conv layers and compare them with dense nn.Conv2d")
+    sub.add_parser("demo", help="train a small CNN, plan its ranks, compress it, compare it with the dense one")
     sub.add_parser("profile", help="profile one CP layer (cpkernels profile --help)")
+    sub.add_parser("plan", help="plan one rank per conv of a model for a budget (cpkernels plan --help)")
+    sub.add_parser("compress", help="compress a model's convs (cpkernels compress --help)")
+    sub.add_parser("export", help="export a compressed model to ONNX (cpkernels export --help)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main

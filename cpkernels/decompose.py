@@ -160,12 +160,55 @@ def _decompose_at_rank(
     return CPFactors(*stacked)
 
 
+def input_whitening(input_covariance: Tensor, in_channels: int, groups: int) -> tuple[Tensor, Tensor]:
+    """Symmetric square root ``S^(1/2)`` of each group's block of an input-channel covariance, and its
+    inverse: ``(G, Cin/G, Cin/G)`` each, float64.
+
+    A conv's output error for a weight error ``E`` over inputs with channel second moments ``S``
+    (spatial correlation aside) is ``sum_{o,i,j} E[o,:,i,j]^T S E[o,:,i,j] = ||E x_c S^(1/2)||^2``, so
+    CP of the weight multiplied along its input mode by ``S^(1/2)`` minimises the output error, and
+    ``S^(-1/2)`` takes the input factor back. Eigenvalues below 1e-10 of the largest are raised to
+    it so that the inverse exists (a channel that never varies carries no error either way).
+    """
+    if not isinstance(input_covariance, Tensor) or input_covariance.shape != (in_channels, in_channels):
+        got = tuple(input_covariance.shape) if isinstance(input_covariance, Tensor) else type(input_covariance).__name__
+        raise ValueError(f"input_covariance must be a ({in_channels}, {in_channels}) tensor, got {got}")
+    s = input_covariance.detach().to(torch.float64)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("input_covariance holds NaN or infinite values")
+    if not torch.allclose(s, s.T, rtol=1e-6, atol=1e-12 * float(s.abs().max())):
+        raise ValueError("input_covariance must be symmetric")
+    c = in_channels // groups
+    blocks = torch.stack([s[g * c:(g + 1) * c, g * c:(g + 1) * c] for g in range(groups)])
+    lam, q = torch.linalg.eigh((blocks + blocks.transpose(1, 2)) / 2)
+    if bool((lam < -1e-8 * lam.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)).any()) or not bool((lam > 0).any()):
+        raise ValueError("input_covariance must be positive semi-definite and non-zero")
+    lam = lam.clamp_min(1e-10 * float(lam.max()))
+    root = q @ torch.diag_embed(lam.sqrt()) @ q.transpose(1, 2)
+    inverse = q @ torch.diag_embed(lam.rsqrt()) @ q.transpose(1, 2)
+    return root, inverse
+
+
+def whiten_input_mode(weight: Tensor, root: Tensor) -> Tensor:
+    """``W[o, c', i, j] = sum_c W[o, c, i, j] root[g, c, c']``, group by group (float64)."""
+    groups = root.shape[0]
+    w = weight.detach().to(torch.float64).unflatten(0, (groups, -1))  # [G, Cout/G, Cin/G, kh, kw]
+    return torch.einsum("goc...,gcd->god...", w, root.to(w.device)).flatten(0, 1)
+
+
+def _unwhiten(factors: CPFactors, inverse: Tensor) -> CPFactors:
+    """The input factor of a CP of the whitened weight, taken back: ``B = S^(-1/2) B'``."""
+    b = torch.matmul(inverse.to(device=factors.device, dtype=torch.float64), factors.input.to(torch.float64))
+    return CPFactors(factors.output, b.to(factors.dtype), factors.vertical, factors.horizontal)
+
+
 def decompose_conv(
     weight: Tensor,
     rank: Optional[RankSpec] = None,
     *,
     groups: int = 1,
     target_error: Optional[float] = None,
+    input_covariance: Optional[Tensor] = None,
     init: str = "svd",
     n_iter_max: int = 100,
     tol: float = 1e-8,
@@ -181,7 +224,14 @@ def decompose_conv(
         rank: an ``int >= 1``, or a ``float`` in (0, 1] (that fraction of the dense parameter count).
             Leave it ``None`` when giving ``target_error``.
         groups: the conv's groups; each ``[Cout/G, Cin/G, kh, kw]`` slice gets its own CP.
-        target_error: find the smallest rank whose relative weight error is at most this.
+        target_error: find the smallest rank whose relative weight error is at most this (with
+            ``input_covariance``: whose relative output-weighted error is).
+        input_covariance: ``(Cin, Cin)`` second moments of the conv's input channels (see
+            :func:`cpkernels.calibration.input_statistics`). The CP then minimises the error of the
+            conv's *output* on such inputs instead of the weight's: the input mode is whitened by
+            ``S^(1/2)``, decomposed, and the input factor multiplied back by ``S^(-1/2)``. A multiple of
+            the identity gives the plain decomposition. Shrink a sample covariance toward the identity
+            (:func:`cpkernels.calibration.shrink`) unless it comes from plenty of data.
         init, n_iter_max, tol, random_state, l2_reg: as TensorLy's ``parafac`` (initialisation, iteration
             budget, stopping tolerance, seed, ridge term).
         compute_dtype: dtype of the ALS iterations (float64 by default); the factors come back in
@@ -199,6 +249,13 @@ def decompose_conv(
         raise ValueError(f"method must be 'als' or 'parafac', got {method!r}")
     options = dict(method=method, init=init, n_iter_max=n_iter_max, tol=tol, random_state=random_state,
                    l2_reg=l2_reg)
+    if input_covariance is not None:
+        root, inverse = input_whitening(input_covariance, shape[1] * groups, groups)
+        if not _is_scaled_identity(input_covariance):
+            factors = decompose_conv(whiten_input_mode(weight, root), rank, groups=groups, target_error=target_error,
+                                     init=init, n_iter_max=n_iter_max, tol=tol, random_state=random_state,
+                                     l2_reg=l2_reg, compute_dtype=compute_dtype, method=method)
+            return _unwhiten(factors, inverse).to(weight.dtype)
 
     if target_error is not None:
         if rank is not None:
@@ -217,6 +274,11 @@ def decompose_conv(
             stacklevel=2,
         )
     return _decompose_at_rank(weight, r, groups, compute_dtype, options).to(weight.dtype)
+
+
+def _is_scaled_identity(s: Tensor) -> bool:
+    """A covariance proportional to the identity weighs every channel alike: plain CP, bit for bit."""
+    return bool((s == torch.diag_embed(torch.diagonal(s))).all()) and bool((torch.diagonal(s) == s[0, 0]).all())
 
 
 def strongest_terms(factors: CPFactors, rank: int) -> CPFactors:

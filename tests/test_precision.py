@@ -2,9 +2,6 @@
 second conv decomposed at R = 1.25 C, whose terms cancel. Every path a plan picks in 16 bits stays
 within 2x the dense conv's error at the same dtype, against float64 with the same rounded inputs and
 factors."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,14 +15,12 @@ pytest.importorskip("sklearn")
 @pytest.fixture(scope="module")
 def trained_layer():
     """(conv, its input activations) of a digits CNN trained for a few epochs."""
-    path = Path(__file__).resolve().parents[1] / "examples" / "digits_finetune.py"
-    spec = importlib.util.spec_from_file_location("digits_finetune", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    from cpkernels.digits import load_digits_tensors, make_cnn, train
+
     torch.manual_seed(0)
-    x_train, y_train, _, _, x_all = example.load_digits_tensors()
-    model = example.make_cnn()
-    example.train(model, x_train, y_train, epochs=6, lr=3e-3, seed=0)
+    x_train, y_train, _, _, x_all = load_digits_tensors()
+    model = make_cnn()
+    train(model, x_train, y_train, epochs=6, lr=3e-3, seed=0)
     with torch.no_grad():
         activations = model[:2](x_all[:64])  # the input of the second conv (32 -> 64 channels)
     return model[2], activations

@@ -1,4 +1,4 @@
-"""Smoke tests of the command-line tools on the CPU: demo, profiler, benchmark report."""
+"""Smoke tests of the command-line tools on the CPU: profiler, benchmark report."""
 import json
 import os
 import subprocess
@@ -6,17 +6,8 @@ import sys
 
 import pytest
 
-from cpkernels import demo, profile
+from cpkernels import profile
 from cpkernels.layers import LAYERS, LAYERS_BY_NAME
-
-
-def test_demo_rows_are_complete():
-    layers = [(name, make, rank, (2, *shape[1:])) for name, make, rank, shape in demo.DEMO_LAYERS[:2]]
-    rows = demo.run_demo(layers)
-    assert [r["params_cp"] for r in rows] == [30, 1168]
-    assert [r["params_dense"] for r in rows] == [150, 1728]
-    assert all(0 <= r["weight_error"] <= 1 and r["cp_ms"] > 0 for r in rows)
-    assert "compression" in demo.format_rows(rows)
 
 
 def test_shared_layer_list():

@@ -1,0 +1,145 @@
+"""What calibration batches tell about a network's convs: their inputs' channel second moments, and how
+much the network's output moves per unit of error in each conv's output.
+
+    stats = input_statistics(model, batches, convs)            # {conv name: InputStatistics}
+    s = shrink(stats["features.3"].covariance, 0.5)            # toward the weight-only objective
+    factors = decompose_conv(conv.weight, rank, input_covariance=s)
+
+Both run the model in eval mode under ``torch.no_grad`` with forward hooks that are always removed,
+and restore its training flag: the model is left as it was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class InputStatistics:
+    """Of one conv's input over the calibration batches: ``covariance`` ``(Cin, Cin)`` float64 second
+    moments per pixel (not centred: a conv has no mean to subtract), and ``pixels`` counted."""
+
+    covariance: Tensor
+    pixels: int
+
+
+def as_batches(calibration: Iterable, input_shape: Optional[Sequence[int]] = None) -> list[tuple]:
+    """The calibration batches as argument tuples, checked before any work: at least one, every batch a
+    tensor (or a tuple of them) whose shape matches the first's, and ``input_shape`` where given, in
+    all but the batch dimension."""
+    if calibration is None:
+        raise ValueError("method='data' needs calibration: an iterable of input batches")
+    if isinstance(calibration, (Tensor, tuple)):
+        raise TypeError("calibration must be an iterable of batches (e.g. a list or a DataLoader), "
+                        f"got a single {type(calibration).__name__}: wrap it in a list")
+    batches = []
+    for k, batch in enumerate(calibration):
+        args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        if not args or not all(isinstance(a, Tensor) for a in args):
+            raise TypeError(f"calibration batch {k} must be a tensor or a tuple of tensors, got {type(batch).__name__}")
+        expected = [tuple(a.shape[1:]) for a in batches[0]] if batches else None
+        if input_shape is not None and expected is None:
+            expected = [tuple(input_shape[1:])]
+        got = [tuple(a.shape[1:]) for a in args]
+        if expected is not None and got[:len(expected)] != expected:
+            raise ValueError(f"calibration batch {k} has shape {[tuple(a.shape) for a in args]}, expected "
+                             f"[N, {', '.join(map(str, expected[0]))}] like the model's other inputs")
+        batches.append(args)
+    if not batches:
+        raise ValueError("calibration is empty: give at least one input batch")
+    return batches
+
+
+def _run(model: nn.Module, batches: Sequence[tuple], k: int):
+    try:
+        return model(*batches[k])
+    except RuntimeError as error:
+        raise ValueError(f"the model cannot run calibration batch {k} of shape "
+                         f"{[tuple(a.shape) for a in batches[k]]}: {error}") from error
+
+
+class _Hooks:
+    """Forward hooks on ``modules`` for the length of a ``with`` block; the model's training flag and
+    grad mode are restored after it."""
+
+    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], hook) -> None:
+        self.model, self.modules, self.hook = model, modules, hook
+
+    def __enter__(self):
+        self.training = self.model.training
+        self.model.eval()
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+        self.handles = [m.register_forward_hook(self.hook(name)) for name, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.no_grad.__exit__(*exc)
+        self.model.train(self.training)
+
+
+def input_statistics(model: nn.Module, batches: Sequence[tuple], convs: Mapping[str, nn.Conv2d]) -> dict:
+    """``{name: InputStatistics}`` of each conv in ``convs`` over ``batches`` (from :func:`as_batches`)."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            x = args[0].detach()
+            flat = x.transpose(0, 1).reshape(x.shape[1], -1).to(torch.float64)  # [Cin, N*H*W]
+            sums[name] = sums.get(name, 0) + flat @ flat.T
+            counts[name] = counts.get(name, 0) + flat.shape[1]
+        return record
+
+    with _Hooks(model, convs, hook):
+        for k in range(len(batches)):
+            _run(model, batches, k)
+    return {name: InputStatistics(sums[name] / counts[name], counts[name]) for name in sums}
+
+
+def shrink(covariance: Tensor, shrinkage: float) -> Tensor:
+    """``(1 - a) S / mean(diag S) + a I``: a sample covariance pulled toward the identity, which is the
+    weight-only objective. ``a = 1`` ignores the data, ``a = 0`` trusts it fully; a few images'
+    statistics overfit (a decomposition whitened on one photo did worse on another than plain CP)."""
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must lie in [0, 1], got {shrinkage}")
+    scale = float(torch.diagonal(covariance).mean())
+    eye = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
+    if scale <= 0.0:
+        return eye
+    return (1.0 - shrinkage) * covariance / scale + shrinkage * eye
+
+
+def output_sensitivity(model: nn.Module, batches: Sequence[tuple], convs: Mapping[str, nn.Conv2d],
+                       relative_noise: float = 0.05, seed: int = 0) -> dict[str, float]:
+    """``{name: d}``: the network output's relative change per unit of relative error added to one
+    conv's output (Gaussian, ``relative_noise`` of its norm), on the first calibration batch. One
+    forward per conv: a first-order weight for how much each layer's error matters downstream (a
+    conv feeding a pooling head matters less than one whose error the next layers amplify)."""
+    def flat(out):
+        return out if isinstance(out, Tensor) else torch.cat([t.flatten() for t in out if isinstance(t, Tensor)])
+
+    target: dict[str, Optional[str]] = {"name": None}
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(name):
+        def perturb(module, args, output):
+            if target["name"] != name:
+                return None
+            noise = torch.randn(output.shape, generator=gen, dtype=torch.float32).to(output)
+            return output + noise * (relative_noise * output.norm() / noise.norm().clamp_min(1e-30))
+        return perturb
+
+    sensitivity = {}
+    with _Hooks(model, convs, hook):
+        clean = flat(_run(model, batches, 0)).double()
+        for name in convs:
+            target["name"] = name
+            moved = flat(_run(model, batches, 0)).double()
+            sensitivity[name] = float((moved - clean).norm() / clean.norm().clamp_min(1e-30)) / relative_noise
+    return sensitivity
