@@ -16,8 +16,10 @@ setup(
         'triton; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "tqdm", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "tqdm", "scikit-learn", "onnx", "onnxruntime",
+                 "onnxscript"],
         "bench": ["pytest-benchmark", "matplotlib"],
+        "export": ["onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={"console_scripts": ["cpkernels=cpkernels.__main__:main"]},
 )

@@ -18,6 +18,16 @@ from collections import defaultdict
 CP_BACKENDS = ("reference", "cpu", "compiled-reference", "fused")
 
 
+def save_results(out: str, stem: str, data: dict, markdown: str) -> None:
+    """``out/stem.json`` and ``out/stem.md``, and the markdown on stdout."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+
+
 def load_rows(path: str) -> tuple[list[dict], dict]:
     with open(path) as f:
         data = json.load(f)

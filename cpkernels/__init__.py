@@ -7,6 +7,7 @@ Importing it touches no GPU, sets no global flag and imports neither triton nor 
 """
 from .compress import CompressionReport, apply_structure, compress_model
 from .decompose import decompose_conv, resolve_rank
+from .export import export_onnx  # onnx itself is imported on call: it is an optional dependency
 from .factors import CPFactors
 from .module import CPConv2d
 from .ops import cp_conv2d
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CPConv2d", "CPFactors", "CompressionReport", "RankPlan", "apply_structure", "compress_model", "cp_conv2d",
-    "decompose_conv", "plan_ranks", "resolve_rank", "__version__",
+    "decompose_conv", "export_onnx", "plan_ranks", "resolve_rank", "__version__",
 ]

@@ -13,6 +13,7 @@ import csv
 import fnmatch
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -203,6 +204,10 @@ def _skip_reason(name, conv, rank, in_hw, include, exclude, predicate, min_chann
     return None
 
 
+def _round_up(rank: int, multiple: int) -> int:
+    return -(-rank // multiple) * multiple
+
+
 def compress_model(
     model: nn.Module,
     rank: Union[RankSpec, Mapping[str, RankSpec], None] = None,
@@ -218,6 +223,7 @@ def compress_model(
     example_inputs: Optional[Iterable] = None,
     backend: str = "auto",
     progress: Optional[bool] = None,
+    rank_multiple: int = 1,
     **decompose_kwargs,
 ) -> tuple[nn.Module, CompressionReport]:
     """Replace the ``nn.Conv2d`` layers of ``model`` by ``CPConv2d``.
@@ -239,6 +245,8 @@ def compress_model(
             that records each conv's input size, for the MACs in the report.
         backend: the ``CPConv2d`` backend.
         progress: a tqdm bar over the layers; ``None`` shows it only on a terminal.
+        rank_multiple: round every rank (given, or found for ``target_error``) up to a multiple of this;
+            ONNX Runtime's blocked CPU convs want channel counts in multiples of 4 or 8 (see README).
         decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, random_state, ...).
 
     Returns:
@@ -248,7 +256,11 @@ def compress_model(
     """
     from .plans.ranks import RankPlan
 
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
     if isinstance(rank, RankPlan):
+        if rank_multiple != 1:
+            raise ValueError("a RankPlan has its ranks already: give rank_multiple to plan_ranks instead")
         return _apply_plan(model, rank, inplace, backend)
     if rank is None and target_error is None:
         rank = DEFAULT_RANK
@@ -273,7 +285,7 @@ def compress_model(
         layer_target = target_error if layer_rank is None else None
         int_rank = None
         if layer_rank is not None:
-            int_rank = resolve_rank(layer_rank, tuple(conv.weight.shape), conv.groups)
+            int_rank = _round_up(resolve_rank(layer_rank, tuple(conv.weight.shape), conv.groups), rank_multiple)
         reason = _skip_reason(name, conv, int_rank, in_hw, include, exclude, predicate, min_channels,
                               skip_first and key == first_id)
         if reason is None and layer_rank is None and layer_target is None:
@@ -287,8 +299,11 @@ def compress_model(
         }
         if reason is None:
             start = time.perf_counter()
-            layer = CPConv2d.from_conv(conv, layer_rank, target_error=layer_target, backend=backend,
+            layer = CPConv2d.from_conv(conv, int_rank, target_error=layer_target, backend=backend,
                                        **decompose_kwargs)
+            if layer.rank % rank_multiple:  # a rank found for target_error, rounded up: decomposed again
+                layer = CPConv2d.from_conv(conv, _round_up(layer.rank, rank_multiple), backend=backend,
+                                           **decompose_kwargs)
             row["seconds"] = time.perf_counter() - start
             factors = layer.factors.detach()
             if shape is not None and not shape.cp_macs(factors.rank) < shape.dense_macs():
@@ -308,6 +323,10 @@ def _apply_plan(model: nn.Module, plan, inplace: bool, backend: str) -> tuple[nn
     """``compress_model(model, plan)``: the plan's ranks, with the factors it decomposed when it has them
     (a plan read from JSON has none: those layers are decomposed at the planned rank)."""
     plan.check_model(model)
+    if plan.method == "data" and any(r["rank"] is not None and r["name"] not in plan.factors for r in plan.rows):
+        warnings.warn("this plan holds no factors (a plan read from JSON): its layers are decomposed at the planned "
+                      "ranks by weight-only CP, not with its calibration statistics; plan and compress in one "
+                      "session for the data-aware factors", stacklevel=3)
     if not inplace:
         model = copy.deepcopy(model)
     names_of = _names_by_module(model)

@@ -154,3 +154,17 @@ def test_digits_example_recovers_accuracy():
     assert r["acc_finetuned"] >= r["acc_dense"] - 1.0, r
     assert all(row["macs_after"] <= 0.25 * row["macs_before"] for row in r["report"].rows if row["skipped"] is None)
     assert r["conv_macs_after"] < r["conv_macs_before"] / 3.5
+
+
+@pytest.mark.parametrize("kwargs", [pytest.param(dict(rank=0.3), id="fraction"), pytest.param(dict(rank=5), id="int"),
+                                    pytest.param(dict(target_error=0.6), id="target-error")])
+def test_rank_multiple_rounds_every_rank_up(kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 12, 3, padding=1))
+    _, report = compress_model(model, rank_multiple=8, n_iter_max=20, progress=False, **kwargs)
+    assert report.structure and all(r % 8 == 0 for r in report.structure.values()), report.structure
+
+
+def test_rank_multiple_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="rank_multiple"):
+        compress_model(nn.Sequential(nn.Conv2d(8, 8, 3)), rank=2, rank_multiple=0)

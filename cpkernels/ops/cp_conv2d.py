@@ -10,6 +10,9 @@ weight; ``"triton"`` (or ``"triton-rows"``/``"-taps"``/``"-wide"`` for one kerne
 (:mod:`cpkernels.kernels.cp_conv2d_fused`). On CUDA tensors ``backend="auto"`` follows the GPU plan
 (:mod:`cpkernels.plans.gpu`), which picks among dense, the four stages and the fused kernels.
 
+While ``torch.onnx.export`` runs, :func:`cp_conv2d` writes the layer as standard convs instead
+(:mod:`cpkernels.ops.onnx_form`); the custom op refuses to be exported.
+
 Autograd: the backward is the reference maths (:func:`cp_conv2d_reference_backward`) whichever backend
 ran forward, so gradients for ``x``, every factor and the bias are exact up to rounding.
 """
@@ -25,6 +28,7 @@ from ..factors import CPFactors
 from ..switches import triton_available, triton_interpreter_enabled
 from . import conv_args
 from .cpu import cp_conv2d_cpu
+from .onnx_form import cp_conv2d_onnx_form
 from .reference import (cp_conv2d_dense_weight, cp_conv2d_reference, cp_conv2d_reference_backward,
                         cp_conv2d_reference_fp32)
 
@@ -36,6 +40,11 @@ _IMPLS = {"reference": cp_conv2d_reference, "reference-fp32": cp_conv2d_referenc
 # The GPU plan's strategies (cpkernels.plans.gpu.STRATEGIES) and the implementation each one runs.
 STRATEGY_IMPLS = {"dense": "dense", "four-stage": "reference-fp32", "fused-rows": "triton-rows",
                   "fused-taps": "triton-taps", "fused-wide": "triton-wide"}
+
+
+def exporting_to_onnx() -> bool:
+    """While ``torch.onnx.export`` runs (either exporter), CP layers take the standard Pad/Conv form."""
+    return torch.onnx.is_in_onnx_export()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,6 +93,7 @@ def _cp_conv2d_op(
     impl: str,
 ) -> Tensor:
     """CP conv of a 4-D ``x``; ``padding`` is ``(top, bottom, left, right)`` zero padding."""
+    _refuse_onnx_export()
     args = (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation)
     if impl in FUSED_IMPLS:
         from ..kernels.cp_conv2d_fused import cp_conv2d_fused
@@ -94,8 +104,16 @@ def _cp_conv2d_op(
     raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
+def _refuse_onnx_export() -> None:
+    """No ONNX runtime knows the custom op: reaching it while exporting is a bug, never a silent node."""
+    if torch.onnx.is_in_onnx_export():
+        raise RuntimeError("cpkernels::cp_conv2d reached the ONNX exporter: a CP layer must export as standard "
+                           "Conv nodes (cp_conv2d switches to them while exporting), not as a custom op")
+
+
 @_cp_conv2d_op.register_fake
 def _(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation, impl):
+    _refuse_onnx_export()
     kernel_size = (vertical_factor.shape[1], horizontal_factor.shape[1])
     oh, ow = conv_args.output_size(tuple(x.shape[2:]), kernel_size, stride, padding, dilation)
     cout = output_factor.shape[0] * output_factor.shape[1]
@@ -255,6 +273,8 @@ def cp_conv2d(
             f"({dilated_h} x {dilated_w}). Kernel size can't be greater than actual input size"
         )
     impl = resolve_backend(backend, x)
+    if exporting_to_onnx():
+        return cp_conv2d_onnx_form(x, factors, bias, stride_, padding, dilation_, padding_mode)
 
     unbatched = x.dim() == 3
     if unbatched:
@@ -269,7 +289,9 @@ def cp_conv2d(
     if torch.is_autocast_enabled(device_type):
         # A custom op has no autocast rule of its own (the Autocast key falls through): cast here.
         tensors = _autocast(tensors, device_type)
-    compiling = torch.compiler.is_compiling()
+    # Graph capture (torch.compile, torch.export, a TorchScript trace) records the custom op, never the
+    # eager path's choices for this one call.
+    compiling = torch.compiler.is_compiling() or torch.jit.is_tracing()
     if impl == "gpu-plan":
         impl = _planned_impl(tensors, stride_, pad, dilation_, measure=not compiling)
     if compiling:

@@ -1,0 +1,191 @@
+"""ONNX Runtime on dense and CP-compressed exports of a ResNet-18- and a VGG-16-shaped network, beside
+PyTorch eager on the same models.
+
+    python -m bench.onnx_speed --out bench/results/cpu-amd-epyc-2core
+
+For each network and rank fraction (of each conv's parameters, as ``compress_model(rank=f)``; ranks
+rounded up to ``--rank-multiple``), the CP layers get random factors at those ranks (speed does not
+depend on the values, and no decomposition is timed), both models are exported with
+:func:`cpkernels.export_onnx`, and each runs ``--repeats`` times after a warm-up in ONNX Runtime
+(CPU provider, ``intra_op_num_threads=--threads``, ``ORT_ENABLE_ALL``) and in PyTorch eager
+(``torch.set_num_threads(--threads)``). The medians and speed-ups go to ``onnx_speed.json`` and
+``onnx_speed.md`` with the machine and versions. The compressed model is exported with
+``merge_depthwise="auto"`` (each layer in its fastest form, dense where CP does not win);
+``--merge-both`` also times it with every layer's depthwise stage as one conv and as two.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+from cpkernels import apply_structure, export_onnx, resolve_rank
+from cpkernels.plans.onnx import ort_ms
+from cpkernels.profile import environment
+
+from .report import save_results
+
+FRACTIONS = (0.5, 0.25, 0.125)
+
+
+# --------------------------------------------------------------------------------------------------
+# The networks (their shapes; random weights)
+# --------------------------------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+def resnet18(classes: int = 1000) -> nn.Module:
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes)]
+    return nn.Sequential(*layers)
+
+
+def vgg16(classes: int = 1000) -> nn.Module:
+    from .decompose_timing import vgg16_features
+
+    return nn.Sequential(vgg16_features(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes))
+
+
+NETWORKS = {"resnet18": resnet18, "vgg16": vgg16}
+
+
+def cp_structure(model: nn.Module, fraction: float, rank_multiple: int) -> dict[str, int]:
+    """``compress_model(rank=fraction)``'s ranks (rounded up), for the convs it would compress."""
+    from cpkernels.compress import _skip_reason
+
+    structure = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and _skip_reason(name, m, None, None, None, None, None, 1, False) is None:
+            r = resolve_rank(fraction, tuple(m.weight.shape), m.groups)
+            structure[name] = -(-r // rank_multiple) * rank_multiple
+    return structure
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+def eager_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    from cpkernels.profile import time_median
+
+    return 1e3 * time_median(model, x, repeats)
+
+
+def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: int = 1, threads: int = 2,
+        repeats: int = 10, rank_multiple: int = 8, merge_both: bool = False, workdir=None) -> list[dict]:
+    torch.set_num_threads(threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = workdir or tmp
+        for net in networks:
+            torch.manual_seed(0)
+            dense = NETWORKS[net]().eval()
+            x = torch.randn(batch, 3, size, size)
+            dense_path = os.path.join(workdir, f"{net}_dense.onnx")
+            export_onnx(dense, x, dense_path)
+            ort_dense = ort_ms(dense_path, x, threads, repeats)
+            eager_dense = eager_ms(dense, x, repeats)
+            for fraction in fractions:
+                structure = cp_structure(dense, fraction, rank_multiple)
+                cp = apply_structure(copy.deepcopy(dense), structure).eval()  # random factors at these ranks
+                eager_cp = eager_ms(cp, x, repeats)
+                for merge in (("auto", True, False) if merge_both else ("auto",)):
+                    path = os.path.join(workdir, f"{net}_{fraction}_{merge}.onnx")
+                    proto = export_onnx(cp, x, path, merge_depthwise=merge, threads=threads)
+                    with torch.no_grad():
+                        import onnxruntime as ort
+
+                        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+                        onnx_out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+                        max_diff = float((onnx_out - cp(x)).abs().max() / cp(x).abs().max())
+                    ort_cp = ort_ms(path, x, threads, repeats)
+                    plan = json.loads(next((p.value for p in proto.metadata_props if p.key == "cpkernels.forms"),
+                                           '{"forms": {}, "chosen": null}'))
+                    first = merge == "auto"
+                    rows.append({
+                        "network": net, "fraction": fraction, "merge_depthwise": merge,
+                        "ranks": sorted(set(structure.values())), "ort_dense_ms": round(ort_dense, 2),
+                        "ort_cp_ms": round(ort_cp, 2), "ort_speedup": round(ort_dense / ort_cp, 2),
+                        "eager_dense_ms": round(eager_dense, 2),
+                        "eager_cp_ms": round(eager_cp, 2) if first else None,
+                        "eager_speedup": round(eager_dense / eager_cp, 2) if first else None,
+                        "onnx_vs_eager_rel_diff": max_diff,
+                        "chosen": plan["chosen"],
+                        "forms": {f: sum(v == f for v in plan["forms"].values()) for f in ("merged", "two", "dense")},
+                    })
+    return rows
+
+
+def to_markdown(rows: list[dict], env: dict, args) -> str:
+    import onnxruntime as ort
+
+    lines = [f"# ONNX Runtime against PyTorch eager: {env['device']}", "",
+             f"onnxruntime {ort.__version__} (CPU provider, ORT_ENABLE_ALL, intra_op_num_threads={args.threads}), "
+             f"torch {env['torch']} ({args.threads} threads), batch {args.batch}, 3x{args.size}x{args.size}, "
+             f"median of {args.repeats} runs after a warm-up; ranks = compress_model(rank=fraction) rounded up "
+             f"to multiples of {args.rank_multiple}.", "",
+             "`export_onnx` writes every CP layer as one depthwise conv (`merged`) or two (`two`), or, with "
+             "the default `merge_depthwise=\"auto\"`, as the fastest whole model in ONNX Runtime of all "
+             "merged, all two, all dense (the reconstructed weights) and each layer in its own fastest form "
+             "(the last column: the candidate chosen, and its layers per form). Eager PyTorch runs the CP "
+             "model as it is (every layer CP, the CPU path).", "",
+             "| network | fraction | export | ORT dense ms | ORT CP ms | ORT speed-up | eager dense ms | eager CP ms "
+             "| eager speed-up | ORT / eager speed-up | auto: chosen, merged / two / dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eager = [r["eager_dense_ms"], r["eager_cp_ms"], r["eager_speedup"]]
+        ratio = "" if r["eager_speedup"] is None else f"{r['ort_speedup'] / r['eager_speedup']:.2f}"
+        export = {"auto": "auto", True: "merged", False: "two"}[r["merge_depthwise"]]
+        forms = (f"{r['chosen']}: " + " / ".join(str(r["forms"][f]) for f in ("merged", "two", "dense"))
+                 if export == "auto" else "")
+        lines.append(f"| {r['network']} | {r['fraction']} | {export} | "
+                     f"{r['ort_dense_ms']} | {r['ort_cp_ms']} | {r['ort_speedup']}x | "
+                     + " | ".join("" if v is None else str(v) for v in eager[:2])
+                     + f" | {'' if eager[2] is None else str(eager[2]) + 'x'} | {ratio} | {forms} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
+    parser.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rank-multiple", type=int, default=8)
+    parser.add_argument("--merge-both", action="store_true")
+    args = parser.parse_args(argv)
+    rows = run(args.networks, args.fractions, args.size, args.batch, args.threads, args.repeats, args.rank_multiple,
+               args.merge_both)
+    env = environment("cpu")
+    save_results(args.out, "onnx_speed", {"environment": env, "arguments": vars(args), "rows": rows},
+                 to_markdown(rows, env, args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

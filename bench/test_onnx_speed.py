@@ -1,0 +1,22 @@
+"""Smoke test of the ONNX Runtime benchmark: both networks, one fraction, small images."""
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime, onnxscript) is not installed")
+pytest.importorskip("onnxscript", reason="the export extra (onnx, onnxruntime, onnxscript) is not installed")
+
+
+def test_onnx_speed_rows_are_complete_and_the_exports_match_eager():
+    from bench.onnx_speed import run, to_markdown
+
+    rows = run(fractions=(0.25,), size=32, repeats=1, merge_both=True)
+    assert {(r["network"], r["merge_depthwise"]) for r in rows} == {
+        (n, m) for n in ("resnet18", "vgg16") for m in ("auto", True, False)}
+    for r in rows:
+        assert r["ort_dense_ms"] > 0 and r["ort_cp_ms"] > 0
+        assert r["onnx_vs_eager_rel_diff"] < 1e-4
+        assert all(rank % 8 == 0 for rank in r["ranks"])
+
+    class Args:
+        threads, batch, size, repeats, rank_multiple = 2, 1, 32, 1, 8
+
+    assert "ORT speed-up" in to_markdown(rows, {"device": "cpu", "torch": "x"}, Args)

@@ -1,0 +1,68 @@
+"""The CP conv as the standard convs an ONNX runtime knows: what ``CPConv2d`` runs while it is exported.
+
+    x --[one Pad, only for a non-zero padding mode or uneven zero padding]-->
+      --Conv 1x1 (Cin->R, group G)--> --Conv kh x kw depthwise (group G*R)--> --Conv 1x1 (R->Cout, group G) + bias--> y
+
+``merge_depthwise=False`` writes the depthwise stage as the kh x 1 and 1 x kw convs of the reference.
+The exporter folds the factor reshapes into the conv weights' initializers (checked by
+:func:`cpkernels.export.check_standard_graph`), so nothing is reshaped at run time. A non-zero padding
+mode copies pixels, which commutes with the bias-free 1x1 stage, so padding the input once is exact.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..factors import CPFactors
+from . import conv_args
+from .reference import stage_weights
+
+# Two depthwise stages or one: set for the length of an export by :func:`depthwise_merged`. One merged
+# kh x kw depthwise Conv ran faster in ONNX Runtime on the CPU (bench/onnx_speed.py), so it is the default.
+_MERGE_DEPTHWISE = [True]
+
+
+@contextlib.contextmanager
+def depthwise_merged(merge: bool):
+    """Within the block, exported CP layers write their depthwise stage as one Conv (``True``) or two."""
+    previous = _MERGE_DEPTHWISE[0]
+    _MERGE_DEPTHWISE[0] = bool(merge)
+    try:
+        yield
+    finally:
+        _MERGE_DEPTHWISE[0] = previous
+
+
+def cp_conv2d_onnx_form(
+    x: Tensor,
+    factors: CPFactors,
+    bias: Optional[Tensor],
+    stride: tuple[int, int],
+    padding: conv_args.Padding,
+    dilation: tuple[int, int],
+    padding_mode: str = "zeros",
+    merge_depthwise: Optional[bool] = None,
+) -> Tensor:
+    """The same function as :func:`cpkernels.cp_conv2d`, written with ``F.pad`` and ``F.conv2d`` only."""
+    merge = _MERGE_DEPTHWISE[0] if merge_depthwise is None else merge_depthwise
+    groups, _, rank = factors.input.shape
+    pt, pb, pl, pr = conv_args.explicit_padding(padding, factors.kernel_size, dilation)
+    if padding_mode != "zeros" and (pt, pb, pl, pr) != (0, 0, 0, 0):
+        x = F.pad(x, (pl, pr, pt, pb), mode=padding_mode)
+        pt = pb = pl = pr = 0
+    elif (pt, pl) != (pb, pr):  # ONNX Conv takes uneven pads, F.conv2d does not: one Pad node
+        x = F.pad(x, (pl, pr, pt, pb))
+        pt = pb = pl = pr = 0
+    w_in, w_vert, w_horz, w_out = stage_weights(factors.input, factors.vertical, factors.horizontal, factors.output)
+    (sh, sw), (dh, dw) = stride, dilation
+    t = F.conv2d(x, w_in, None, 1, 0, 1, groups)  # [N, G*R, H, W]
+    if merge:
+        # [G*R, 1, kh, 1] * [G*R, 1, 1, kw] -> [G*R, 1, kh, kw]: the outer product of the two taps.
+        t = F.conv2d(t, w_vert * w_horz, None, (sh, sw), (pt, pl), (dh, dw), groups * rank)
+    else:
+        t = F.conv2d(t, w_vert, None, (sh, 1), (pt, 0), (dh, 1), groups * rank)
+        t = F.conv2d(t, w_horz, None, (1, sw), (0, pl), (1, dw), groups * rank)
+    return F.conv2d(t, w_out, bias, 1, 0, 1, groups)
