@@ -63,9 +63,11 @@ def compare(seed: int = 0, budget: float = 0.25, epochs: int = 30, finetune_epoc
 
 def to_markdown(rows: list[dict], env: dict, budget: float) -> str:
     lines = [f"# Rank methods at {budget} of conv MACs: the digits CNN ({env['device']})", "",
-             f"torch {env['torch']}, {torch.get_num_threads()} threads. Test split of scikit-learn's digits (450 images); "
-             "`logits moved` is ||f_cp(x) - f(x)|| / ||f(x)|| on it. Fine-tuned: 8 epochs, Adam 1e-3.", "",
-             "| seed | method | ranks | MACs kept | accuracy | logits moved | accuracy fine-tuned | logits moved fine-tuned |",
+             f"torch {env['torch']}, {torch.get_num_threads()} threads. Test split of scikit-learn's digits "
+             "(450 images); `logits moved` is ||f_cp(x) - f(x)|| / ||f(x)|| on it. Fine-tuned: 8 epochs, "
+             "Adam 1e-3.", "",
+             "| seed | method | ranks | MACs kept | accuracy | logits moved | accuracy fine-tuned "
+             "| logits moved fine-tuned |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["method"] == "dense":

@@ -110,7 +110,8 @@ def test_sensitivity_is_zero_for_a_conv_the_output_ignores():
             return self.used(x) + 0.0 * self.unused(x)
 
     model = Head()
-    sens = output_sensitivity(model, as_batches([torch.randn(2, 3, 8, 8)]), {"used": model.used, "unused": model.unused})
+    convs = {"used": model.used, "unused": model.unused}
+    sens = output_sensitivity(model, as_batches([torch.randn(2, 3, 8, 8)]), convs)
     assert sens["unused"] == 0.0
     assert sens["used"] == pytest.approx(1.0, rel=0.05)  # the output is the conv's output plus a constant 0
 

@@ -385,15 +385,10 @@ def plan_ranks(
         if reason is None:
             convs.append((row, conv))
 
-    stats, sensitivity = {}, {}
-    if method == "data" and convs:
-        stats = input_statistics(model, batches, {row["name"]: conv for row, conv in convs})
-        sensitivity = output_sensitivity(model, batches, {row["name"]: conv for row, conv in convs})
-
-    from tqdm.auto import tqdm
-
-    layers = []  # (row, conv, cost, [(cost, error, rank, factors)])
-    for row, conv in tqdm(convs, desc="planning", unit="layer", disable=None if progress is None else not progress):
+    # Per layer: its dense cost, the cost of a rank, and the candidate ranks; a budget no candidates can
+    # meet is refused here, before any decomposition.
+    sized = []
+    for row, conv in convs:
         in_hw = sizes.get(id(conv))
         ladder_dense, ladder_cost = _layer_costs(conv, in_hw, "params" if metric == "params" else "macs")
         if metric == "latency":
@@ -403,6 +398,38 @@ def plan_ranks(
         else:
             dense, cost = ladder_dense, ladder_cost
         row.update(cost_before=dense, cost_after=dense)
+        ranks = []
+        if method != "vbmf":
+            cap = max(1, int(max_rank * max(conv.in_channels, conv.out_channels) // conv.groups))
+            ranks = _ladder(ladder_dense, ladder_cost, rank_multiple, ladder, cap)
+            if metric == "latency":
+                ranks = [r for r in ranks if cost(r) < dense]
+                if not ranks:
+                    row["reason"] = f"dense: no candidate rank runs faster than dense on {conv.weight.device.type}"
+        sized.append((row, conv, cost, ranks))
+    if not sized:
+        return plan
+    capacity = budget * sum(row["cost_before"] for row, *_ in sized)
+    if method != "vbmf":
+        least = sum(min([row["cost_before"]] + [cost(r) for r in ranks]) for row, _, cost, ranks in sized)
+        if least > capacity:
+            stuck = [row["name"] for row, *_, ranks in sized if not ranks]
+            raise ValueError(
+                f"no choice of ranks fits budget {budget}: the cheapest candidates keep "
+                f"{least / (capacity / budget):.3f} of the {metric}"
+                + (f"; {len(stuck)} conv(s) have no candidate faster than dense here ({', '.join(stuck[:5])})"
+                   if stuck else "; add smaller fractions to the ladder or raise the budget"))
+
+    stats, sensitivity = {}, {}
+    if method == "data":
+        stats = input_statistics(model, batches, {row["name"]: conv for row, conv in convs})
+        sensitivity = output_sensitivity(model, batches, {row["name"]: conv for row, conv in convs})
+
+    from tqdm.auto import tqdm
+
+    layers = []  # (row, conv, cost of a rank, weight decomposed, un-whitening, [(cost, error, rank, factors)])
+    for row, conv, cost, ranks in tqdm(sized, desc="planning", unit="layer",
+                                       disable=None if progress is None else not progress):
         weight = conv.weight.detach()
         target, inverse = weight, None
         if method == "data":
@@ -410,39 +437,20 @@ def plan_ranks(
                                             conv.groups)
             target = whiten_input_mode(weight, root)
             row["sensitivity"] = sensitivity[row["name"]]
-        rungs = []
-        if method != "vbmf":
-            cap = max(1, int(max_rank * max(conv.in_channels, conv.out_channels) // conv.groups))
-            ranks = _ladder(ladder_dense, ladder_cost, rank_multiple, ladder, cap)
-            if metric == "latency":
-                ranks = [r for r in ranks if cost(r) < dense]
-            start = None
-            ladder_dtype = torch.float32 if weight.numel() >= LADDER_FP32_FROM else torch.float64
-            for r in ranks:
-                f = _decompose_at_rank(target, r, conv.groups, ladder_dtype, options,
-                                       None if start is None else strongest_terms(start, r))
-                rungs.append((cost(r), f.relative_error(target), r, f))
-                start = f
+        rungs, start = [], None
+        ladder_dtype = torch.float32 if weight.numel() >= LADDER_FP32_FROM else torch.float64
+        for r in ranks:
+            f = _decompose_at_rank(target, r, conv.groups, ladder_dtype, options,
+                                   None if start is None else strongest_terms(start, r))
+            rungs.append((cost(r), f.relative_error(target), r, f))
+            start = f
+        if rungs:
             rungs += [x for x in _smallest_exact_rank(target, conv.groups, rungs, cost, rank_multiple, options)
-                      if x[0] < dense]
+                      if x[0] < row["cost_before"]]
             rungs = [(c, e, r, f if inverse is None else _unwhiten(f, inverse))
                      for c, e, r, f in sorted(rungs, key=lambda x: -x[2])]
-            if not rungs and metric == "latency":
-                row["reason"] = f"dense: no candidate rank runs faster than dense on {weight.device.type}"
         layers.append((row, conv, cost, target, inverse, rungs))
 
-    if not layers:
-        return plan
-    capacity = budget * sum(row["cost_before"] for row, *_ in layers)
-    if method != "vbmf":
-        least = sum(min([row["cost_before"]] + [c for c, *_ in rungs]) for row, *_, rungs in layers)
-        if least > capacity:
-            stuck = [row["name"] for row, *_, rungs in layers if not rungs]
-            raise ValueError(
-                f"no choice of ranks fits budget {budget}: the cheapest candidates keep "
-                f"{least / (capacity / budget):.3f} of the {metric}"
-                + (f"; {len(stuck)} conv(s) have no candidate faster than dense here ({', '.join(stuck[:5])})"
-                   if stuck else "; add smaller fractions to the ladder or raise the budget"))
     if method == "vbmf":
         estimates = [conv_cp_rank(conv.weight, conv.groups) for _, conv, *_ in layers]
         chosen = _scale_to_budget(estimates, [x[2] for x in layers], [x[0]["cost_before"] for x in layers], capacity,
