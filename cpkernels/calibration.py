@@ -62,14 +62,14 @@ def _run(model: nn.Module, batches: Sequence[tuple], k: int):
 
 
 class _Hooks:
-    """Forward hooks on ``modules`` for the length of a ``with`` block; the model's training flag and
-    grad mode are restored after it."""
+    """Forward hooks on ``modules`` for the length of a ``with`` block, in eval mode without grad; every
+    submodule's training flag and the grad mode are restored after it."""
 
     def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], hook) -> None:
         self.model, self.modules, self.hook = model, modules, hook
 
     def __enter__(self):
-        self.training = self.model.training
+        self.training = [(m, m.training) for m in self.model.modules()]  # each one's flag, mixed ones too
         self.model.eval()
         self.no_grad = torch.no_grad()
         self.no_grad.__enter__()
@@ -80,7 +80,8 @@ class _Hooks:
         for h in self.handles:
             h.remove()
         self.no_grad.__exit__(*exc)
-        self.model.train(self.training)
+        for module, training in self.training:
+            module.training = training
 
 
 def input_statistics(model: nn.Module, batches: Sequence[tuple], convs: Mapping[str, nn.Conv2d]) -> dict:

@@ -102,27 +102,19 @@ def plan_onnx_forms(model: nn.Module, example_inputs: Sequence[torch.Tensor], th
     """``{"chosen": candidate, "forms": {name: form}, "ms": {candidate: ms}, "layers": {name: {form: ms}}}``
     for the CP layers reached by ``example_inputs`` (float32 CPU tensors, one input for the timing).
     ``threads=0`` lets ONNX Runtime choose, as a default session does. ``model`` is not modified."""
+    from ..calibration import _Hooks
     from ..module import CPConv2d
 
     inputs: dict[str, torch.Tensor] = {}
     layers = {name: m for name, m in model.named_modules() if isinstance(m, CPConv2d)}
 
     def hook(name):
-        def record(module, args):
+        def record(module, args, output):
             inputs.setdefault(name, args[0].detach().clone())
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in flags:
-            m.training = training
+    with _Hooks(model, layers, hook):  # eval mode, no grad; hooks removed and training flags restored after
+        model(*example_inputs)
     per_layer = {}
     for name, x in inputs.items():
         layer = copy.deepcopy(layers[name]).eval()
