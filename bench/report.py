@@ -44,7 +44,8 @@ def speedup_table(rows: list[dict]) -> list[dict]:
     """One entry per (layer, rank, layout): dense time and each CP backend's time and speed-up."""
     by_key = defaultdict(dict)
     for r in rows:
-        by_key[(r["layer"], r["rank"], r["layout"])][r["backend"]] = r
+        rank = f"T{r['rank'][0]}x{r['rank'][1]}" if isinstance(r["rank"], list) else r["rank"]  # Tucker-2 pairs
+        by_key[(r["layer"], rank, r["layout"])][r["backend"]] = r
     table = []
     for (layer, rank, layout), backends in by_key.items():
         dense = backends.get("dense")
@@ -58,7 +59,10 @@ def speedup_table(rows: list[dict]) -> list[dict]:
                 entry[f"{name}_speedup"] = dense["median_s"] / backends[name]["median_s"] if dense else None
         table.append(entry)
     order = {name: i for i, name in enumerate(dict.fromkeys(r["layer"] for r in rows))}
-    return sorted(table, key=lambda e: (order[e["layer"]], e["rank"], e["layout"]))
+    tucker2 = [e for e in table if isinstance(e["rank"], str)]
+    cp = [e for e in table if not isinstance(e["rank"], str)]
+    return (sorted(cp, key=lambda e: (order[e["layer"]], e["rank"], e["layout"]))
+            + sorted(tucker2, key=lambda e: (order[e["layer"]], int(e["rank"][1:].split("x")[0]), e["layout"])))
 
 
 def _fmt(value, spec):
@@ -98,8 +102,9 @@ def plot_speedups(table: list[dict], path: str) -> None:
     for ax, layer in zip(axes.flat, layers):
         for backend in CP_BACKENDS:
             for layout, style in (("nchw", "-o"), ("channels_last", "--s")):
-                pts = [(e["rank"], e[f"{backend}_speedup"]) for e in table
-                       if e["layer"] == layer and e["layout"] == layout and e.get(f"{backend}_speedup")]
+                pts = [(e["rank"], e[f"{backend}_speedup"]) for e in table  # CP ranks (Tucker-2 is in the table)
+                       if e["layer"] == layer and e["layout"] == layout and e.get(f"{backend}_speedup")
+                       and not isinstance(e["rank"], str)]
                 if pts:
                     ax.plot(*zip(*sorted(pts)), style, label=f"{backend} {layout}", markersize=3)
         ax.axhline(1.0, color="grey", linewidth=0.8)

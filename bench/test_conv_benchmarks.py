@@ -7,7 +7,8 @@
 Backends: dense ``nn.Conv2d``, the four-stage reference, the CPU path (CPU only: ``backend="auto"`` on
 a CPU tensor), ``torch.compile`` of the reference maths, the fused kernel and ``planned`` (CUDA only:
 ``backend="auto"`` on a CUDA tensor, the GPU plan's choice), each in NCHW and channels_last, at every
-rank of the shared list (C/16 ... C/2, and C and 1.25 C, the ranks trained networks need).
+rank of the shared list (C/16 ... C/2, and C and 1.25 C, the ranks trained networks need). The same
+backends time ``TuckerConv2d`` at the Tucker-2 ranks of equal MACs to CP at R = C (group ``...-T``).
 """
 import dataclasses
 
@@ -19,6 +20,9 @@ from cpkernels.profile import build_cases, roofline
 
 LAYER_RANKS = [
     pytest.param(layer, rank, id=f"{layer.name}-R{rank}") for layer in LAYERS for rank in layer.ranks()
+] + [  # Tucker-2 at the MACs of CP at R = C (trained networks' range): the pair (R_out, R_in)
+    pytest.param(layer, pair, id=f"{layer.name}-T{pair[0]}x{pair[1]}") for layer in LAYERS
+    if min(layer.shape.cin, layer.shape.cout) >= 16 for pair in [layer.tucker2_rank(layer.rank(1))]
 ]
 BACKENDS = ["dense", "reference", "cpu", "compiled-reference", "fused", "planned"]
 LAYOUTS = ["nchw", "channels_last"]
@@ -35,9 +39,11 @@ def test_conv(benchmark, layer, rank, backend, layout, device, dtype, smoke, env
     shape = dataclasses.replace(layer.shape, batch=1) if smoke else layer.shape
     (case,) = build_cases(shape, rank, dtype, device, layouts=(layout,), backends=(backend,))
 
-    benchmark.group = f"{layer.name}-R{rank}"
+    tucker2 = isinstance(rank, tuple)
+    benchmark.group = f"{layer.name}-{'T' + 'x'.join(map(str, rank)) if tucker2 else f'R{rank}'}"
     benchmark.extra_info.update(
-        layer=layer.name, rank=rank, backend=backend, layout=layout, dtype=str(dtype).removeprefix("torch."),
+        layer=layer.name, rank=list(rank) if tucker2 else rank, decomposition="tucker2" if tucker2 else "cp",
+        backend=backend, layout=layout, dtype=str(dtype).removeprefix("torch."),
         batch=shape.batch, macs=case.macs, min_bytes=shape.minimal_bytes(case.x.element_size()),
         dense_macs=shape.dense_macs(), **env_info,
     )

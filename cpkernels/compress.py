@@ -21,12 +21,15 @@ import torch
 from torch import nn
 
 from .decompose import RankSpec, resolve_rank
+from .decompose_tucker2 import resolve_tucker2_rank
 from .module import CPConv2d
+from .module_tucker2 import TuckerConv2d
 from .ops import conv_args
 
 DEFAULT_RANK = 0.25  # compress_model's rank when neither rank nor target_error is given
 NUMERIC_KEYS = ("params_before", "params_after", "macs_before", "macs_after", "seconds")
-ROW_KEYS = ("name", "shape", "stride", "rank", "params_before", "params_after", "macs_before", "macs_after",
+DECOMPOSITIONS = ("cp", "tucker2", "auto")
+ROW_KEYS = ("name", "shape", "stride", "decomposition", "rank", "params_before", "params_after", "macs_before", "macs_after",
             "weight_error", "degeneracy", "cancellation", "seconds", "skipped")
 
 
@@ -52,6 +55,18 @@ class _Shape:
         gr = c.groups * rank
         return h * w * c.in_channels * rank + oh * w * gr * kh + oh * ow * gr * kw + oh * ow * rank * c.out_channels
 
+    def tucker2_macs(self, rank: tuple[int, int]) -> int:
+        """Stage 1 at the input resolution, the core conv and the output stage at (OH, OW)."""
+        c = self.conv
+        (h, w), (oh, ow), (kh, kw) = self.in_hw, self.out_hw, c.kernel_size
+        r_out, r_in = rank
+        return (h * w * c.in_channels * r_in + oh * ow * c.groups * r_out * r_in * kh * kw
+                + oh * ow * r_out * c.out_channels)
+
+    def macs(self, rank) -> int:
+        """MACs of a CP rank (int) or Tucker-2 ranks (pair)."""
+        return self.tucker2_macs(rank) if isinstance(rank, tuple) else self.cp_macs(rank)
+
 
 def _conv_shape(conv: nn.Conv2d, in_hw: Optional[tuple[int, int]]) -> Optional[_Shape]:
     """The layer's cost on one ``in_hw`` image, or None when the input size is unknown."""
@@ -61,10 +76,11 @@ def _conv_shape(conv: nn.Conv2d, in_hw: Optional[tuple[int, int]]) -> Optional[_
     return _Shape(conv, in_hw, conv_args.output_size(in_hw, conv.kernel_size, conv.stride, padding, conv.dilation))
 
 
-def cp_saves_macs(conv: nn.Conv2d, rank: int, in_hw: Optional[tuple[int, int]] = None) -> bool:
-    """Whether the CP form costs fewer MACs; without an input size, on a nominal 64x64 output."""
+def cp_saves_macs(conv: nn.Conv2d, rank, in_hw: Optional[tuple[int, int]] = None) -> bool:
+    """Whether the CP (int rank) or Tucker-2 (pair) form costs fewer MACs; without an input size, on a
+    nominal 64x64 output."""
     shape = _conv_shape(conv, in_hw or (64 * conv.stride[0], 64 * conv.stride[1]))
-    return shape.cp_macs(rank) < shape.dense_macs()
+    return shape.macs(rank) < shape.dense_macs()
 
 
 def rank_for_mac_fraction(conv: nn.Conv2d, fraction: float, in_hw: tuple[int, int]) -> int:
@@ -93,8 +109,9 @@ class CompressionReport:
         return out
 
     @property
-    def structure(self) -> dict[str, int]:
-        """``{qualified name: rank}`` of the compressed layers: what :func:`apply_structure` needs."""
+    def structure(self) -> dict[str, Union[int, tuple[int, int]]]:
+        """``{qualified name: rank}`` of the compressed layers, an int for CP and a pair ``(R_out, R_in)`` for
+        Tucker-2: what :func:`apply_structure` needs."""
         return {r["name"]: r["rank"] for r in self.rows if r["skipped"] is None}
 
     def to_csv(self, path) -> None:
@@ -108,17 +125,19 @@ class CompressionReport:
         def num(v, spec=","):
             return "-" if v is None else format(v, spec)
 
-        header = ("layer", "shape", "rank", "params", "MACs", "weight err", "degeneracy", "cancellation", "s", "")
+        header = ("layer", "shape", "form", "rank", "params", "MACs", "weight err", "degeneracy", "cancellation", "s",
+                  "")
         lines = []
         for r in self.rows:
             params = f"{num(r['params_before'])} -> {num(r['params_after'])}"
             macs = "-" if r["macs_before"] is None else f"{num(r['macs_before'])} -> {num(r['macs_after'])}"
-            lines.append((r["name"], "x".join(map(str, r["shape"])), num(r["rank"], "d"), params, macs,
+            rank = "x".join(map(str, r["rank"])) if isinstance(r["rank"], tuple) else num(r["rank"], "d")
+            lines.append((r["name"], "x".join(map(str, r["shape"])), r["decomposition"] or "-", rank, params, macs,
                           num(r["weight_error"], ".3f"), num(r["degeneracy"], ".1f"), num(r["cancellation"], ".1f"),
                           num(r["seconds"], ".2f"),
                           f"skipped: {r['skipped']}" if r["skipped"] else ""))
         t = self.totals
-        lines.append(("total", "", "", f"{num(t['params_before'])} -> {num(t['params_after'])}",
+        lines.append(("total", "", "", "", f"{num(t['params_before'])} -> {num(t['params_after'])}",
                       "-" if t["macs_before"] is None else f"{num(t['macs_before'])} -> {num(t['macs_after'])}",
                       "", "", "", num(t["seconds"], ".2f"), ""))
         widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
@@ -224,9 +243,10 @@ def compress_model(
     backend: str = "auto",
     progress: Optional[bool] = None,
     rank_multiple: int = 1,
+    decomposition: str = "cp",
     **decompose_kwargs,
 ) -> tuple[nn.Module, CompressionReport]:
-    """Replace the ``nn.Conv2d`` layers of ``model`` by ``CPConv2d``.
+    """Replace the ``nn.Conv2d`` layers of ``model`` by ``CPConv2d`` (or ``TuckerConv2d``).
 
     Args:
         model: any module; it is left untouched unless ``inplace=True``.
@@ -247,7 +267,12 @@ def compress_model(
         progress: a tqdm bar over the layers; ``None`` shows it only on a terminal.
         rank_multiple: round every rank (given, or found for ``target_error``) up to a multiple of this;
             ONNX Runtime's blocked CPU convs want channel counts in multiples of 4 or 8 (see README).
-        decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, random_state, ...).
+        decomposition: ``"cp"``; ``"tucker2"`` (``TuckerConv2d``: a rank is a pair ``(R_out, R_in)``, an int for
+            both, or a parameter fraction split in proportion to the channel counts); or ``"auto"``, per layer
+            the one with the lower weight error at the same parameter fraction (or, for ``target_error``, the
+            one meeting it with fewer MACs). A pair in a per-layer rank dict makes that layer Tucker-2.
+        decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, random_state, ...);
+            Tucker-2 takes ``n_iter_max``, ``random_state`` and ``input_covariance`` of them.
 
     Returns:
         The compressed model (same device and dtype) and a :class:`CompressionReport`.
@@ -258,6 +283,11 @@ def compress_model(
 
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition must be one of {DECOMPOSITIONS}, got {decomposition!r}")
+    if decomposition == "auto" and isinstance(rank, int) and not isinstance(rank, bool):
+        raise ValueError("decomposition='auto' compares CP and Tucker-2 at one parameter fraction or target error: "
+                         "give rank as a float in (0, 1] or target_error, not an int")
     if isinstance(rank, RankPlan):
         if rank_multiple != 1:
             raise ValueError("a RankPlan has its ranks already: give rank_multiple to plan_ranks instead")
@@ -283,40 +313,89 @@ def compress_model(
         in_hw = sizes.get(key)
         layer_rank = rank.get(name) if isinstance(rank, Mapping) else rank
         layer_target = target_error if layer_rank is None else None
-        int_rank = None
-        if layer_rank is not None:
-            int_rank = _round_up(resolve_rank(layer_rank, tuple(conv.weight.shape), conv.groups), rank_multiple)
-        reason = _skip_reason(name, conv, int_rank, in_hw, include, exclude, predicate, min_channels,
-                              skip_first and key == first_id)
+        kind = "tucker2" if isinstance(layer_rank, (tuple, list)) else decomposition
+        ranks = {}  # the candidate ranks per decomposition, before any work (None: found for target_error)
+        if type(conv) is nn.Conv2d:
+            for k in (("cp", "tucker2") if kind == "auto" else (kind,)):
+                ranks[k] = None if layer_rank is None else _layer_rank(conv, layer_rank, k, rank_multiple)
+        reason = None
+        for r in ranks.values():  # a layer is skipped when no candidate saves MACs
+            reason = _skip_reason(name, conv, r, in_hw, include, exclude, predicate, min_channels,
+                                  skip_first and key == first_id)
+            if reason is None:
+                break
+        if not ranks:
+            reason = _skip_reason(name, conv, None, in_hw, include, exclude, predicate, min_channels, False)
         if reason is None and layer_rank is None and layer_target is None:
             reason = "no rank given for this layer"
+        if reason is None:  # of two candidates, only those that save MACs
+            ranks = {k: r for k, r in ranks.items() if r is None or cp_saves_macs(conv, r, in_hw)}
         shape = _conv_shape(conv, in_hw) if type(conv) is nn.Conv2d else None
         row = {
-            "name": name, "shape": tuple(conv.weight.shape), "stride": tuple(conv.stride), "rank": None,
-            "params_before": conv.weight.numel(), "params_after": conv.weight.numel(),
+            "name": name, "shape": tuple(conv.weight.shape), "stride": tuple(conv.stride), "decomposition": None,
+            "rank": None, "params_before": conv.weight.numel(), "params_after": conv.weight.numel(),
             "macs_before": shape.dense_macs() if shape else None, "macs_after": shape.dense_macs() if shape else None,
             "weight_error": None, "degeneracy": None, "cancellation": None, "seconds": None, "skipped": reason,
         }
         if reason is None:
             start = time.perf_counter()
-            layer = CPConv2d.from_conv(conv, int_rank, target_error=layer_target, backend=backend,
-                                       **decompose_kwargs)
-            if layer.rank % rank_multiple:  # a rank found for target_error, rounded up: decomposed again
-                layer = CPConv2d.from_conv(conv, _round_up(layer.rank, rank_multiple), backend=backend,
-                                           **decompose_kwargs)
+            layer = _best_layer(conv, ranks, layer_target, rank_multiple, backend, shape, decompose_kwargs)
             row["seconds"] = time.perf_counter() - start
             factors = layer.factors.detach()
-            if shape is not None and not shape.cp_macs(factors.rank) < shape.dense_macs():
-                row["skipped"] = f"rank {factors.rank} (from target_error) saves no MACs"
+            if shape is not None and not shape.macs(layer.rank) < shape.dense_macs():
+                row["skipped"] = f"rank {layer.rank} (from target_error) saves no MACs"
             else:
-                row.update(rank=factors.rank, params_after=factors.num_params,
-                           macs_after=shape.cp_macs(factors.rank) if shape else None,
-                           weight_error=factors.relative_error(conv.weight), degeneracy=degeneracy(factors),
-                           cancellation=factors.cancellation())
+                cp = isinstance(layer, CPConv2d)
+                row.update(decomposition="cp" if cp else "tucker2", rank=layer.rank, params_after=factors.num_params,
+                           macs_after=shape.macs(layer.rank) if shape else None,
+                           weight_error=factors.relative_error(conv.weight),
+                           degeneracy=degeneracy(factors) if cp else None,
+                           cancellation=factors.cancellation() if cp else None)
                 for n in all_names:  # a shared conv is decomposed once and replaced under every name
                     _set_submodule(model, n, layer)
         report.rows.append(row)
     return model, report
+
+
+# The decompose_kwargs a Tucker-2 decomposition takes (the others are CP's ALS settings).
+TUCKER2_KWARGS = ("n_iter_max", "random_state", "input_covariance")
+
+
+def _layer_rank(conv: nn.Conv2d, rank, decomposition: str, multiple: int):
+    """The rank policy as an int (CP) or a pair (Tucker-2), rounded up to ``multiple`` (Tucker-2 ranks at most
+    the mode sizes)."""
+    shape = tuple(conv.weight.shape)
+    if decomposition == "cp":
+        if isinstance(rank, (tuple, list)):
+            raise ValueError(f"a pair of ranks {rank!r} is a Tucker-2 rank; CP takes an int or a fraction")
+        return _round_up(resolve_rank(rank, shape, conv.groups), multiple)
+    r_out, r_in = resolve_tucker2_rank(rank, shape, conv.groups)
+    return (min(_round_up(r_out, multiple), shape[0] // conv.groups), min(_round_up(r_in, multiple), shape[1]))
+
+
+def _decomposed(conv, decomposition, rank, target, multiple, backend, kwargs):
+    if decomposition == "cp":
+        layer = CPConv2d.from_conv(conv, rank, target_error=target, backend=backend, **kwargs)
+        if layer.rank % multiple:  # a rank found for target_error, rounded up: decomposed again
+            layer = CPConv2d.from_conv(conv, _round_up(layer.rank, multiple), backend=backend, **kwargs)
+        return layer
+    tucker_kwargs = {k: v for k, v in kwargs.items() if k in TUCKER2_KWARGS}
+    layer = TuckerConv2d.from_conv(conv, rank, target_error=target, backend=backend, **tucker_kwargs)
+    if any(r % multiple for r in layer.rank) and target is not None:
+        layer = TuckerConv2d.from_conv(conv, _layer_rank(conv, layer.rank, "tucker2", multiple), backend=backend,
+                                       **tucker_kwargs)
+    return layer
+
+
+def _best_layer(conv, ranks: dict, target, multiple, backend, shape, kwargs):
+    """The layer of each candidate decomposition; of two, the lower weight error at a given rank policy, or
+    the fewer MACs (parameters without an input size) for a target error."""
+    layers = [_decomposed(conv, k, r, target, multiple, backend, kwargs) for k, r in ranks.items()]
+    if len(layers) == 1:
+        return layers[0]
+    if target is None:
+        return min(layers, key=lambda m: m.factors.relative_error(conv.weight))
+    return min(layers, key=lambda m: shape.macs(m.rank) if shape is not None else m.factors.num_params)
 
 
 def _apply_plan(model: nn.Module, plan, inplace: bool, backend: str) -> tuple[nn.Module, CompressionReport]:
@@ -333,7 +412,8 @@ def _apply_plan(model: nn.Module, plan, inplace: bool, backend: str) -> tuple[nn
     report = CompressionReport()
     for row in plan.rows:
         conv = model.get_submodule(row["name"])
-        out = {"name": row["name"], "shape": tuple(conv.weight.shape), "stride": tuple(conv.stride), "rank": None,
+        out = {"name": row["name"], "shape": tuple(conv.weight.shape), "stride": tuple(conv.stride),
+               "decomposition": None, "rank": None,
                "params_before": conv.weight.numel(), "params_after": conv.weight.numel(), "macs_before": None,
                "macs_after": None, "weight_error": None, "degeneracy": None, "cancellation": None, "seconds": None,
                "skipped": row["reason"]}
@@ -342,15 +422,18 @@ def _apply_plan(model: nn.Module, plan, inplace: bool, backend: str) -> tuple[nn
         if row["rank"] is not None:
             start = time.perf_counter()
             factors = plan.factors.get(row["name"])
+            tucker2 = isinstance(row["rank"], (tuple, list))
+            cls = TuckerConv2d if tucker2 else CPConv2d
             if factors is None:
-                layer = CPConv2d.from_conv(conv, row["rank"], backend=backend)
+                layer = cls.from_conv(conv, tuple(row["rank"]) if tucker2 else row["rank"], backend=backend)
             else:
-                layer = CPConv2d.from_factors(factors.to(device=conv.weight.device, dtype=conv.weight.dtype),
-                                              None if conv.bias is None else conv.bias.detach(), conv.stride,
-                                              conv.padding, conv.dilation, conv.padding_mode, backend)
+                layer = cls.from_factors(factors.to(device=conv.weight.device, dtype=conv.weight.dtype),
+                                         None if conv.bias is None else conv.bias.detach(), conv.stride,
+                                         conv.padding, conv.dilation, conv.padding_mode, backend)
             f = layer.factors.detach()
-            out.update(rank=f.rank, params_after=f.num_params, weight_error=f.relative_error(conv.weight),
-                       degeneracy=degeneracy(f), cancellation=f.cancellation(), seconds=time.perf_counter() - start,
+            out.update(decomposition="tucker2" if tucker2 else "cp", rank=layer.rank, params_after=f.num_params,
+                       weight_error=f.relative_error(conv.weight), degeneracy=None if tucker2 else degeneracy(f),
+                       cancellation=None if tucker2 else f.cancellation(), seconds=time.perf_counter() - start,
                        skipped=None)
             if plan.metric == "macs":
                 out.update(macs_before=row["cost_before"], macs_after=row["cost_after"])
@@ -361,10 +444,11 @@ def _apply_plan(model: nn.Module, plan, inplace: bool, backend: str) -> tuple[nn
 
 
 def apply_structure(model: nn.Module, structure: Union[CompressionReport, Mapping[str, int]]) -> nn.Module:
-    """Give ``model`` the CP structure of a compression (in place), so a saved ``state_dict`` loads.
+    """Give ``model`` the structure of a compression (in place), so a saved ``state_dict`` loads.
 
-    ``structure`` is a :class:`CompressionReport` or its ``.structure`` dict ``{name: rank}``. The new
-    ``CPConv2d`` layers take each conv's hyperparameters, device and dtype; their factors are left to
+    ``structure`` is a :class:`CompressionReport` or its ``.structure`` dict ``{name: rank}``: an int rank
+    makes a ``CPConv2d``, a pair ``(R_out, R_in)`` (or a 2-list, as JSON keeps it) a ``TuckerConv2d``. The
+    new layers take each conv's hyperparameters, device and dtype; their factors are left to
     ``load_state_dict``.
     """
     if isinstance(structure, CompressionReport):
@@ -372,11 +456,14 @@ def apply_structure(model: nn.Module, structure: Union[CompressionReport, Mappin
     names_of = _names_by_module(model)
     for name, rank in structure.items():
         conv = model.get_submodule(name)
-        if isinstance(conv, CPConv2d):
+        if isinstance(conv, (CPConv2d, TuckerConv2d)):
             continue
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"{name} is a {type(conv).__name__}, not an nn.Conv2d")
-        layer = CPConv2d(
+        cls = CPConv2d
+        if isinstance(rank, (tuple, list)):
+            cls, rank = TuckerConv2d, tuple(rank)
+        layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, rank, stride=conv.stride,
             padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
             padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,

@@ -61,6 +61,19 @@ class ConvShape:
         stage4 = self.out_pixels * rank * (self.cout // g) * g
         return stage1 + stage2 + stage3 + stage4
 
+    def tucker2_macs(self, rank: tuple[int, int]) -> int:
+        """MACs of the three-stage Tucker-2 layer (per-group ranks ``(R_out, R_in)``)."""
+        kh, kw = self.kernel
+        r_out, r_in = rank
+        h, w = self.size
+        return (self.batch * h * w * self.cin * r_in + self.out_pixels * self.groups * r_out * r_in * kh * kw
+                + self.out_pixels * r_out * self.cout)
+
+    def tucker2_fused_macs(self, rank: tuple[int, int]) -> int:
+        """MACs of the taps kernel on folded tap weights: kh*kw*Cin/G into R_out per pixel, then R_out -> Cout."""
+        kh, kw = self.kernel
+        return self.out_pixels * self.groups * rank[0] * (kh * kw * self.cin // self.groups + self.cout // self.groups)
+
     def fused_kernel_macs(self, rank: int, rows: int = 8) -> int:
         """MACs the fused kernel that ``kernel="auto"`` launches issues (docs/kernel.md): the rows kernel
         (kh = 3, stride 1 or 2, R <= 128) folds only the horizontal taps and computes

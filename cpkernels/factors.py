@@ -105,13 +105,7 @@ class CPFactors:
             raise ValueError(
                 f"weight of shape {tuple(weight.shape)} does not match the factors' {self.weight_shape}"
             )
-        w = weight.detach().to(device=self.device, dtype=torch.float64)
-        approx = self.to(torch.float64).to_dense()
-        norm = torch.linalg.vector_norm(w)
-        diff = torch.linalg.vector_norm(w - approx.detach())
-        if norm == 0:
-            return 0.0 if diff == 0 else float("inf")
-        return float(diff / norm)
+        return weight_error(self.to(torch.float64).to_dense(), weight)
 
     def cancellation(self) -> float:
         """``sum_r ||term_r|| / ||W_hat||`` in float64: 1 for terms that never overlap, large where the
@@ -164,6 +158,133 @@ def reconstruct(output: Tensor, input: Tensor, vertical: Tensor, horizontal: Ten
     return w.reshape(g * cout_g, cin_g, kh, kw).to(output.dtype)
 
 
+def weight_error(approx: Tensor, weight: Tensor) -> float:
+    """``||W - W_hat|| / ||W||`` in float64 (0 when both are zero; inf for a zero W and a non-zero W_hat)."""
+    w = weight.detach().to(device=approx.device, dtype=torch.float64)
+    norm = torch.linalg.vector_norm(w)
+    diff = torch.linalg.vector_norm(w - approx.detach().to(torch.float64))
+    if norm == 0:
+        return 0.0 if diff == 0 else float("inf")
+    return float(diff / norm)
+
+
 def params_per_rank(out_channels: int, in_channels: int, kernel_size: tuple[int, int], groups: int) -> int:
     """Factor values added by one more rank: one column in each factor of each group."""
     return out_channels + in_channels + groups * (kernel_size[0] + kernel_size[1])
+
+
+@dataclass(frozen=True)
+class Tucker2Factors:
+    """A Tucker-2 conv weight: a core over the kernel taps between two channel factors, per group::
+
+        W[g*Cog + o, c, i, j] ~= sum_{a,b} output[g, o, a] * core[g, a, b, i, j] * input[g, c, b]
+
+    Attributes:
+        output: ``(G, Cout/G, R_out)``, the last 1x1 conv (R_out -> Cout).
+        core: ``(G, R_out, R_in, kh, kw)``, the kh x kw conv between the two (R_in -> R_out).
+        input: ``(G, Cin/G, R_in)``, the first 1x1 conv (Cin -> R_in).
+    """
+
+    output: Tensor
+    core: Tensor
+    input: Tensor
+
+    def __post_init__(self) -> None:
+        o, k, i = self.output, self.core, self.input
+        if not (o.dim() == 3 and k.dim() == 5 and i.dim() == 3):
+            raise ValueError("Tucker2Factors expects output (G, Cout/G, R_out), core (G, R_out, R_in, kh, kw) and "
+                             f"input (G, Cin/G, R_in), got shapes {[tuple(f.shape) for f in self.as_tuple()]}")
+        if not (o.shape[0] == k.shape[0] == i.shape[0] and o.shape[2] == k.shape[1] and i.shape[2] == k.shape[2]):
+            raise ValueError("the Tucker-2 factors must share the group dimension and the core's ranks, got shapes "
+                             f"{[tuple(f.shape) for f in self.as_tuple()]}")
+        if not (o.dtype == k.dtype == i.dtype and o.device == k.device == i.device):
+            raise ValueError("all Tucker-2 factors must share one dtype and one device")
+
+    def as_tuple(self) -> tuple[Tensor, Tensor, Tensor]:
+        return (self.output, self.core, self.input)
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """``(R_out, R_in)``, per group."""
+        return (self.core.shape[1], self.core.shape[2])
+
+    @property
+    def groups(self) -> int:
+        return self.core.shape[0]
+
+    @property
+    def out_channels(self) -> int:
+        return self.groups * self.output.shape[1]
+
+    @property
+    def in_channels(self) -> int:
+        return self.groups * self.input.shape[1]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (self.core.shape[3], self.core.shape[4])
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.input.shape[1], *self.kernel_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.core.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.core.device
+
+    @property
+    def num_params(self) -> int:
+        return sum(f.numel() for f in self.as_tuple())
+
+    @property
+    def dense_num_params(self) -> int:
+        cout, cin_g, kh, kw = self.weight_shape
+        return cout * cin_g * kh * kw
+
+    def to_dense(self) -> Tensor:
+        """The reconstructed weight ``[Cout, Cin/G, kh, kw]`` (differentiable; 16-bit factors combined in fp32)."""
+        g, cout_g, r_out = self.output.shape
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        core, b = self.core.to(dtype), self.input.to(dtype)
+        kh, kw = self.kernel_size
+        folded = torch.einsum("gabij,gcb->gacij", core, b)  # [G, R_out, Cin/G, kh, kw]
+        # [G, Co, R_out] @ [G, R_out, Ci*kh*kw] -> [G, Co, Ci*kh*kw]
+        w = torch.bmm(self.output.to(dtype), folded.reshape(g, r_out, -1))
+        return w.reshape(g * cout_g, self.input.shape[1], kh, kw).to(self.dtype)
+
+    def tap_weights(self) -> Tensor:
+        """``[G, kh*kw, Cin/G, R_out]``: the input factor folded into the core, one ``Cin/G x R_out`` matrix per
+        tap, ``T[g, i*kw + j, c, a] = sum_b input[g, c, b] core[g, a, b, i, j]`` (fp32 for 16-bit factors, then
+        rounded once): what the fused kernel contracts each shifted input with."""
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        g, r_out, r_in, kh, kw = self.core.shape
+        t = torch.einsum("gcb,gabij->gijca", self.input.to(dtype), self.core.to(dtype))
+        return t.reshape(g, kh * kw, self.input.shape[1], r_out).to(self.dtype)
+
+    def relative_error(self, weight: Tensor) -> float:
+        """``||W - W_hat|| / ||W||`` in float64."""
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not match the factors' {self.weight_shape}")
+        return weight_error(self.to(torch.float64).to_dense(), weight)
+
+    def to(self, *args, **kwargs) -> "Tucker2Factors":
+        return Tucker2Factors(*(f.to(*args, **kwargs) for f in self.as_tuple()))
+
+    def detach(self) -> "Tucker2Factors":
+        return Tucker2Factors(*(f.detach() for f in self.as_tuple()))
+
+    def __repr__(self) -> str:
+        cout, cin_g, kh, kw = self.weight_shape
+        return (f"Tucker2Factors(rank={self.rank}, groups={self.groups}, weight_shape=({cout}, {cin_g}, {kh}, {kw}), "
+                f"num_params={self.num_params}, dtype={self.dtype}, device={self.device})")
+
+
+def tucker2_params(out_channels: int, in_channels: int, kernel_size: tuple[int, int], groups: int,
+                   rank: tuple[int, int]) -> int:
+    """Values held by Tucker-2 factors of per-group ranks ``(R_out, R_in)``."""
+    r_out, r_in = rank
+    return out_channels * r_out + in_channels * r_in + groups * r_out * r_in * kernel_size[0] * kernel_size[1]

@@ -13,7 +13,144 @@ from .ops import conv_args
 from .ops.cp_conv2d import BACKENDS, cp_conv2d
 
 
-class CPConv2d(nn.Module):
+class FactoredConv2d(nn.Module):
+    """What every factored conv shares with ``nn.Conv2d``: its arguments and attributes, the bias, the
+    backend switch, ``to_conv2d``, ``extra_repr`` and the checks of ``from_conv``. Subclasses hold the
+    factors and define ``factors``, ``forward`` and ``to_dense_weight``."""
+
+    __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels",
+                     "kernel_size", "rank"]
+
+    def _init_conv(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
+                   backend) -> tuple[int, int, int, int]:
+        """``nn.Conv2d``'s checks and attributes; returns the dense weight's shape."""
+        if groups <= 0:
+            raise ValueError("groups must be a positive integer")
+        if in_channels % groups != 0:
+            raise ValueError("in_channels must be divisible by groups")
+        if out_channels % groups != 0:
+            raise ValueError("out_channels must be divisible by groups")
+        kernel_size_ = conv_args.pair(kernel_size, "kernel_size")
+        stride_ = conv_args.pair(stride, "stride")
+        dilation_ = conv_args.pair(dilation, "dilation")
+        conv_args.check_padding_arg(padding, stride_)
+        if padding_mode not in conv_args.PADDING_MODES:
+            raise ValueError(
+                f"padding_mode must be one of {list(conv_args.PADDING_MODES)}, but got padding_mode='{padding_mode}'"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size_
+        self.stride = stride_
+        self.padding = padding if isinstance(padding, str) else conv_args.pair(padding, "padding")
+        self.dilation = dilation_
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.backend = backend
+        return (out_channels, in_channels // groups, *kernel_size_)
+
+    def _init_bias(self, bias: bool, device, dtype) -> None:
+        """Registered after the factors, as ``nn.Conv2d`` registers it after its weight."""
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    @property
+    def _fan_in(self) -> int:
+        return (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+
+    def _reset_bias(self) -> None:
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self._fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def _check_conv(cls, conv: nn.Module) -> None:
+        if type(conv) is not nn.Conv2d:
+            kind = type(conv).__name__
+            if isinstance(conv, nn.modules.lazy.LazyModuleMixin):
+                reason = "a lazy conv has no weight yet; run a forward pass first, then copy it into an nn.Conv2d"
+            elif isinstance(conv, nn.modules.conv._ConvTransposeNd):
+                reason = "transposed convolutions are not supported"
+            elif isinstance(conv, nn.Conv2d):
+                reason = "subclasses may change forward(), which a factored form cannot reproduce"
+            else:
+                reason = "only nn.Conv2d is supported"
+            raise TypeError(f"{cls.__name__}.from_conv expects exactly nn.Conv2d, got {kind}: {reason}")
+
+    @classmethod
+    def from_factors(
+        cls,
+        factors,
+        bias: Optional[Tensor] = None,
+        stride: conv_args.IntPair = 1,
+        padding: conv_args.Padding = 0,
+        dilation: conv_args.IntPair = 1,
+        padding_mode: str = "zeros",
+        backend: str = "auto",
+    ) -> "FactoredConv2d":
+        """A layer of this class holding copies of ``factors`` (:class:`CPFactors` or :class:`Tucker2Factors`,
+        as the class takes) and ``bias``."""
+        module = cls(
+            factors.in_channels, factors.out_channels, factors.kernel_size, factors.rank,
+            stride=stride, padding=padding, dilation=dilation, groups=factors.groups,
+            bias=bias is not None, padding_mode=padding_mode,
+            device=factors.device, dtype=factors.dtype, backend=backend,
+        )
+        with torch.no_grad():
+            for param, value in zip(module.factors.as_tuple(), factors.as_tuple()):
+                param.copy_(value)
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+    def to_dense_weight(self) -> Tensor:
+        """The effective weight ``[Cout, Cin/G, kh, kw]`` (differentiable w.r.t. the factors)."""
+        return self.factors.to_dense()
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function, on the same device and dtype."""
+        ref = self.factors.output
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
+            padding_mode=self.padding_mode, device=ref.device, dtype=ref.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.to_dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        s = "{in_channels}, {out_channels}, kernel_size={kernel_size}, rank={rank}, stride={stride}"
+        if self.padding != (0,) * len(self.kernel_size):
+            s += ", padding={padding}"
+        if self.dilation != (1,) * len(self.dilation):
+            s += ", dilation={dilation}"
+        if self.groups != 1:
+            s += ", groups={groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += ", padding_mode={padding_mode}"
+        if self.backend != "auto":
+            s += ", backend={backend}"
+        return s.format(**self.__dict__, backend=self.backend)
+
+
+class CPConv2d(FactoredConv2d):
     """2-D convolution with a rank-R CP weight ``W[o,c,i,j] = sum_r A[o,r] B[c,r] V[i,r] H[j,r]``.
 
     It takes ``nn.Conv2d``'s arguments and has its attributes (``in_channels``, ``out_channels``,
@@ -27,9 +164,6 @@ class CPConv2d(nn.Module):
 
     Build one from a trained conv with :meth:`from_conv`.
     """
-
-    __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels",
-                     "kernel_size", "rank"]
 
     def __init__(
         self,
@@ -48,55 +182,19 @@ class CPConv2d(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if groups <= 0:
-            raise ValueError("groups must be a positive integer")
-        if in_channels % groups != 0:
-            raise ValueError("in_channels must be divisible by groups")
-        if out_channels % groups != 0:
-            raise ValueError("out_channels must be divisible by groups")
-        kernel_size_ = conv_args.pair(kernel_size, "kernel_size")
-        stride_ = conv_args.pair(stride, "stride")
-        dilation_ = conv_args.pair(dilation, "dilation")
-        conv_args.check_padding_arg(padding, stride_)
-        if padding_mode not in conv_args.PADDING_MODES:
-            raise ValueError(
-                f"padding_mode must be one of {list(conv_args.PADDING_MODES)}, but got padding_mode='{padding_mode}'"
-            )
-        weight_shape = (out_channels, in_channels // groups, *kernel_size_)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = kernel_size_
-        self.stride = stride_
-        self.padding = padding if isinstance(padding, str) else conv_args.pair(padding, "padding")
-        self.dilation = dilation_
-        self.groups = groups
-        self.padding_mode = padding_mode
+        weight_shape = self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                       padding_mode, backend)
         self.rank = resolve_rank(rank, weight_shape, groups)
-        self.backend = backend
-
         kw = dict(device=device, dtype=dtype)
         r, g = self.rank, groups
         self.output_factor = nn.Parameter(torch.empty(g, out_channels // g, r, **kw))
         self.input_factor = nn.Parameter(torch.empty(g, in_channels // g, r, **kw))
-        self.vertical_factor = nn.Parameter(torch.empty(g, kernel_size_[0], r, **kw))
-        self.horizontal_factor = nn.Parameter(torch.empty(g, kernel_size_[1], r, **kw))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **kw))
-        else:
-            self.register_parameter("bias", None)
+        self.vertical_factor = nn.Parameter(torch.empty(g, self.kernel_size[0], r, **kw))
+        self.horizontal_factor = nn.Parameter(torch.empty(g, self.kernel_size[1], r, **kw))
+        self._init_bias(bias, device, dtype)
         self.reset_parameters()
 
     # ---------------------------------------------------------------------------------------------
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
-        self._backend = value
-
     @property
     def factors(self) -> CPFactors:
         """The factors as a :class:`CPFactors` view of the parameters (no copy, autograd intact)."""
@@ -109,13 +207,10 @@ class CPConv2d(nn.Module):
         With four independent N(0, s^2) factors, a weight entry sums R products of four, of variance
         R s^8; s is chosen to match.
         """
-        fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
-        std = (1.0 / (3.0 * fan_in * self.rank)) ** 0.125
+        std = (1.0 / (3.0 * self._fan_in * self.rank)) ** 0.125
         for f in (self.output_factor, self.input_factor, self.vertical_factor, self.horizontal_factor):
             nn.init.normal_(f, 0.0, std)
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
+        self._reset_bias()
 
     # ---------------------------------------------------------------------------------------------
     @classmethod
@@ -138,17 +233,7 @@ class CPConv2d(nn.Module):
             decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, tol,
                 random_state, l2_reg, ...).
         """
-        if type(conv) is not nn.Conv2d:
-            kind = type(conv).__name__
-            if isinstance(conv, nn.modules.lazy.LazyModuleMixin):
-                reason = "a lazy conv has no weight yet; run a forward pass first, then copy it into an nn.Conv2d"
-            elif isinstance(conv, nn.modules.conv._ConvTransposeNd):
-                reason = "transposed convolutions are not supported"
-            elif isinstance(conv, nn.Conv2d):
-                reason = "subclasses may change forward(), which a CP form cannot reproduce"
-            else:
-                reason = "only nn.Conv2d is supported"
-            raise TypeError(f"CPConv2d.from_conv expects exactly nn.Conv2d, got {kind}: {reason}")
+        cls._check_conv(conv)
         factors = decompose_conv(
             conv.weight.detach(), rank, groups=conv.groups, target_error=target_error, **decompose_kwargs
         )
@@ -162,67 +247,8 @@ class CPConv2d(nn.Module):
             backend=backend,
         )
 
-    @classmethod
-    def from_factors(
-        cls,
-        factors: CPFactors,
-        bias: Optional[Tensor] = None,
-        stride: conv_args.IntPair = 1,
-        padding: conv_args.Padding = 0,
-        dilation: conv_args.IntPair = 1,
-        padding_mode: str = "zeros",
-        backend: str = "auto",
-    ) -> "CPConv2d":
-        """A CPConv2d holding copies of ``factors`` (and ``bias``)."""
-        module = cls(
-            factors.in_channels, factors.out_channels, factors.kernel_size, factors.rank,
-            stride=stride, padding=padding, dilation=dilation, groups=factors.groups,
-            bias=bias is not None, padding_mode=padding_mode,
-            device=factors.device, dtype=factors.dtype, backend=backend,
-        )
-        with torch.no_grad():
-            for param, value in zip(module.factors.as_tuple(), factors.as_tuple()):
-                param.copy_(value)
-            if bias is not None:
-                module.bias.copy_(bias)
-        return module
-
     # ---------------------------------------------------------------------------------------------
-    def to_dense_weight(self) -> Tensor:
-        """The effective weight ``[Cout, Cin/G, kh, kw]`` (differentiable w.r.t. the factors)."""
-        return self.factors.to_dense()
-
-    def to_conv2d(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` computing the same function, on the same device and dtype."""
-        ref = self.output_factor
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
-            padding_mode=self.padding_mode, device=ref.device, dtype=ref.dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(self.to_dense_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
-
     def forward(self, x: Tensor) -> Tensor:
         return cp_conv2d(
             x, self.factors, self.bias, self.stride, self.padding, self.dilation, self.padding_mode, self.backend
         )
-
-    def extra_repr(self) -> str:
-        s = "{in_channels}, {out_channels}, kernel_size={kernel_size}, rank={rank}, stride={stride}"
-        if self.padding != (0,) * len(self.kernel_size):
-            s += ", padding={padding}"
-        if self.dilation != (1,) * len(self.dilation):
-            s += ", dilation={dilation}"
-        if self.groups != 1:
-            s += ", groups={groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += ", padding_mode={padding_mode}"
-        if self.backend != "auto":
-            s += ", backend={backend}"
-        return s.format(**self.__dict__, backend=self.backend)

@@ -1,4 +1,4 @@
-"""Kernel-level profiling of one CP layer: ``cpkernels profile`` or ``python -m cpkernels.profile``.
+"""Kernel-level profiling of one CP layer (or, with ``--tucker2``, one Tucker-2 layer): ``cpkernels profile`` or ``python -m cpkernels.profile``.
 
 For one layer shape and rank it prints the GPU plan (every strategy's modeled time on the device's
 GPU, or on the one named by ``--gpu``), the time of every backend against dense ``nn.Conv2d``, the
@@ -28,10 +28,12 @@ from torch import nn
 from .cost import ConvShape
 from .layers import LAYERS_BY_NAME
 from .module import CPConv2d
+from .module_tucker2 import TuckerConv2d
 from .ops import conv_args
 from .plans import gpu as gpu_plans
 from .plans.cpu import plan as cpu_plan_of
 from .ops.reference import cp_conv2d_reference
+from .ops.tucker2_reference import tucker2_conv2d_reference
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -51,18 +53,22 @@ class Case:
     macs: int
 
 
-def _compiled_reference(layer: CPConv2d) -> Callable:
-    """``torch.compile`` of the four-stage reference maths (plain torch ops, so the compiler sees them;
-    the custom op would be opaque to it)."""
+def _compiled_reference(layer) -> Callable:
+    """``torch.compile`` of the staged reference maths (plain torch ops, so the compiler sees them; the
+    custom op would be opaque to it): CP's four stages, or Tucker-2's three."""
     from .ops import conv_args
 
     pad = list(conv_args.explicit_padding(layer.padding, layer.kernel_size, layer.dilation))
     f = layer.factors
-    compiled = torch.compile(cp_conv2d_reference, dynamic=True)
+    if isinstance(layer, TuckerConv2d):
+        compiled = torch.compile(tucker2_conv2d_reference, dynamic=True)
+        tensors = (f.input, f.core, f.output)
+    else:
+        compiled = torch.compile(cp_conv2d_reference, dynamic=True)
+        tensors = (f.input, f.vertical, f.horizontal, f.output)
 
     def run(x):
-        return compiled(x, f.input, f.vertical, f.horizontal, f.output, layer.bias,
-                        list(layer.stride), pad, list(layer.dilation))
+        return compiled(x, *tensors, layer.bias, list(layer.stride), pad, list(layer.dilation))
 
     return run
 
@@ -77,13 +83,18 @@ def build_cases(
     seed: int = 0,
 ) -> list[Case]:
     """Every requested backend x layout for the layer; backends that cannot run on ``device`` are left out
-    (``fused`` and ``planned`` need CUDA, ``cpu`` is the CPU path)."""
+    (``fused`` and ``planned`` need CUDA, ``cpu`` is the CPU path). ``rank``: an int for a ``CPConv2d``, a
+    pair ``(R_out, R_in)`` for a ``TuckerConv2d``."""
     torch.manual_seed(seed)
     kw = dict(stride=shape.stride, padding=shape.padding, dilation=shape.dilation, groups=shape.groups, device=device,
               dtype=dtype)
     dense = nn.Conv2d(shape.cin, shape.cout, shape.kernel, **kw)
+    tucker2 = isinstance(rank, tuple)
+    cls = TuckerConv2d if tucker2 else CPConv2d
     # Random factors: timings do not depend on their values, and ALS would dominate a benchmark run.
-    cp = CPConv2d(shape.cin, shape.cout, shape.kernel, rank, **kw)
+    cp = cls(shape.cin, shape.cout, shape.kernel, rank, **kw)
+    staged_macs = shape.tucker2_macs(rank) if tucker2 else shape.cp_macs(rank)
+    fused_macs = shape.tucker2_fused_macs(rank) if tucker2 else shape.fused_kernel_macs(rank)
     x0 = torch.randn(shape.batch, shape.cin, *shape.size, device=device, dtype=dtype)
     cases = []
     for layout in layouts:
@@ -99,13 +110,12 @@ def build_cases(
                 m.load_state_dict(dense.state_dict())
                 cases.append(Case(backend, layout, m, x, shape.dense_macs()))
             elif backend == "compiled-reference":
-                cases.append(Case(backend, layout, _compiled_reference(cp), x, shape.cp_macs(rank)))
+                cases.append(Case(backend, layout, _compiled_reference(cp), x, staged_macs))
             else:
                 impl = {"reference": "reference", "cpu": "auto", "fused": "triton", "planned": "auto"}[backend]
-                m = CPConv2d(shape.cin, shape.cout, shape.kernel, rank, backend=impl, **kw)
+                m = cls(shape.cin, shape.cout, shape.kernel, rank, backend=impl, **kw)
                 m.load_state_dict(cp.state_dict())
-                macs = shape.fused_kernel_macs(rank) if backend == "fused" else shape.cp_macs(rank)
-                cases.append(Case(backend, layout, m, x, macs))
+                cases.append(Case(backend, layout, m, x, fused_macs if backend == "fused" else staged_macs))
     return cases
 
 
@@ -191,7 +201,8 @@ def environment(device: str) -> dict:
 # Per-stage breakdown and kernel resources
 # --------------------------------------------------------------------------------------------------
 STAGES = ("cp_conv2d.stage1_pointwise_in", "cp_conv2d.stage2_vertical", "cp_conv2d.stage3_horizontal",
-          "cp_conv2d.stage4_pointwise_out")
+          "cp_conv2d.stage4_pointwise_out", "tucker2_conv2d.stage1_pointwise_in", "tucker2_conv2d.stage2_core",
+          "tucker2_conv2d.stage3_pointwise_out")
 
 
 def stage_breakdown(case: Case, trace: Optional[str] = None) -> dict:
@@ -247,6 +258,16 @@ def _size(text: str) -> tuple[int, int]:
     return (int(h), int(w or h))
 
 
+def _pair_of_ranks(text: str) -> tuple[int, int]:
+    try:
+        r_out, r_in = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected R_OUT,R_IN (two ints), got {text!r}") from None
+    if min(r_out, r_in) < 1:
+        raise argparse.ArgumentTypeError(f"ranks must be >= 1, got {text!r}")
+    return (r_out, r_in)
+
+
 def _gpu(text: str) -> gpu_plans.GPUSpec:
     try:
         return gpu_plans.gpu_spec(text)
@@ -254,7 +275,7 @@ def _gpu(text: str) -> gpu_plans.GPUSpec:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def gpu_plan(shape: ConvShape, rank: int, dtype: torch.dtype, spec: gpu_plans.GPUSpec) -> dict:
+def gpu_plan(shape: ConvShape, rank, dtype: torch.dtype, spec: gpu_plans.GPUSpec) -> dict:
     """The GPU plan of the layer on ``spec`` (TF32 on for fp32, PyTorch's default for convolutions)."""
     return gpu_plans.model_plan(shape, rank, dtype, spec, tf32=True).as_dict()
 
@@ -276,6 +297,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--kernel", type=int, default=3)
     p.add_argument("--rank", type=int, help="default: C/4")
+    p.add_argument("--tucker2", type=_pair_of_ranks, metavar="R_OUT,R_IN",
+                   help="profile a Tucker-2 layer (TuckerConv2d) of these ranks instead of a CP layer")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--stride", type=int, default=1)
     p.add_argument("--padding", type=int, help="default: kernel // 2")
@@ -304,6 +327,8 @@ def main(argv=None) -> int:
         shape = ConvShape(args.batch, args.cin, args.cout, args.size, (args.kernel, args.kernel), args.stride, pad,
                           dilation=args.dilation)
         rank = args.rank or max(1, min(args.cin, args.cout) // 4)
+    if args.tucker2 is not None:
+        rank = args.tucker2
     dtype, device = DTYPES[args.dtype], args.device
     if args.gpu is not None:
         spec = args.gpu
@@ -317,8 +342,9 @@ def main(argv=None) -> int:
         print_gpu_plan(plan)
         if args.json:
             with open(args.json, "w") as f:
+                strategies = gpu_plans.TUCKER2_STRATEGIES if args.tucker2 else gpu_plans.STRATEGIES
                 json.dump({"shape": asdict(shape), "rank": rank, "dtype": args.dtype, "layout": args.layout,
-                           "gpu_plan": plan, "strategies": gpu_plans.STRATEGIES}, f, indent=1)
+                           "gpu_plan": plan, "strategies": strategies}, f, indent=1)
             print(f"JSON written to {args.json}")
         return 0
     env = environment(device)
@@ -354,7 +380,7 @@ def main(argv=None) -> int:
 
     cpu_plan = None
     cpu_case = next((c for c in cases if c.backend == "cpu"), None)
-    if cpu_case is not None:
+    if cpu_case is not None and args.tucker2 is None:
         layer = cpu_case.fn
         out_size = conv_args.output_size(
             tuple(cpu_case.x.shape[2:]), layer.kernel_size, layer.stride,

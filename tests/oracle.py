@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from cpkernels import CPFactors
+from cpkernels import CPFactors, Tucker2Factors
 
 # Largest error allowed, relative to the largest |value| of the oracle's output. "tf32": float32
 # tensors computed with TF32 dots (10-bit mantissa inputs, fp32 accumulation).
@@ -64,3 +64,21 @@ def random_factors(
         (torch.randn(s, generator=generator, dtype=torch.float64) * std).to(device=device, dtype=dtype)
         for s in shapes
     ))
+
+
+def random_tucker2(
+    cout: int, cin: int, kernel_size: tuple[int, int], rank: tuple[int, int], groups: int = 1,
+    dtype=torch.float32, device="cpu",
+) -> Tucker2Factors:
+    """Fresh random Tucker-2 factors (orthonormal channel factors), the output O(1) for unit-variance inputs."""
+    kh, kw = kernel_size
+    r_out, r_in = rank
+
+    def orthonormal(rows, cols):  # orthonormal columns where rows >= cols
+        m = torch.randn(groups, rows, cols, dtype=torch.float64)
+        return torch.linalg.qr(m)[0] if rows >= cols else m / rows ** 0.5
+
+    core = torch.randn(groups, r_out, r_in, kh, kw, dtype=torch.float64) / ((cin // groups) * kh * kw) ** 0.5
+    factors = Tucker2Factors(orthonormal(cout // groups, r_out) * (cout // groups / r_out) ** 0.5, core,
+                             orthonormal(cin // groups, r_in) * (cin // groups / r_in) ** 0.5)
+    return factors.to(device=device, dtype=dtype)

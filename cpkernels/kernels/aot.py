@@ -1,7 +1,8 @@
 """Compile the fused kernel for real GPUs without one, and report what each config costs.
 
-``compile_report(arch)`` compiles every autotune config of both fused kernels (the general ``taps``
-kernel on its two rank paths, and the ``rows`` kernel), for each input dtype, for ``sm_80`` or
+``compile_report(arch)`` compiles every autotune config of the fused kernels (the general ``taps``
+kernel on its two rank paths, each on CP factors and on pre-folded Tucker-2 tap weights; the ``rows``
+and ``wide`` kernels), for each input dtype, for ``sm_80`` or
 ``sm_90``, and returns one dict per (config, dtype): registers and spill bytes (from ``ptxas -v`` on
 the PTX), shared memory (Triton's metadata) and whether the channel contractions run on the tensor
 cores (``mma``/``wgmma`` in the PTX).
@@ -28,7 +29,7 @@ import torch
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-REPORT_KEYS = ("config", "dtype", "registers", "spill_bytes", "shared_bytes", "tensor_cores")
+REPORT_KEYS = ("config", "dtype", "registers", "spill_bytes", "shared_bytes", "instructions", "tensor_cores")
 
 # Argument values fixed at compile time, as Triton specialises them at a typical launch.
 _SPECIALISED = {
@@ -70,6 +71,17 @@ def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
     return registers, spill_bytes
 
 
+def _sass_instructions(cubin: bytes) -> int:
+    """Instructions in the kernel's SASS (``cuobjdump --dump-sass``), the static count."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([str(_triton_bin("cuobjdump")), "--dump-sass", path], capture_output=True, text=True,
+                             check=True)
+    return len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+\S", out.stdout))
+
+
 def variants() -> list[tuple[str, str, tuple[int, ...], torch.dtype, dict]]:
     """Every (config name, kernel name, tile, dtype, meta-parameters) the autotuners can launch."""
     from . import cp_conv2d_fused as fused
@@ -77,9 +89,11 @@ def variants() -> list[tuple[str, str, tuple[int, ...], torch.dtype, dict]]:
     out = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         taps = fused.TILES_FP32 if dtype == torch.float32 else fused.TILES_16BIT
-        for (bp, bc, br, bo, warps, stages), whole in itertools.product(taps, (True, False)):
-            name = f"taps_P{bp}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}_{'whole' if whole else 'sliced'}"
-            meta = {"BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo, "WHOLE_RANK": whole}
+        # FOLDED: the same loops on pre-folded per-tap weights (Tucker-2), without the CP tap scaling.
+        for (bp, bc, br, bo, warps, stages), whole, folded in itertools.product(taps, (True, False), (False, True)):
+            name = (f"taps_P{bp}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}_{'whole' if whole else 'sliced'}"
+                    f"{'_folded' if folded else ''}")
+            meta = {"BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo, "WHOLE_RANK": whole, "FOLDED": folded}
             out.append((name, "cp_conv2d_fused_kernel", (warps, stages), dtype, meta))
         rows = fused.ROWS_TILES_FP32 if dtype == torch.float32 else fused.ROWS_TILES_16BIT
         for (rows_, bw, bc, br, bo, warps, stages), sh in itertools.product(rows, (1, 2)):
@@ -146,22 +160,29 @@ def compile_report(arch: str = "sm_90", kernels: Optional[tuple[str, ...]] = Non
             capture_output=True, text=True, check=True, env=env,
         )
         return json.loads(out.stdout)
-    rows = []
-    for name, kernel_name, launch, dtype, meta in variants():
-        if kernels is not None and not name.startswith(kernels):
-            continue
-        kernel = compile_config(kernel_name, launch, dtype, arch, meta)
-        ptx = kernel.asm["ptx"]
-        registers, spill_bytes = _ptxas_usage(ptx, arch)
-        rows.append({
-            "config": name,
-            "dtype": DTYPES[dtype],
-            "registers": registers,
-            "spill_bytes": spill_bytes,
-            "shared_bytes": int(kernel.metadata.shared),
-            "tensor_cores": bool(re.search(r"\b(mma|wgmma)\.", ptx)),
-        })
-    return rows
+    jobs = [(name, kernel_name, launch, dtype, meta, arch) for name, kernel_name, launch, dtype, meta in variants()
+            if kernels is None or name.startswith(kernels)]
+    # Each compile is a few seconds of one core: run them on every core.
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        return list(pool.map(_report_row, jobs))
+
+
+def _report_row(job) -> dict:
+    name, kernel_name, launch, dtype, meta, arch = job
+    kernel = compile_config(kernel_name, launch, dtype, arch, meta)
+    ptx = kernel.asm["ptx"]
+    registers, spill_bytes = _ptxas_usage(ptx, arch)
+    return {
+        "config": name,
+        "dtype": DTYPES[dtype],
+        "registers": registers,
+        "spill_bytes": spill_bytes,
+        "shared_bytes": int(kernel.metadata.shared),
+        "instructions": _sass_instructions(kernel.asm["cubin"]),
+        "tensor_cores": bool(re.search(r"\b(mma|wgmma)\.", ptx)),
+    }
 
 
 def format_table(rows: list[dict]) -> str:

@@ -169,14 +169,16 @@ def _dot_z(z, a, acc, DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr):
 def _rank_slice(
     x_rows, pix_m, ih0, iw0, H, W, C_IN_G, RANK, r0,
     b_grp, v_grp, h_grp,
-    stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr,
+    stride_xc, stride_xh, stride_xw, stride_bt, stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr,
     DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFSET_TY: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISE: tl.constexpr,
+    FOLDED: tl.constexpr,
 ):
     """z[p, r] for ranks r0 .. r0 + BLOCK_R: stages 1-3 of BLOCK_P output pixels, in fp32 registers.
     ``PRECISE``: each tap's ``x @ B`` is exact in fp32 and scaled there, instead of folding the tap into
-    a B rounded to the input dtype."""
+    a B rounded to the input dtype. ``FOLDED``: ``b_grp`` holds one pre-folded ``[C_IN_G, RANK]`` weight
+    per tap (``stride_bt`` apart), read as it is; ``v_grp`` and ``h_grp`` are not read."""
     rr = r0 + tl.arange(0, BLOCK_R)
     mask_r = rr < RANK
     acc_z = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
@@ -190,17 +192,37 @@ def _rank_slice(
         iw = iw0 + j * DIL_W
         pix_ok = pix_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # [BP]: masked taps are the zero padding
         x_pix = x_rows + ih * stride_xh + iw * stride_xw  # [BP] pointers
-        v_i = tl.load(v_grp + i * stride_vi + rr * stride_vr, mask=mask_r, other=0.0).to(tl.float32)
-        h_j = tl.load(h_grp + j * stride_hj + rr * stride_hr, mask=mask_r, other=0.0).to(tl.float32)
-        vh = v_i * h_j  # [BR]: tap (i, j) of the merged depthwise filter
-        if PRECISE:
-            part = _channel_contraction(tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32), x_pix, pix_ok, C_IN_G,
-                                        rr, mask_r, b_grp, vh, stride_xc, stride_bc, stride_br, DOT_PRECISION,
-                                        OFFSET_TY, BLOCK_C, SCALED=False)
-            acc_z += vh[None, :] * part
+        if FOLDED:
+            # The tap's own weight: every product exact in the fp32 accumulator, nothing to scale.
+            acc_z = _channel_contraction(acc_z, x_pix, pix_ok, C_IN_G, rr, mask_r, b_grp + tap * stride_bt, mask_r,
+                                         stride_xc, stride_bc, stride_br, DOT_PRECISION, OFFSET_TY, BLOCK_C,
+                                         SCALED=False)
         else:
-            acc_z = _channel_contraction(acc_z, x_pix, pix_ok, C_IN_G, rr, mask_r, b_grp, vh,
-                                         stride_xc, stride_bc, stride_br, DOT_PRECISION, OFFSET_TY, BLOCK_C)
+            acc_z = _cp_tap(acc_z, x_pix, pix_ok, C_IN_G, rr, mask_r, b_grp, v_grp, h_grp, i, j, stride_xc,
+                            stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr, DOT_PRECISION,
+                            OFFSET_TY, BLOCK_P, BLOCK_C, BLOCK_R, PRECISE)
+    return acc_z
+
+
+@triton.jit
+def _cp_tap(
+    acc_z, x_pix, pix_ok, C_IN_G, rr, mask_r, b_grp, v_grp, h_grp, i, j,
+    stride_xc, stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr,
+    DOT_PRECISION: tl.constexpr, OFFSET_TY: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISE: tl.constexpr,
+):
+    """acc_z += tap (i, j) of the CP form: the shifted input times B, scaled by V[i] H[j] per rank."""
+    v_i = tl.load(v_grp + i * stride_vi + rr * stride_vr, mask=mask_r, other=0.0).to(tl.float32)
+    h_j = tl.load(h_grp + j * stride_hj + rr * stride_hr, mask=mask_r, other=0.0).to(tl.float32)
+    vh = v_i * h_j  # [BR]: tap (i, j) of the merged depthwise filter
+    if PRECISE:
+        part = _channel_contraction(tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32), x_pix, pix_ok, C_IN_G,
+                                    rr, mask_r, b_grp, vh, stride_xc, stride_bc, stride_br, DOT_PRECISION,
+                                    OFFSET_TY, BLOCK_C, SCALED=False)
+        acc_z += vh[None, :] * part
+    else:
+        acc_z = _channel_contraction(acc_z, x_pix, pix_ok, C_IN_G, rr, mask_r, b_grp, vh,
+                                     stride_xc, stride_bc, stride_br, DOT_PRECISION, OFFSET_TY, BLOCK_C)
     return acc_z
 
 
@@ -230,16 +252,16 @@ def _output_stage(
 
 @triton.autotune(
     configs=TAPS_TILES.configs(),
-    key=["C_IN_G", "RANK", "C_OUT_G", "KH", "KW", "STRIDE_H", "STRIDE_W"],
+    key=["C_IN_G", "RANK", "C_OUT_G", "KH", "KW", "STRIDE_H", "STRIDE_W", "FOLDED"],
     prune_configs_by={"early_config_prune": TAPS_TILES.prune},
 )
 @triton.heuristics({"WHOLE_RANK": lambda args: args["BLOCK_R"] >= args["RANK"]})
 @triton.jit
 def cp_conv2d_fused_kernel(
     x_ptr,  # [N, G*C_IN_G, H, W], any strides
-    b_ptr,  # input factor [G, C_IN_G, RANK]
-    v_ptr,  # vertical factor [G, KH, RANK]
-    h_ptr,  # horizontal factor [G, KW, RANK]
+    b_ptr,  # input factor [G, C_IN_G, RANK]; FOLDED: per-tap weights [G, KH*KW, C_IN_G, RANK]
+    v_ptr,  # vertical factor [G, KH, RANK] (not read when FOLDED)
+    h_ptr,  # horizontal factor [G, KW, RANK] (not read when FOLDED)
     a_ptr,  # output factor [G, C_OUT_G, RANK]
     bias_ptr,  # [G*C_OUT_G], read only when HAS_BIAS
     y_ptr,  # [N, G*C_OUT_G, OH, OW], any strides
@@ -248,7 +270,7 @@ def cp_conv2d_fused_kernel(
     C_IN_G, RANK, C_OUT_G,  # input channels per group, rank, output channels per group
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_yn, stride_yc, stride_yh, stride_yw,
-    stride_bg, stride_bc, stride_br,
+    stride_bg, stride_bt, stride_bc, stride_br,  # stride_bt: between taps, FOLDED only
     stride_vg, stride_vi, stride_vr,
     stride_hg, stride_hj, stride_hr,
     stride_ag, stride_ao, stride_ar,
@@ -261,6 +283,7 @@ def cp_conv2d_fused_kernel(
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee", for fp32 inputs
     WHOLE_RANK: tl.constexpr,  # BLOCK_R >= RANK: z is computed once, output channels loop inside
     PRECISE: tl.constexpr,  # 16-bit inputs: exact taps, z into the output GEMM as hi + lo (see _dot_z)
+    FOLDED: tl.constexpr,  # b_ptr holds pre-folded per-tap weights (Tucker-2: input factor x core)
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     OFFSET_TY: tl.constexpr = tl.int64 if USE_INT64 else tl.int32
@@ -291,8 +314,8 @@ def cp_conv2d_fused_kernel(
         mask_r = rr < RANK
         z = _rank_slice(
             x_rows, mask_m, ih0, iw0, H, W, C_IN_G, RANK, 0, b_grp, v_grp, h_grp,
-            stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr,
-            DIL_H, DIL_W, KH, KW, DOT_PRECISION, OFFSET_TY, BLOCK_P, BLOCK_C, BLOCK_R, PRECISE,
+            stride_xc, stride_xh, stride_xw, stride_bt, stride_bc, stride_br, stride_vi, stride_vr, stride_hj,
+            stride_hr, DIL_H, DIL_W, KH, KW, DOT_PRECISION, OFFSET_TY, BLOCK_P, BLOCK_C, BLOCK_R, PRECISE, FOLDED,
         )
         _output_stage(z, rr, mask_r, a_grp, stride_ao, stride_ar, bias_ptr, y_rows, mask_m, stride_yc,
                       group * C_OUT_G, C_OUT_G, HAS_BIAS, DOT_PRECISION, OFFSET_TY, BLOCK_O, PRECISE)
@@ -306,8 +329,8 @@ def cp_conv2d_fused_kernel(
             mask_r = rr < RANK
             z = _rank_slice(
                 x_rows, mask_m, ih0, iw0, H, W, C_IN_G, RANK, r0, b_grp, v_grp, h_grp,
-                stride_xc, stride_xh, stride_xw, stride_bc, stride_br, stride_vi, stride_vr, stride_hj, stride_hr,
-                DIL_H, DIL_W, KH, KW, DOT_PRECISION, OFFSET_TY, BLOCK_P, BLOCK_C, BLOCK_R, PRECISE,
+                stride_xc, stride_xh, stride_xw, stride_bt, stride_bc, stride_br, stride_vi, stride_vr, stride_hj,
+                stride_hr, DIL_H, DIL_W, KH, KW, DOT_PRECISION, OFFSET_TY, BLOCK_P, BLOCK_C, BLOCK_R, PRECISE, FOLDED,
             )
             a = tl.load(
                 a_grp + offs_o[None, :] * stride_ao + rr[:, None] * stride_ar,
@@ -744,6 +767,16 @@ def cp_conv2d_fused(
             STRIDE_H=stride[0], KW=kw, USE_INT64=use_int64, **flags,
         )
         return y
+    _launch_taps(args, (*strides[:8], strides[8], 0, *strides[9:]), flags, (n, h, w, oh, ow, groups, cin_g, rank,
+                                                                           cout_g, kh, kw),
+                 stride, padding, dilation, use_int64, folded=False)
+    return y
+
+
+def _launch_taps(args, strides, flags, dims, stride, padding, dilation, use_int64, folded):
+    """The taps kernel; ``strides`` has the tap stride of ``b`` (0 unless ``folded``) after its group stride."""
+    global _last_kernel, _last_autotuner
+    n, h, w, oh, ow, groups, cin_g, rank, cout_g, kh, kw = dims
     m = n * oh * ow
 
     def grid(meta):
@@ -755,8 +788,49 @@ def cp_conv2d_fused(
     _last_kernel = cp_conv2d_fused_kernel[grid](
         *args, m, h, w, oh, ow, cin_g, rank, cout_g, *strides,
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        KH=kh, KW=kw, USE_INT64=use_int64, **flags,
+        KH=kh, KW=kw, USE_INT64=use_int64, FOLDED=folded, **flags,
     )
+
+
+def taps_conv2d_fused(
+    x: Tensor,
+    tap_weights: Tensor,
+    output_factor: Tensor,
+    bias: Optional[Tensor],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    *,
+    out: Optional[Tensor] = None,
+    force_int64: bool = False,
+) -> Tensor:
+    """The taps kernel on pre-folded per-tap weights: ``z = sum_t shift_t(x) @ T_t``, ``y = z @ A^T + bias``.
+
+    ``tap_weights`` ``[G, kh*kw, Cin/G, R]`` (tap ``i*kw + j``) in ``x``'s dtype, ``output_factor``
+    ``[G, Cout/G, R]``. This is the Tucker-2 layer (``T_t[c, a] = sum_b U_in[c, b] core[a, b, i, j]``,
+    :meth:`cpkernels.Tucker2Factors.tap_weights`) on the CP layer's loops, without the per-rank tap
+    scaling. Other arguments as :func:`cp_conv2d_fused`.
+    """
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the fused kernel supports {SUPPORTED_DTYPES}, got {x.dtype}")
+    n, _, h, w = x.shape
+    groups, taps, cin_g, rank = tap_weights.shape
+    cout_g = output_factor.shape[1]
+    kh, kw = kernel_size
+    if taps != kh * kw:
+        raise ValueError(f"tap_weights holds {taps} taps, the kernel {kh}x{kw} has {kh * kw}")
+    oh, ow = conv_args.output_size((h, w), (kh, kw), stride, padding, dilation)
+    shape = (n, groups * cout_g, oh, ow)
+    y = new_output(shape, x) if out is None else out
+    if y.numel() == 0:
+        return y
+    # v_ptr and h_ptr are not read when FOLDED: the tap weights stand in for them.
+    args = (x, tap_weights, tap_weights, tap_weights, output_factor, bias if bias is not None else y, y)
+    strides = (*x.stride(), *y.stride(), *tap_weights.stride(), 0, 0, 0, 0, 0, 0, *output_factor.stride())
+    flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), PRECISE=x.dtype != torch.float32)
+    _launch_taps(args, strides, flags, (n, h, w, oh, ow, groups, cin_g, rank, cout_g, kh, kw), stride, padding,
+                 dilation, force_int64 or needs_int64(x, y), folded=True)
     return y
 
 

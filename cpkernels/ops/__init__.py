@@ -1,5 +1,6 @@
-"""Ops: the functional CP conv and its backends (reference here, fused Triton in ``cpkernels.kernels``)."""
+"""Ops: the functional CP and Tucker-2 convs and their backends (reference here, fused Triton in ``cpkernels.kernels``)."""
 from .cp_conv2d import cp_conv2d
 from .reference import cp_conv2d_reference
+from .tucker2_conv2d import tucker2_conv2d
 
-__all__ = ["cp_conv2d", "cp_conv2d_reference"]
+__all__ = ["cp_conv2d", "cp_conv2d_reference", "tucker2_conv2d"]

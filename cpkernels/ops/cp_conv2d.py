@@ -166,7 +166,7 @@ class _FusedCPConv2d(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------
 # The public function
 # --------------------------------------------------------------------------------------------------
-def _check_input(x: Tensor, factors: CPFactors, bias: Optional[Tensor]) -> None:
+def _check_input(x: Tensor, factors, bias: Optional[Tensor]) -> None:
     """``F.conv2d``'s checks, in its wording, before any work is done."""
     if not isinstance(x, Tensor):
         raise TypeError(f"cp_conv2d(): input must be a Tensor, not {type(x).__name__}")
@@ -228,6 +228,43 @@ def _planned_impl(tensors, stride, pad, dilation, measure: bool) -> str:
     return STRATEGY_IMPLS[chosen.chosen]
 
 
+def check_call(x: Tensor, factors, bias: Optional[Tensor], stride, padding, dilation, padding_mode: str):
+    """``F.conv2d``'s and ``nn.Conv2d``'s checks of one call, before any work; returns the normalised
+    ``stride``, ``dilation`` and ``(top, bottom, left, right)`` padding. ``factors``: CP or Tucker-2."""
+    # Written with plain indexing and comparisons: this runs on every forward of every layer.
+    _check_input(x, factors, bias)
+    stride_ = conv_args.pair(stride, "stride")
+    dilation_ = conv_args.pair(dilation, "dilation")
+    if stride_[0] < 1 or stride_[1] < 1:
+        raise RuntimeError("non-positive stride is not supported")
+    if dilation_[0] < 1 or dilation_[1] < 1:
+        raise RuntimeError("dilation should be greater than zero")
+    conv_args.check_padding_arg(padding, stride_)
+    if padding_mode not in conv_args.PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {conv_args.PADDING_MODES}, got {padding_mode!r}")
+    kh, kw = factors.kernel_size
+    pad = conv_args.explicit_padding(padding, (kh, kw), dilation_)
+    padded_h, padded_w = x.shape[-2] + pad[0] + pad[1], x.shape[-1] + pad[2] + pad[3]
+    dilated_h, dilated_w = dilation_[0] * (kh - 1) + 1, dilation_[1] * (kw - 1) + 1
+    if padded_h < dilated_h or padded_w < dilated_w:
+        raise RuntimeError(
+            f"Calculated padded input size per channel: ({padded_h} x {padded_w}). Kernel size: "
+            f"({dilated_h} x {dilated_w}). Kernel size can't be greater than actual input size"
+        )
+    return stride_, dilation_, pad
+
+
+def batched_and_padded(x: Tensor, pad: tuple[int, int, int, int], padding_mode: str):
+    """``x`` as a 4-D batch, with a non-zero padding mode applied (its padding then zero)."""
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if padding_mode != "zeros" and pad != (0, 0, 0, 0):
+        pt, pb, pl, pr = pad
+        x = F.pad(x, (pl, pr, pt, pb), mode=padding_mode)
+        pad = (0, 0, 0, 0)
+    return x, pad
+
+
 def cp_conv2d(
     x: Tensor,
     factors: CPFactors,
@@ -252,38 +289,13 @@ def cp_conv2d(
     Returns:
         ``(N, Cout, OH, OW)`` (or unbatched), in ``x``'s dtype and memory format.
     """
-    # Written with plain indexing and comparisons: this runs on every forward of every layer.
-    _check_input(x, factors, bias)
-    stride_ = conv_args.pair(stride, "stride")
-    dilation_ = conv_args.pair(dilation, "dilation")
-    if stride_[0] < 1 or stride_[1] < 1:
-        raise RuntimeError("non-positive stride is not supported")
-    if dilation_[0] < 1 or dilation_[1] < 1:
-        raise RuntimeError("dilation should be greater than zero")
-    conv_args.check_padding_arg(padding, stride_)
-    if padding_mode not in conv_args.PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {conv_args.PADDING_MODES}, got {padding_mode!r}")
-    kh, kw = factors.kernel_size
-    pad = conv_args.explicit_padding(padding, (kh, kw), dilation_)
-    padded_h, padded_w = x.shape[-2] + pad[0] + pad[1], x.shape[-1] + pad[2] + pad[3]
-    dilated_h, dilated_w = dilation_[0] * (kh - 1) + 1, dilation_[1] * (kw - 1) + 1
-    if padded_h < dilated_h or padded_w < dilated_w:
-        raise RuntimeError(
-            f"Calculated padded input size per channel: ({padded_h} x {padded_w}). Kernel size: "
-            f"({dilated_h} x {dilated_w}). Kernel size can't be greater than actual input size"
-        )
+    stride_, dilation_, pad = check_call(x, factors, bias, stride, padding, dilation, padding_mode)
     impl = resolve_backend(backend, x)
     if exporting_to_onnx():
         return cp_conv2d_onnx_form(x, factors, bias, stride_, padding, dilation_, padding_mode)
 
     unbatched = x.dim() == 3
-    if unbatched:
-        x = x.unsqueeze(0)
-    if padding_mode != "zeros" and pad != (0, 0, 0, 0):
-        pt, pb, pl, pr = pad
-        x = F.pad(x, (pl, pr, pt, pb), mode=padding_mode)
-        pad = (0, 0, 0, 0)
-
+    x, pad = batched_and_padded(x, pad, padding_mode)
     tensors = [x, factors.input, factors.vertical, factors.horizontal, factors.output, bias]
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):

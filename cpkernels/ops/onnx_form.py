@@ -36,6 +36,16 @@ def depthwise_merged(merge: bool):
         _MERGE_DEPTHWISE[0] = previous
 
 
+def _padded_input(x: Tensor, padding, kernel_size, dilation, padding_mode: str) -> tuple[Tensor, tuple[int, int]]:
+    """``x`` with one Pad where a Conv's own symmetric pads cannot do it, and the Conv's (top, left) pads."""
+    pt, pb, pl, pr = conv_args.explicit_padding(padding, kernel_size, dilation)
+    if padding_mode != "zeros" and (pt, pb, pl, pr) != (0, 0, 0, 0):
+        return F.pad(x, (pl, pr, pt, pb), mode=padding_mode), (0, 0)
+    if (pt, pl) != (pb, pr):  # ONNX Conv takes uneven pads, F.conv2d does not: one Pad node
+        return F.pad(x, (pl, pr, pt, pb)), (0, 0)
+    return x, (pt, pl)
+
+
 def cp_conv2d_onnx_form(
     x: Tensor,
     factors: CPFactors,
@@ -49,13 +59,7 @@ def cp_conv2d_onnx_form(
     """The same function as :func:`cpkernels.cp_conv2d`, written with ``F.pad`` and ``F.conv2d`` only."""
     merge = _MERGE_DEPTHWISE[0] if merge_depthwise is None else merge_depthwise
     groups, _, rank = factors.input.shape
-    pt, pb, pl, pr = conv_args.explicit_padding(padding, factors.kernel_size, dilation)
-    if padding_mode != "zeros" and (pt, pb, pl, pr) != (0, 0, 0, 0):
-        x = F.pad(x, (pl, pr, pt, pb), mode=padding_mode)
-        pt = pb = pl = pr = 0
-    elif (pt, pl) != (pb, pr):  # ONNX Conv takes uneven pads, F.conv2d does not: one Pad node
-        x = F.pad(x, (pl, pr, pt, pb))
-        pt = pb = pl = pr = 0
+    x, (pt, pl) = _padded_input(x, padding, factors.kernel_size, dilation, padding_mode)
     w_in, w_vert, w_horz, w_out = stage_weights(factors.input, factors.vertical, factors.horizontal, factors.output)
     (sh, sw), (dh, dw) = stride, dilation
     t = F.conv2d(x, w_in, None, 1, 0, 1, groups)  # [N, G*R, H, W]
@@ -65,4 +69,25 @@ def cp_conv2d_onnx_form(
     else:
         t = F.conv2d(t, w_vert, None, (sh, 1), (pt, 0), (dh, 1), groups * rank)
         t = F.conv2d(t, w_horz, None, (1, sw), (0, pl), (1, dw), groups * rank)
+    return F.conv2d(t, w_out, bias, 1, 0, 1, groups)
+
+
+def tucker2_conv2d_onnx_form(
+    x: Tensor,
+    factors,
+    bias: Optional[Tensor],
+    stride: tuple[int, int],
+    padding: conv_args.Padding,
+    dilation: tuple[int, int],
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """The same function as :func:`cpkernels.tucker2_conv2d` as three standard Convs (1x1, kh x kw core, 1x1
+    with the bias), plus one Pad for a non-zero padding mode or uneven zero padding."""
+    from .tucker2_reference import tucker2_stage_weights
+
+    groups = factors.groups
+    x, (pt, pl) = _padded_input(x, padding, factors.kernel_size, dilation, padding_mode)
+    w_in, w_core, w_out = tucker2_stage_weights(factors.input, factors.core, factors.output)
+    t = F.conv2d(x, w_in, None, 1, 0, 1, groups)  # [N, G*R_in, H, W]
+    t = F.conv2d(t, w_core, None, stride, (pt, pl), dilation, groups)  # [N, G*R_out, OH, OW]
     return F.conv2d(t, w_out, bias, 1, 0, 1, groups)

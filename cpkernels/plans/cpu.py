@@ -71,11 +71,32 @@ def dense_is_cheaper(x: Tensor, rank: int, groups: int, cout: int, kernel_size, 
     dense_macs = y_px * cout * (cin // groups) * kh * kw
     if dense_macs < DENSE_MIN_MACS:
         return False
-    dense = max(dense_macs, MACS_PER_BYTE * es * (x_px * cin + y_px * cout))
     gr = groups * rank
     cp_macs = x_px * cin * rank + y_px * gr * kh * kw + y_px * rank * cout
     cp_bytes = es * (x_px * cin + 2 * x_px * gr + 2 * y_px * gr + y_px * cout)
-    return dense < cp_macs + MACS_PER_BYTE * cp_bytes
+    return _dense_wins(dense_macs, es * (x_px * cin + y_px * cout), cp_macs, cp_bytes)
+
+
+def _dense_wins(dense_macs: int, dense_bytes: int, staged_macs: int, staged_bytes: int) -> bool:
+    """One dense conv overlaps compute and memory (max); separate stages add them."""
+    return max(dense_macs, MACS_PER_BYTE * dense_bytes) < staged_macs + MACS_PER_BYTE * staged_bytes
+
+
+def tucker2_dense_is_cheaper(x: Tensor, rank: tuple[int, int], groups: int, cout: int, kernel_size, out_size) -> bool:
+    """:func:`dense_is_cheaper` for the three Tucker-2 stages (per-group ranks ``(R_out, R_in)``): the same
+    rule, with the core conv's MACs and the two intermediates (G R_in at the input's size, G R_out at the
+    output's)."""
+    n, cin, h, w = x.shape
+    (kh, kw), (oh, ow) = kernel_size, out_size
+    r_out, r_in = rank
+    es = x.element_size()
+    x_px, y_px = n * h * w, n * oh * ow
+    dense_macs = y_px * cout * (cin // groups) * kh * kw
+    if dense_macs < DENSE_MIN_MACS:
+        return False
+    staged_macs = x_px * cin * r_in + y_px * groups * r_out * r_in * kh * kw + y_px * r_out * cout
+    staged_bytes = es * (x_px * cin + 2 * x_px * groups * r_in + 2 * y_px * groups * r_out + y_px * cout)
+    return _dense_wins(dense_macs, es * (x_px * cin + y_px * cout), staged_macs, staged_bytes)
 
 
 @dataclass(frozen=True)

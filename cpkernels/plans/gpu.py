@@ -42,6 +42,15 @@ STRATEGIES = {
                   "in slices (any shape and rank)",
 }
 
+# The strategies for a Tucker-2 layer (cpkernels.TuckerConv2d), chosen the same way.
+TUCKER2_STRATEGIES = {
+    "dense": "F.conv2d (cuDNN) with the weight reconstructed from the factors at each call",
+    "three-stage": "the reference path: 1x1, kh x kw core conv, 1x1 (cuDNN); two intermediates through HBM "
+                   "(the factors are orthonormal and nothing cancels, so they stay in the input dtype)",
+    "fused-taps": "one Triton launch of the taps kernel on per-tap weights (input factor folded into the core "
+                  "at each call), implicit GEMM over kh*kw*Cin into R_out, then the output GEMM from registers",
+}
+
 # Overridden by tests and users: True times the candidates (see the module docstring).
 MEASURE: Optional[bool] = None
 
@@ -181,7 +190,9 @@ def cost_rows(s: ConvShape, rank: int, es: int, tile: tuple, precise: bool = Fal
                 simt_flops=2 * taps, programs=programs, tile=tile)
 
 
-def cost_taps(s: ConvShape, rank: int, es: int, tile: tuple, precise: bool = False) -> Cost:
+def cost_taps(s: ConvShape, rank: int, es: int, tile: tuple, precise: bool = False, folded: bool = False) -> Cost:
+    """``folded``: the kernel reads pre-folded per-tap weights (Tucker-2): no per-rank tap scaling on the CUDA
+    cores, and kh*kw*Cin/G x R weights instead of the CP factors."""
     bp, _bc, br, bo = tile[:4]
     kh, kw = s.kernel
     cin_g, cout_g = s.cin // s.groups, s.cout // s.groups
@@ -191,9 +202,10 @@ def cost_taps(s: ConvShape, rank: int, es: int, tile: tuple, precise: bool = Fal
     programs = pixel_programs * o_programs
     first = programs * bp * kh * kw * cin_g * r_pad
     out = pixel_programs * bp * r_pad * _cdiv(cout_g, bo) * bo * (2 if precise else 1)
-    taps = programs * bp * kh * kw * r_pad if precise else 0
+    taps = programs * bp * kh * kw * r_pad if precise and not folded else 0
     l2 = es * programs * (kh * kw * cin_g * r_pad + r_pad * min(cout_g, bo) * (_cdiv(cout_g, bo) if rank <= br else 1))
-    return Cost(2 * (first + out), s.minimal_bytes(es) + _factor_bytes(s, rank, es), l2_bytes=l2,
+    weights = es * s.groups * rank * (kh * kw * cin_g + cout_g) if folded else _factor_bytes(s, rank, es)
+    return Cost(2 * (first + out), s.minimal_bytes(es) + weights, l2_bytes=l2,
                 simt_flops=2 * taps, programs=programs, tile=tile)
 
 
@@ -257,6 +269,31 @@ def candidate_costs(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, 
     return costs
 
 
+def tucker2_candidate_costs(s: ConvShape, rank: tuple[int, int], dtype: torch.dtype, spec: GPUSpec,
+                            tf32: bool) -> dict[str, Cost]:
+    """The cost of every :data:`TUCKER2_STRATEGIES` entry for per-group ranks ``(R_out, R_in)``."""
+    es = torch.empty((), dtype=dtype).element_size()
+    r_out, r_in = rank
+    (kh, kw), g = s.kernel, s.groups
+    cin_g, cout_g = s.cin // g, s.cout // g
+    n, (h, w) = s.batch, s.size
+    weight = s.cout * cin_g * kh * kw
+    fold = g * r_out * r_in * kh * kw * cin_g  # input factor into the core: the per-tap weights
+    costs = {"dense": Cost(2 * (s.dense_macs() + fold + weight * r_out), s.minimal_bytes(es) + 2 * weight * es,
+                           launches=3)}
+    t1, t2 = n * h * w * g * r_in, s.out_pixels * g * r_out
+    stages = n * h * w * s.cin * r_in + s.out_pixels * g * r_out * r_in * kh * kw + s.out_pixels * r_out * s.cout
+    costs["three-stage"] = Cost(2 * stages, s.minimal_bytes(es) + 2 * es * (t1 + t2), launches=3)
+    if dtype == torch.float64:
+        return costs
+    precise = dtype != torch.float32
+    best = min((cost_taps(s, r_out, es, t, precise, folded=True) for t in _tiles("taps", dtype)),
+               key=lambda c: c.seconds(spec, dtype, tf32))
+    costs["fused-taps"] = Cost(best.flops + 2 * fold, best.hbm_bytes, best.l2_bytes, best.simt_flops,
+                               best.launches + 1, best.programs, best.tile)
+    return costs
+
+
 @dataclass(frozen=True)
 class GPUPlan:
     """The choice for one call: ``chosen`` (a key of :data:`STRATEGIES`), every candidate's modeled time,
@@ -274,9 +311,11 @@ class GPUPlan:
         return out
 
 
-def model_plan(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, tf32: bool = True) -> GPUPlan:
-    """The model's choice: the candidate with the least modeled time."""
-    costs = candidate_costs(s, rank, dtype, spec, tf32)
+def model_plan(s: ConvShape, rank, dtype: torch.dtype, spec: GPUSpec, tf32: bool = True) -> GPUPlan:
+    """The model's choice: the candidate with the least modeled time. ``rank``: an int (CP) or a pair
+    ``(R_out, R_in)`` (Tucker-2)."""
+    tucker2 = isinstance(rank, tuple)
+    costs = (tucker2_candidate_costs if tucker2 else candidate_costs)(s, rank, dtype, spec, tf32)
     modeled = {k: round(c.seconds(spec, dtype, tf32) * 1e6, 2) for k, c in costs.items()}
     return GPUPlan(spec.name, min(modeled, key=modeled.get), modeled)
 
@@ -312,10 +351,11 @@ def shape_of_call(x: torch.Tensor, groups: int, cout: int, kernel_size, stride, 
     return ConvShape(n, cin, cout, (h, w), tuple(kernel_size), tuple(stride), pad, groups, tuple(dilation))
 
 
-def choose(x: torch.Tensor, rank: int, groups: int, cout: int, kernel_size, stride, padding, dilation,
+def choose(x: torch.Tensor, rank, groups: int, cout: int, kernel_size, stride, padding, dilation,
            run: Optional[Callable[[str], torch.Tensor]] = None, spec: Optional[GPUSpec] = None) -> GPUPlan:
-    """The plan for one call, cached per :func:`call_key`. ``run(strategy)`` computes the call with one
-    strategy; the measured mode needs it."""
+    """The plan for one call, cached per :func:`call_key`. ``rank``: an int for a CP layer, a pair
+    ``(R_out, R_in)`` for a Tucker-2 layer (:data:`TUCKER2_STRATEGIES`). ``run(strategy)`` computes the
+    call with one strategy; the measured mode needs it."""
     tf32 = torch.backends.cudnn.allow_tf32  # fp32 inputs, and the fp32 four stages of bf16 inputs, follow it
     key = call_key(x, rank, groups, cout, kernel_size, stride, padding, dilation, tf32)
     cached = _CACHE.get(key)
@@ -326,7 +366,8 @@ def choose(x: torch.Tensor, rank: int, groups: int, cout: int, kernel_size, stri
     shape = shape_of_call(x, groups, cout, kernel_size, stride, padding, dilation)
     planned = model_plan(shape, rank, x.dtype, spec, tf32)
     if measuring() and run is not None:
-        measured = measure(run, tuple(planned.modeled_us), x.dtype)
+        reference = "three-stage" if isinstance(rank, tuple) else "four-stage"
+        measured = measure(run, tuple(planned.modeled_us), x.dtype, reference=reference)
         planned = GPUPlan(planned.gpu, min(measured, key=measured.get), planned.modeled_us, measured)
     _CACHE[key] = planned
     return planned
@@ -338,16 +379,17 @@ AGREEMENT = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2, tor
 
 
 def measure(run: Callable[[str], torch.Tensor], candidates: tuple[str, ...], dtype: torch.dtype,
-            timer: Optional[Callable[[Callable], float]] = None) -> dict[str, float]:
-    """Median microseconds of every candidate, after checking each against the four-stage path."""
-    reference = run("four-stage").float()
-    scale = max(reference.abs().max().item(), 1e-6) if reference.numel() else 1.0
+            timer: Optional[Callable[[Callable], float]] = None, reference: str = "four-stage") -> dict[str, float]:
+    """Median microseconds of every candidate, after checking each against the ``reference`` strategy (the
+    staged PyTorch path)."""
+    expected = run(reference).float()
+    scale = max(expected.abs().max().item(), 1e-6) if expected.numel() else 1.0
     times = {}
     for strategy in candidates:
         y = run(strategy)
-        diff = (y.float() - reference).abs().max().item() if y.numel() else 0.0
+        diff = (y.float() - expected).abs().max().item() if y.numel() else 0.0
         if not diff <= AGREEMENT[dtype] * scale:
-            raise RuntimeError(f"GPU plan: {strategy} differs from the four-stage path by {diff:.3g} "
+            raise RuntimeError(f"GPU plan: {strategy} differs from the {reference} path by {diff:.3g} "
                                f"(scale {scale:.3g}); not choosing it")
         times[strategy] = round((timer or _time)(lambda s=strategy: run(s)) * 1e6, 2)
     return times
@@ -430,7 +472,8 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["GPUS", "GPUPlan", "GPUSpec", "STRATEGIES", "choose", "gpu_spec", "model_plan", "measure"]
+__all__ = ["GPUS", "GPUPlan", "GPUSpec", "STRATEGIES", "TUCKER2_STRATEGIES", "choose", "gpu_spec", "model_plan",
+           "measure"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

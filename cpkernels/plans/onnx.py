@@ -15,6 +15,9 @@ layout without reordering between them, which a layer timed alone does not show,
 machine the per-layer choice alone ran a ResNet-18 at 0.25 of its parameters 1.5x slower than all
 ``"merged"``. Neither depthwise form won everywhere (bench/onnx_speed.py), and with every layer dense
 the result is never slower than the dense model, as measured.
+
+A Tucker-2 layer (``TuckerConv2d``) has one factored form, its three convs (written for ``"merged"`` and
+``"two"`` alike), and ``"dense"``; it takes part in the same candidates.
 """
 from __future__ import annotations
 
@@ -104,9 +107,10 @@ def plan_onnx_forms(model: nn.Module, example_inputs: Sequence[torch.Tensor], th
     ``threads=0`` lets ONNX Runtime choose, as a default session does. ``model`` is not modified."""
     from ..calibration import _Hooks
     from ..module import CPConv2d
+    from ..module_tucker2 import TuckerConv2d
 
     inputs: dict[str, torch.Tensor] = {}
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, CPConv2d)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (CPConv2d, TuckerConv2d))}
 
     def hook(name):
         def record(module, args, output):
@@ -118,7 +122,8 @@ def plan_onnx_forms(model: nn.Module, example_inputs: Sequence[torch.Tensor], th
     per_layer = {}
     for name, x in inputs.items():
         layer = copy.deepcopy(layers[name]).eval()
-        per_layer[name] = {form: time_form(layer, form, x, threads, repeats) for form in FORMS}
+        forms = FORMS if isinstance(layer, CPConv2d) else ("merged", "dense")  # Tucker-2: "two" is "merged"
+        per_layer[name] = {form: time_form(layer, form, x, threads, repeats) for form in forms}
     candidates = {form: {name: form for name in inputs} for form in FORMS}
     candidates["per-layer"] = {name: min(ms, key=ms.get) for name, ms in per_layer.items()}
     ms = {c: _model_ms(with_forms(model, forms), example_inputs, threads, repeats) for c, forms in candidates.items()}

@@ -16,17 +16,18 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..decompose import _decompose_at_rank, strongest_terms
-from ..factors import CPFactors, params_per_rank
+from ..factors import CPFactors, Tucker2Factors, params_per_rank, tucker2_params
 
 METRICS = ("macs", "params", "latency")
 METHODS = ("weight", "data", "vbmf")
+DECOMPOSITIONS = ("cp", "tucker2", "auto")
 SHRINKAGE = 0.8  # method="data": weight of the identity in the shrunk input covariance (see README)
 # Candidate ranks: these fractions of each layer's dense cost.
 LADDER = (0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4, 0.55, 0.75)
@@ -55,7 +56,8 @@ class RankPlan:
     method: str
     budget: float
     rows: list[dict] = field(default_factory=list)
-    factors: dict[str, CPFactors] = field(default_factory=dict, repr=False)  # not in the JSON
+    factors: dict[str, Union[CPFactors, Tucker2Factors]] = field(default_factory=dict, repr=False)  # not in the JSON
+    decomposition: str = "cp"
 
     @property
     def totals(self) -> dict:
@@ -85,7 +87,8 @@ class RankPlan:
             if data:
                 errors += ("-" if dense else f"{r['weight_error']:.3f}",
                            f"{r['sensitivity']:.2f}" if r["considered"] else "-")
-            lines.append((r["name"], "x".join(map(str, r["shape"])), "-" if dense else str(r["rank"]),
+            rank = "-" if dense else "x".join(map(str, r["rank"])) if isinstance(r["rank"], tuple) else str(r["rank"])
+            lines.append((r["name"], "x".join(map(str, r["shape"])), rank,
                           num(r["cost_before"]) if r["considered"] else "-",
                           num(r["cost_after"]) if r["considered"] else "-", *errors, r["reason"] or ""))
         t = self.totals
@@ -98,13 +101,15 @@ class RankPlan:
 
     def to_json(self) -> str:
         return json.dumps({"metric": self.metric, "method": self.method, "budget": self.budget,
+                           "decomposition": self.decomposition,
                            "rows": [{**r, "shape": list(r["shape"])} for r in self.rows]}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "RankPlan":
         data = json.loads(text)
-        rows = [{**r, "shape": tuple(r["shape"])} for r in data["rows"]]
-        return cls(data["metric"], data["method"], data["budget"], rows)
+        rows = [{**r, "shape": tuple(r["shape"]),
+                 "rank": tuple(r["rank"]) if isinstance(r["rank"], list) else r["rank"]} for r in data["rows"]]
+        return cls(data["metric"], data["method"], data["budget"], rows, decomposition=data.get("decomposition", "cp"))
 
     def check_model(self, model: nn.Module) -> None:
         """A plan applies only to a model with the same convs under the same names."""
@@ -115,15 +120,42 @@ class RankPlan:
             raise ValueError(f"this plan was made for another model: its convs differ at {missing[:5]}")
 
 
-def _layer_costs(conv: nn.Conv2d, in_hw, metric: str) -> tuple[int, Callable[[int], int]]:
-    """(dense cost, cost of rank r) of one conv in MACs or parameters, both linear in the rank."""
+def _layer_costs(conv: nn.Conv2d, in_hw, metric: str) -> tuple[int, Callable]:
+    """(dense cost, cost of a rank) of one conv in MACs or parameters: a CP rank (int; the cost is linear in
+    it) or Tucker-2 ranks (a pair)."""
     from ..compress import _conv_shape
 
     if metric == "params":
         per_rank = params_per_rank(conv.out_channels, conv.in_channels, conv.kernel_size, conv.groups)
-        return conv.weight.numel(), lambda r: r * per_rank
+
+        def params(r):
+            if isinstance(r, tuple):
+                return tucker2_params(conv.out_channels, conv.in_channels, conv.kernel_size, conv.groups, r)
+            return r * per_rank
+        return conv.weight.numel(), params
     shape = _conv_shape(conv, in_hw)
-    return shape.dense_macs(), shape.cp_macs
+    return shape.dense_macs(), shape.macs
+
+
+def _tucker2_ladder(conv: nn.Conv2d, dense: int, cost: Callable, multiple: int, fractions: Sequence[float]) -> list:
+    """Distinct Tucker-2 rank pairs on the proportional split (:func:`cpkernels.decompose_tucker2.proportional_ranks`),
+    largest first: per fraction, the largest step within that fraction of the dense cost (ranks rounded up to
+    ``multiple``), cheaper than dense."""
+    from ..decompose_tucker2 import proportional_ranks
+
+    cout_g, cin_g = conv.out_channels // conv.groups, conv.in_channels // conv.groups
+
+    def pair(k):
+        r_out, r_in = proportional_ranks(k, cout_g, cin_g)
+        return (min(cout_g, -(-r_out // multiple) * multiple), min(cin_g, -(-r_in // multiple) * multiple))
+
+    steps = max(cout_g, cin_g)
+    out = set()
+    for f in fractions:
+        fitting = [k for k in range(1, steps + 1) if cost(pair(k)) <= f * dense]
+        if fitting and cost(pair(max(fitting))) < dense:
+            out.add(pair(max(fitting)))
+    return sorted(out, reverse=True)
 
 
 _LATENCY_US: dict = {}  # (conv signature, input shape, rank or None, device, dtype) -> median microseconds
@@ -135,11 +167,12 @@ def _time_layer(layer: nn.Module, x: torch.Tensor) -> float:
     return 1e6 * time_median(layer, x)
 
 
-def latency_us(conv: nn.Conv2d, input_shape: tuple, rank: Optional[int]) -> float:
-    """Median microseconds of ``conv`` (``rank=None``) or of a ``CPConv2d`` of that rank with the same
-    arguments, on ``conv``'s device and dtype, with the backend ``"auto"`` runs there (the CPU plan or
-    the GPU plan). Cached per shape: the values of the factors do not change the time."""
+def latency_us(conv: nn.Conv2d, input_shape: tuple, rank) -> float:
+    """Median microseconds of ``conv`` (``rank=None``) or of a ``CPConv2d`` of that rank (a ``TuckerConv2d``
+    for a pair) with the same arguments, on ``conv``'s device and dtype, with the backend ``"auto"`` runs
+    there (the CPU plan or the GPU plan). Cached per shape: the values of the factors do not change the time."""
     from ..module import CPConv2d
+    from ..module_tucker2 import TuckerConv2d
 
     p = conv.weight
     key = (tuple(p.shape), conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode,
@@ -149,8 +182,9 @@ def latency_us(conv: nn.Conv2d, input_shape: tuple, rank: Optional[int]) -> floa
         if rank is None:
             layer = conv
         else:
-            layer = CPConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride, conv.padding,
-                             conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, p.device, p.dtype)
+            cls = TuckerConv2d if isinstance(rank, tuple) else CPConv2d
+            layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride, conv.padding,
+                        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, p.device, p.dtype)
         _LATENCY_US[key] = _time_layer(layer, x)
     return _LATENCY_US[key]
 
@@ -209,6 +243,34 @@ def _smallest_exact_rank(weight, groups, rungs, cost, rank_multiple, options) ->
     return [] if found is None else [found]
 
 
+def _tucker2_options(options: dict) -> dict:
+    return {"n_iter_max": options["n_iter_max"], "random_state": options["random_state"]}
+
+
+def _tucker2_at_rank(weight, rank, groups, **options) -> Tucker2Factors:
+    from ..decompose_tucker2 import _decompose_at_rank as tucker2_at_rank
+
+    return tucker2_at_rank(weight, rank, groups, **options)
+
+
+def _tucker2_rungs(weight, groups: int, ranks: list, cost: Callable, options: dict) -> list:
+    """(cost, error, rank pair, factors) per Tucker-2 rung, largest first, each HOOI starting from the rung above."""
+    rungs, start = [], None
+    for r in sorted(ranks, reverse=True):
+        f = _tucker2_at_rank(weight, r, groups, **_tucker2_options(options), start=start)
+        rungs.append((cost(r), f.relative_error(weight), r, f))
+        start = f
+    return rungs
+
+
+def unwhiten(factors, inverse: torch.Tensor):
+    """Factors of a decomposition of the whitened weight, their input factor taken back: ``S^(-1/2) B'``."""
+    from ..decompose import _unwhiten
+    from ..decompose_tucker2 import unwhiten_tucker2
+
+    return _unwhiten(factors, inverse) if isinstance(factors, CPFactors) else unwhiten_tucker2(factors, inverse)
+
+
 def _knapsack(options: list[list[tuple[float, float]]], capacity: float) -> list[int]:
     """Exact multiple-choice knapsack: one (cost, error) option per layer, total cost <= capacity,
     least summed error. Costs are discretised up to capacity / RESOLUTION units."""
@@ -240,15 +302,22 @@ def _knapsack(options: list[list[tuple[float, float]]], capacity: float) -> list
     return chosen[::-1]
 
 
-def _scale_to_budget(estimates: list[int], costs: list[Callable[[int], float]], dense: list[float],
-                     capacity: float, rank_multiple: int) -> list[Optional[int]]:
+def _scale_to_budget(estimates: list, costs: list[Callable], dense: list[float], capacity: float,
+                     rank_multiple: int, caps: Optional[list] = None) -> list:
     """VBMF ranks times one common factor, the largest that fits ``capacity`` (bisection: each layer's
-    cost, dense where CP is not cheaper, never falls as the factor grows). None: dense."""
+    cost, dense where the factored form is not cheaper, never falls as the factor grows). None: dense.
+    An estimate is a CP rank or a Tucker-2 pair; ``caps`` bound each pair by its layer's mode sizes."""
+    caps = caps or [None] * len(estimates)
+
+    def scaled(k, est, cap):
+        r = -(-max(1, math.ceil(k * est)) // rank_multiple) * rank_multiple
+        return r if cap is None else min(r, cap)
+
     def ranks_at(k):
         out = []
-        for est, cost, d in zip(estimates, costs, dense):
-            r = max(1, math.ceil(k * est))
-            r = -(-r // rank_multiple) * rank_multiple
+        for est, cost, d, cap in zip(estimates, costs, dense, caps):
+            r = (tuple(scaled(k, e, c) for e, c in zip(est, cap)) if isinstance(est, tuple)
+                 else scaled(k, est, None))
             out.append(r if cost(r) < d else None)
         return out
 
@@ -287,6 +356,7 @@ def plan_ranks(
     max_rank: float = MAX_RANK,
     n_iter_max: int = 30,
     random_state: int = 0,
+    decomposition: str = "cp",
     **decompose_kwargs,
 ) -> RankPlan:
     """Ranks for every conv of ``model`` so that the considered convs keep at most ``budget`` of their
@@ -321,11 +391,16 @@ def plan_ranks(
         shrinkage: for ``"data"``, the weight in [0, 1] of the identity in the input covariance.
         n_iter_max, random_state, decompose_kwargs: for the decompositions (each rung warm-starts
             from the one above, so a small budget suffices).
+        decomposition: ``"cp"``, ``"tucker2"`` (ladder rungs are Tucker-2 rank pairs on the proportional split;
+            with ``"vbmf"``, each mode's EVBMF rank, both scaled by the common factor), or ``"auto"``: both
+            ladders offered to the knapsack together, so each layer gets whichever rung serves the budget
+            best, and the plan's summed error is never above the better of the two alone. Each row says
+            which was chosen.
     """
     from ..calibration import as_batches, input_statistics, output_sensitivity, shrink
     from ..compress import _names_by_module, _skip_reason, conv_input_sizes
-    from ..decompose import _unwhiten, input_whitening, whiten_input_mode
-    from .vbmf import conv_cp_rank
+    from ..decompose import input_whitening, whiten_input_mode
+    from .vbmf import conv_cp_rank, conv_tucker2_ranks
 
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
@@ -339,6 +414,11 @@ def plan_ranks(
         raise ValueError(f"shrinkage must lie in [0, 1], got {shrinkage!r}")
     if not max_rank > 0:
         raise ValueError(f"max_rank must be > 0, got {max_rank!r}")
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition must be one of {DECOMPOSITIONS}, got {decomposition!r}")
+    if decomposition == "auto" and method == "vbmf":
+        raise ValueError("method='vbmf' estimates one decomposition's ranks; decomposition='auto' needs a ladder "
+                         "(method='weight' or 'data')")
     if calibration is not None and method != "data":
         raise ValueError(f"calibration is used by method='data' only, not by method={method!r}")
     batches = None
@@ -365,7 +445,7 @@ def plan_ranks(
              else next(iter(example_inputs)).shape[0] if example_inputs is not None else None)
     options = dict(method="als", init="svd", n_iter_max=n_iter_max, tol=1e-8, random_state=random_state,
                    l2_reg=0.0, **decompose_kwargs)
-    plan = RankPlan(metric, method, float(budget))
+    plan = RankPlan(metric, method, float(budget), decomposition=decomposition)
 
     # Which convs are considered, before any work.
     convs = []
@@ -379,7 +459,8 @@ def plan_ranks(
         first = False
         if reason is None and metric != "params" and id(conv) not in sizes:
             reason = "not reached by the example inputs"
-        row = {"name": name, "shape": tuple(conv.weight.shape), "rank": None, "error": 0.0, "weight_error": 0.0,
+        row = {"name": name, "shape": tuple(conv.weight.shape), "decomposition": None, "rank": None, "error": 0.0,
+               "weight_error": 0.0,
                "sensitivity": 1.0, "reason": reason, "considered": reason is None, "cost_before": 0, "cost_after": 0}
         plan.rows.append(row)
         if reason is None:
@@ -401,7 +482,10 @@ def plan_ranks(
         ranks = []
         if method != "vbmf":
             cap = max(1, int(max_rank * max(conv.in_channels, conv.out_channels) // conv.groups))
-            ranks = _ladder(ladder_dense, ladder_cost, rank_multiple, ladder, cap)
+            if decomposition != "tucker2":
+                ranks += _ladder(ladder_dense, ladder_cost, rank_multiple, ladder, cap)
+            if decomposition != "cp":
+                ranks += _tucker2_ladder(conv, ladder_dense, ladder_cost, rank_multiple, ladder)
             if metric == "latency":
                 ranks = [r for r in ranks if cost(r) < dense]
                 if not ranks:
@@ -439,7 +523,7 @@ def plan_ranks(
             row["sensitivity"] = sensitivity[row["name"]]
         rungs, start = [], None
         ladder_dtype = torch.float32 if weight.numel() >= LADDER_FP32_FROM else torch.float64
-        for r in ranks:
+        for r in (r for r in ranks if not isinstance(r, tuple)):
             f = _decompose_at_rank(target, r, conv.groups, ladder_dtype, options,
                                    None if start is None else strongest_terms(start, r))
             rungs.append((cost(r), f.relative_error(target), r, f))
@@ -447,20 +531,29 @@ def plan_ranks(
         if rungs:
             rungs += [x for x in _smallest_exact_rank(target, conv.groups, rungs, cost, rank_multiple, options)
                       if x[0] < row["cost_before"]]
-            rungs = [(c, e, r, f if inverse is None else _unwhiten(f, inverse))
-                     for c, e, r, f in sorted(rungs, key=lambda x: -x[2])]
+            rungs.sort(key=lambda x: -x[2])
+        rungs += _tucker2_rungs(target, conv.groups, [r for r in ranks if isinstance(r, tuple)], cost, options)
+        rungs = [(c, e, r, f if inverse is None else unwhiten(f, inverse)) for c, e, r, f in rungs]
         layers.append((row, conv, cost, target, inverse, rungs))
 
     if method == "vbmf":
-        estimates = [conv_cp_rank(conv.weight, conv.groups) for _, conv, *_ in layers]
+        if decomposition == "tucker2":
+            estimates = [conv_tucker2_ranks(conv.weight, conv.groups) for _, conv, *_ in layers]
+            caps = [(conv.out_channels // conv.groups, conv.in_channels // conv.groups) for _, conv, *_ in layers]
+        else:
+            estimates = [conv_cp_rank(conv.weight, conv.groups) for _, conv, *_ in layers]
+            caps = [None] * len(layers)
         chosen = _scale_to_budget(estimates, [x[2] for x in layers], [x[0]["cost_before"] for x in layers], capacity,
-                                  rank_multiple)
+                                  rank_multiple, caps)
         for (row, conv, cost, target, inverse, rungs), r, est in zip(layers, chosen, estimates):
             row["vbmf_rank"] = est
             if r is None:
                 row["reason"] = "dense: the scaled VBMF rank saves nothing"
                 continue
-            f = _decompose_at_rank(target, r, conv.groups, torch.float64, options)
+            if isinstance(r, tuple):
+                f = _tucker2_at_rank(target, r, conv.groups, **_tucker2_options(options))
+            else:
+                f = _decompose_at_rank(target, r, conv.groups, torch.float64, options)
             rungs.append((cost(r), f.relative_error(target), r, f))
         picks = [1 if rungs else 0 for *_, rungs in layers]
     else:
@@ -474,6 +567,7 @@ def plan_ranks(
             continue
         c, e, r, f = rungs[k - 1]
         f = f.to(conv.weight.dtype)
-        row.update(rank=r, error=e, weight_error=f.relative_error(conv.weight), cost_after=c)
+        row.update(decomposition="tucker2" if isinstance(r, tuple) else "cp", rank=r, error=e,
+                   weight_error=f.relative_error(conv.weight), cost_after=c)
         plan.factors[row["name"]] = f
     return plan

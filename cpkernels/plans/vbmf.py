@@ -87,3 +87,11 @@ def conv_cp_rank(weight: Tensor, groups: int = 1) -> int:
         wg = w[g]
         ranks.append(max(evbmf_rank(wg.flatten(1)), evbmf_rank(wg.transpose(0, 1).flatten(1))))
     return max(ranks)
+
+
+def conv_tucker2_ranks(weight: Tensor, groups: int = 1) -> tuple[int, int]:
+    """The older tools' Tucker-2 ranks of a conv weight (as pytorch-tensor-decompositions and MUSCO pick them):
+    the EVBMF ranks of the output-mode and input-mode unfoldings, ``(R_out, R_in)``, the largest over groups."""
+    w = weight.detach().unflatten(0, (groups, -1))  # [G, Cout/G, Cin/G, kh, kw]
+    pairs = [(evbmf_rank(w[g].flatten(1)), evbmf_rank(w[g].transpose(0, 1).flatten(1))) for g in range(groups)]
+    return (max(1, max(p[0] for p in pairs)), max(1, max(p[1] for p in pairs)))
