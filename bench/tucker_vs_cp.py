@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from cpkernels import compress_model, decompose_conv, decompose_tucker2, plan_ranks
-from cpkernels.compress import _conv_shape, conv_input_sizes, rank_for_mac_fraction
+from cpkernels.calibration import _Hooks
+from cpkernels.compress import _conv_shape, rank_for_mac_fraction
+from cpkernels.decompose_tucker2 import largest_proportional_ranks
 from cpkernels.digits import accuracy, output_change, train, trained_cnn
 from cpkernels.layers import LAYERS_BY_NAME
 from cpkernels.profile import build_cases, environment, time_median
@@ -32,37 +34,31 @@ FRACTIONS = (0.5, 0.25, 0.125)
 SPEED_LAYERS = ("vgg16-conv2_2", "vgg16-conv3_2", "vgg16-conv4_2", "resnet18-layer3", "resnet50-layer3-down")
 
 
-def tucker2_rank_within(shape, macs: int) -> tuple[int, int]:
-    from cpkernels.decompose_tucker2 import proportional_ranks
-
-    conv = shape.conv
-    cout_g, cin_g = conv.out_channels // conv.groups, conv.in_channels // conv.groups
-    fitting = [proportional_ranks(k, cout_g, cin_g) for k in range(1, max(cout_g, cin_g) + 1)]
-    return max((p for p in fitting if shape.tucker2_macs(p) <= macs), key=shape.tucker2_macs, default=(1, 1))
-
-
 def layer_errors(model: nn.Module, x: torch.Tensor) -> list[dict]:
-    sizes = conv_input_sizes(model, example_inputs=(x[:1],))
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1}
     inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.setdefault(id(m), a[0].detach()))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
+
+    def hook(name):
+        def record(module, args, output):
+            inputs[name] = args[0]
+        return record
+
+    with _Hooks(model, convs, hook):  # eval mode, no grad; hooks removed after
         model(x)
-    for h in hooks:
-        h.remove()
     rows = []
-    for name, conv in model.named_modules():
-        if not isinstance(conv, nn.Conv2d) or conv.in_channels == 1:
-            continue
-        shape = _conv_shape(conv, sizes[id(conv)])
-        x_in = inputs[id(conv)]
-        y = conv(x_in)
+    for name, conv in convs.items():
+        x_in = inputs[name]
+        shape = _conv_shape(conv, tuple(x_in.shape[-2:]))
+        with torch.no_grad():
+            y = conv(x_in)
         for fraction in FRACTIONS:
-            r = rank_for_mac_fraction(conv, fraction, sizes[id(conv)])
-            pair = tucker2_rank_within(shape, shape.cp_macs(r))
+            r = rank_for_mac_fraction(conv, fraction, shape.in_hw)
+            pair = largest_proportional_ranks(shape.tucker2_macs, shape.cp_macs(r), conv.out_channels // conv.groups,
+                                              conv.in_channels // conv.groups) or (1, 1)
             for kind, f in (("cp", decompose_conv(conv.weight.detach(), r)),
                             ("tucker2", decompose_tucker2(conv.weight.detach(), pair))):
-                y_hat = nn.functional.conv2d(x_in, f.to_dense(), conv.bias, conv.stride, conv.padding)
+                with torch.no_grad():
+                    y_hat = nn.functional.conv2d(x_in, f.to_dense(), conv.bias, conv.stride, conv.padding)
                 rows.append({"layer": name, "shape": list(conv.weight.shape), "fraction": fraction,
                              "decomposition": kind, "rank": list(pair) if kind == "tucker2" else r,
                              "macs_kept": round(shape.macs(pair if kind == "tucker2" else r) / shape.dense_macs(), 4),

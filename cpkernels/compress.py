@@ -318,14 +318,10 @@ def compress_model(
         if type(conv) is nn.Conv2d:
             for k in (("cp", "tucker2") if kind == "auto" else (kind,)):
                 ranks[k] = None if layer_rank is None else _layer_rank(conv, layer_rank, k, rank_multiple)
-        reason = None
-        for r in ranks.values():  # a layer is skipped when no candidate saves MACs
-            reason = _skip_reason(name, conv, r, in_hw, include, exclude, predicate, min_channels,
-                                  skip_first and key == first_id)
-            if reason is None:
-                break
-        if not ranks:
-            reason = _skip_reason(name, conv, None, in_hw, include, exclude, predicate, min_channels, False)
+        # Skipped when every candidate is (the reason shown is the last one's).
+        reasons = [_skip_reason(name, conv, r, in_hw, include, exclude, predicate, min_channels,
+                                skip_first and key == first_id) for r in ranks.values() or [None]]
+        reason = None if None in reasons else reasons[-1]
         if reason is None and layer_rank is None and layer_target is None:
             reason = "no rank given for this layer"
         if reason is None:  # of two candidates, only those that save MACs
@@ -366,8 +362,6 @@ def _layer_rank(conv: nn.Conv2d, rank, decomposition: str, multiple: int):
     the mode sizes)."""
     shape = tuple(conv.weight.shape)
     if decomposition == "cp":
-        if isinstance(rank, (tuple, list)):
-            raise ValueError(f"a pair of ranks {rank!r} is a Tucker-2 rank; CP takes an int or a fraction")
         return _round_up(resolve_rank(rank, shape, conv.groups), multiple)
     r_out, r_in = resolve_tucker2_rank(rank, shape, conv.groups)
     return (min(_round_up(r_out, multiple), shape[0] // conv.groups), min(_round_up(r_in, multiple), shape[1]))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -231,6 +231,21 @@ def proportional_ranks(k: int, cout_g: int, cin_g: int) -> tuple[int, int]:
     """Step ``k`` (1 .. max(Cout/G, Cin/G)) of the proportional split: the larger mode at rank ``k``."""
     big = max(cout_g, cin_g)
     return (max(1, min(cout_g, round(k * cout_g / big))), max(1, min(cin_g, round(k * cin_g / big))))
+
+
+def largest_proportional_ranks(cost: Callable[[tuple[int, int]], float], budget: float, cout_g: int, cin_g: int,
+                               multiple: int = 1) -> Optional[tuple[int, int]]:
+    """The largest ranks on the proportional split, each rounded up to ``multiple`` (at most its mode's size),
+    whose ``cost`` is within ``budget``; None when even the smallest is not. The cost never falls along the
+    split, so the last step within the budget is the answer."""
+    best = None
+    for k in range(1, max(cout_g, cin_g) + 1):
+        r_out, r_in = proportional_ranks(k, cout_g, cin_g)
+        pair = (min(cout_g, -(-r_out // multiple) * multiple), min(cin_g, -(-r_in // multiple) * multiple))
+        if cost(pair) > budget:
+            break
+        best = pair
+    return best
 
 
 def _search_ranks(weight: Tensor, target_error: float, *, groups: int, **run) -> Tucker2Factors:

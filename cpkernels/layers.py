@@ -24,17 +24,11 @@ class Layer:
     def tucker2_rank(self, cp_rank: int) -> tuple[int, int]:
         """The largest Tucker-2 ranks on the proportional split whose MACs stay within those of CP at
         ``cp_rank``: the two decompositions compared at equal MACs."""
-        from .decompose_tucker2 import proportional_ranks
+        from .decompose_tucker2 import largest_proportional_ranks
 
         s = self.shape
-        cout_g, cin_g = s.cout // s.groups, s.cin // s.groups
-        budget = s.cp_macs(cp_rank)
-        best = (1, 1)
-        for k in range(1, max(cout_g, cin_g) + 1):
-            pair = proportional_ranks(k, cout_g, cin_g)
-            if s.tucker2_macs(pair) <= budget:
-                best = pair
-        return best
+        pair = largest_proportional_ranks(s.tucker2_macs, s.cp_macs(cp_rank), s.cout // s.groups, s.cin // s.groups)
+        return pair or (1, 1)
 
     def ranks(self) -> tuple[int, ...]:
         """The distinct ranks of {C/16, C/8, C/4, C/2, C, 1.25 C}: the small ranks random weights allow,

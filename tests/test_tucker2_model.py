@@ -144,3 +144,17 @@ def test_onnx_export_of_a_mixed_model(tmp_path):
             expected = model.double()(x.double())
             model.float()
         assert_matches_oracle(torch.from_numpy(y), expected, torch.float32)
+
+
+def test_onnx_auto_plan_times_tucker2_layers_too():
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    from cpkernels.plans.onnx import plan_onnx_forms
+
+    model = small_net().eval()
+    model[2] = TuckerConv2d.from_conv(model[2], (8, 6))
+    model[6] = CPConv2d.from_conv(model[6], 12)
+    plan = plan_onnx_forms(model, (torch.randn(2, 3, 12, 12),), threads=1, repeats=2)
+    assert set(plan["forms"]) == {"2", "6"}
+    assert set(plan["layers"]["2"]) == {"merged", "dense"}  # one factored form for Tucker-2
+    assert set(plan["layers"]["6"]) == {"merged", "two", "dense"}
+    assert plan["ms"][plan["chosen"]] == min(plan["ms"].values()) > 0

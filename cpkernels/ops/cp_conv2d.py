@@ -93,7 +93,7 @@ def _cp_conv2d_op(
     impl: str,
 ) -> Tensor:
     """CP conv of a 4-D ``x``; ``padding`` is ``(top, bottom, left, right)`` zero padding."""
-    _refuse_onnx_export()
+    refuse_onnx_export()
     args = (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation)
     if impl in FUSED_IMPLS:
         from ..kernels.cp_conv2d_fused import cp_conv2d_fused
@@ -104,16 +104,16 @@ def _cp_conv2d_op(
     raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
-def _refuse_onnx_export() -> None:
-    """No ONNX runtime knows the custom op: reaching it while exporting is a bug, never a silent node."""
+def refuse_onnx_export(op: str = "cp_conv2d") -> None:
+    """No ONNX runtime knows the custom ops: reaching one while exporting is a bug, never a silent node."""
     if torch.onnx.is_in_onnx_export():
-        raise RuntimeError("cpkernels::cp_conv2d reached the ONNX exporter: a CP layer must export as standard "
-                           "Conv nodes (cp_conv2d switches to them while exporting), not as a custom op")
+        raise RuntimeError(f"cpkernels::{op} reached the ONNX exporter: a factored layer must export as standard "
+                           f"Conv nodes ({op} switches to them while exporting), not as a custom op")
 
 
 @_cp_conv2d_op.register_fake
 def _(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation, impl):
-    _refuse_onnx_export()
+    refuse_onnx_export()
     kernel_size = (vertical_factor.shape[1], horizontal_factor.shape[1])
     oh, ow = conv_args.output_size(tuple(x.shape[2:]), kernel_size, stride, padding, dilation)
     cout = output_factor.shape[0] * output_factor.shape[1]

@@ -19,6 +19,7 @@ from torch import Tensor
 from ..factors import CPFactors
 from . import conv_args
 from .reference import stage_weights
+from .tucker2_reference import tucker2_stage_weights
 
 # Two depthwise stages or one: set for the length of an export by :func:`depthwise_merged`. One merged
 # kh x kw depthwise Conv ran faster in ONNX Runtime on the CPU (bench/onnx_speed.py), so it is the default.
@@ -83,8 +84,6 @@ def tucker2_conv2d_onnx_form(
 ) -> Tensor:
     """The same function as :func:`cpkernels.tucker2_conv2d` as three standard Convs (1x1, kh x kw core, 1x1
     with the bias), plus one Pad for a non-zero padding mode or uneven zero padding."""
-    from .tucker2_reference import tucker2_stage_weights
-
     groups = factors.groups
     x, (pt, pl) = _padded_input(x, padding, factors.kernel_size, dilation, padding_mode)
     w_in, w_core, w_out = tucker2_stage_weights(factors.input, factors.core, factors.output)

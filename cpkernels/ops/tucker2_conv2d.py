@@ -20,7 +20,8 @@ from torch import Tensor
 
 from ..factors import Tucker2Factors
 from . import conv_args
-from .cp_conv2d import _autocast, batched_and_padded, check_call, exporting_to_onnx, resolve_backend
+from .cp_conv2d import (_autocast, batched_and_padded, check_call, exporting_to_onnx, refuse_onnx_export,
+                        resolve_backend)
 from .onnx_form import tucker2_conv2d_onnx_form
 from .tucker2_reference import (tucker2_conv2d_cpu, tucker2_conv2d_dense_weight, tucker2_conv2d_reference,
                                 tucker2_conv2d_reference_backward)
@@ -53,7 +54,7 @@ def _tucker2_conv2d_op(
     impl: str,
 ) -> Tensor:
     """Tucker-2 conv of a 4-D ``x``; ``padding`` is ``(top, bottom, left, right)`` zero padding."""
-    _refuse_onnx_export()
+    refuse_onnx_export("tucker2_conv2d")
     args = (x, input_factor, core, output_factor, bias, stride, padding, dilation)
     if impl == "triton":
         return _fused(*args)
@@ -62,15 +63,9 @@ def _tucker2_conv2d_op(
     raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
-def _refuse_onnx_export() -> None:
-    if torch.onnx.is_in_onnx_export():
-        raise RuntimeError("cpkernels::tucker2_conv2d reached the ONNX exporter: a Tucker-2 layer must export as "
-                           "standard Conv nodes (tucker2_conv2d switches to them while exporting), not as a custom op")
-
-
 @_tucker2_conv2d_op.register_fake
 def _(x, input_factor, core, output_factor, bias, stride, padding, dilation, impl):
-    _refuse_onnx_export()
+    refuse_onnx_export("tucker2_conv2d")
     oh, ow = conv_args.output_size(tuple(x.shape[2:]), tuple(core.shape[3:]), stride, padding, dilation)
     cout = output_factor.shape[0] * output_factor.shape[1]
     return x.new_empty((x.shape[0], cout, oh, ow)).contiguous(memory_format=conv_args.memory_format_of(x))

@@ -281,9 +281,8 @@ def tucker2_candidate_costs(s: ConvShape, rank: tuple[int, int], dtype: torch.dt
     fold = g * r_out * r_in * kh * kw * cin_g  # input factor into the core: the per-tap weights
     costs = {"dense": Cost(2 * (s.dense_macs() + fold + weight * r_out), s.minimal_bytes(es) + 2 * weight * es,
                            launches=3)}
-    t1, t2 = n * h * w * g * r_in, s.out_pixels * g * r_out
-    stages = n * h * w * s.cin * r_in + s.out_pixels * g * r_out * r_in * kh * kw + s.out_pixels * r_out * s.cout
-    costs["three-stage"] = Cost(2 * stages, s.minimal_bytes(es) + 2 * es * (t1 + t2), launches=3)
+    t1, t2 = n * h * w * g * r_in, s.out_pixels * g * r_out  # the two intermediates
+    costs["three-stage"] = Cost(2 * s.tucker2_macs(rank), s.minimal_bytes(es) + 2 * es * (t1 + t2), launches=3)
     if dtype == torch.float64:
         return costs
     precise = dtype != torch.float32

@@ -139,23 +139,13 @@ def _layer_costs(conv: nn.Conv2d, in_hw, metric: str) -> tuple[int, Callable]:
 
 def _tucker2_ladder(conv: nn.Conv2d, dense: int, cost: Callable, multiple: int, fractions: Sequence[float]) -> list:
     """Distinct Tucker-2 rank pairs on the proportional split (:func:`cpkernels.decompose_tucker2.proportional_ranks`),
-    largest first: per fraction, the largest step within that fraction of the dense cost (ranks rounded up to
+    largest first: per fraction, the largest within that fraction of the dense cost (ranks rounded up to
     ``multiple``), cheaper than dense."""
-    from ..decompose_tucker2 import proportional_ranks
+    from ..decompose_tucker2 import largest_proportional_ranks
 
     cout_g, cin_g = conv.out_channels // conv.groups, conv.in_channels // conv.groups
-
-    def pair(k):
-        r_out, r_in = proportional_ranks(k, cout_g, cin_g)
-        return (min(cout_g, -(-r_out // multiple) * multiple), min(cin_g, -(-r_in // multiple) * multiple))
-
-    steps = max(cout_g, cin_g)
-    out = set()
-    for f in fractions:
-        fitting = [k for k in range(1, steps + 1) if cost(pair(k)) <= f * dense]
-        if fitting and cost(pair(max(fitting))) < dense:
-            out.add(pair(max(fitting)))
-    return sorted(out, reverse=True)
+    pairs = {largest_proportional_ranks(cost, f * dense, cout_g, cin_g, multiple) for f in fractions}
+    return sorted((p for p in pairs if p is not None and cost(p) < dense), reverse=True)
 
 
 _LATENCY_US: dict = {}  # (conv signature, input shape, rank or None, device, dtype) -> median microseconds
