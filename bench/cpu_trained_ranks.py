@@ -4,7 +4,8 @@
 
 Every layer of the shared list with C >= 128, batch 8, float32, NCHW and channels_last: the median of
 ``--repeats`` calls after a warm-up (``cpkernels.profile.time_median``), the CPU plan's choice for the
-call, and the speed-up. Writes ``trained_ranks.json`` and ``trained_ranks.md`` with the machine and
+call (the cost rule's, and the one its measured mode, the default, kept on this machine), and the
+speed-up. Writes ``trained_ranks.json`` and ``trained_ranks.md`` with the machine and
 versions. The same rows are in the pytest-benchmark suite; this is the short run of just them.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from cpkernels.layers import LAYERS
 from cpkernels.ops import conv_args
+from cpkernels.plans import cpu as cpu_plans
 from cpkernels.plans.cpu import plan as cpu_plan
 from cpkernels.profile import build_cases, environment, time_median
 
@@ -44,10 +46,13 @@ def main(argv=None) -> int:
             for layout in ("nchw", "channels_last"):
                 dense, cp = build_cases(shape, rank, torch.float32, "cpu", layouts=(layout,), backends=("dense", "cpu"))
                 dense_ms = time_median(dense.fn, dense.x, args.repeats) * 1e3
+                cpu_plans.clear_cache()
                 cp_ms = time_median(cp.fn, cp.x, args.repeats) * 1e3
+                measured = [d.plan.arrangement for d in cpu_plans.measured_plans().values()]
                 row = {"layer": layer.name, "rank": rank, "layout": layout, "mac_ratio": round(
                     shape.dense_macs() / shape.cp_macs(rank), 2), "dense_ms": round(dense_ms, 2),
-                    "cp_ms": round(cp_ms, 2), "speedup": round(dense_ms / cp_ms, 2), "plan": plan_of(cp, shape, rank)}
+                    "cp_ms": round(cp_ms, 2), "speedup": round(dense_ms / cp_ms, 2), "plan": plan_of(cp, shape, rank),
+                    "measured_plan": measured[-1] if measured else None}
                 rows.append(row)
                 print(row, flush=True)
     env = environment("cpu")
@@ -56,10 +61,12 @@ def main(argv=None) -> int:
         json.dump({"environment": env, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
     lines = [f"# CPU path at trained-network ranks: {env['device']}", "",
              f"torch {env['torch']}, {torch.get_num_threads()} threads, float32, batch {args.batch}, commit "
-             f"{env['git_commit'][:10]}; median of {args.repeats} calls after a warm-up.", "",
-             "| layer | R | layout | MAC ratio | dense ms | CP ms | speed-up | CPU plan |", "|---|---|---|---|---|---|---|---|"]
+             f"{env['git_commit'][:10]}; median of {args.repeats} calls after a warm-up; CPU plan mode "
+             f"{'measure' if cpu_plans.measuring() else 'model'}.", "",
+             "| layer | R | layout | MAC ratio | dense ms | CP ms | speed-up | CPU plan: cost rule | measured choice |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['layer']} | {r['rank']} | {r['layout']} | {r['mac_ratio']} | {r['dense_ms']} | {r['cp_ms']} | "
-              f"{r['speedup']}x | {r['plan']} |" for r in rows]
+              f"{r['speedup']}x | {r['plan']} | {r['measured_plan'] or ''} |" for r in rows]
     with open(os.path.join(args.out, "trained_ranks.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return 0

@@ -167,8 +167,9 @@ def to_markdown(rows: list[dict], env: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def network_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of the whole-network CPU benchmarks (this one and ``bench.cpu_plan_networks``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True)
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
@@ -176,6 +177,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = network_arguments(__doc__.splitlines()[0])
     parser.add_argument("--rank-multiple", type=int, default=8)
     parser.add_argument("--merge-both", action="store_true")
     args = parser.parse_args(argv)

@@ -31,6 +31,7 @@ from .module import CPConv2d
 from .module_tucker2 import TuckerConv2d
 from .ops import conv_args
 from .plans import gpu as gpu_plans
+from .plans import cpu as cpu_plans
 from .plans.cpu import plan as cpu_plan_of
 from .ops.reference import cp_conv2d_reference
 from .ops.tucker2_reference import tucker2_conv2d_reference
@@ -388,7 +389,13 @@ def main(argv=None) -> int:
         cpu_plan = asdict(cpu_plan_of(cpu_case.x, rank, shape.groups, shape.cout, layer.kernel_size, out_size,
                                       layer.dilation, needs_grad=False))
         print(f"\ncpu path: {cpu_plan['arrangement']} arrangement, batch chunks of {cpu_plan['chunk']} "
-              "(cpkernels/ops/cpu.py)")
+              "(cost rule; cpkernels/ops/cpu.py)")
+    decisions = list(cpu_plans.measured_plans().values())
+    if cpu_case is not None and decisions:  # the measured mode decided the cpu backend's calls (one signature)
+        decision = decisions[-1]
+        cpu_plan = {**(cpu_plan or {}), "measured_choice": asdict(decision.plan), "measured_us": decision.measured_us}
+        print(f"cpu plan, measured on this machine: {decision.plan.arrangement} ("
+              + ", ".join(f"{k} {v / 1e3:.3f} ms" for k, v in decision.measured_us.items()) + ")")
 
     reference = next(c for c in cases if c.backend == "reference")
     stages = stage_breakdown(reference, args.trace)

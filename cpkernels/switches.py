@@ -8,6 +8,10 @@ the plans all read them from here, so none of those has to import another for a 
 - ``CPKERNELS_GPU_PLAN=measure``: ``backend="auto"`` on CUDA times the candidate strategies of a new
   call signature once and keeps the fastest (like ``torch.backends.cudnn.benchmark``); the default
   ``model`` decides from the cost model alone. :data:`cpkernels.plans.gpu.MEASURE` overrides it.
+- ``CPKERNELS_CPU_PLAN=measure`` (the default): the CPU path times the dense conv against its staged
+  arrangement once per call signature and keeps the faster, so that a compressed layer is never slower
+  than the dense one on the machine it runs on; ``model`` decides from the CPU cost rule alone (no
+  timing, the same choice on every machine). :data:`cpkernels.plans.cpu.MEASURE` overrides it.
 """
 from __future__ import annotations
 
@@ -31,10 +35,20 @@ def autotune_enabled() -> bool:
 
 
 GPU_PLAN_MODES = ("model", "measure")
+CPU_PLAN_MODES = ("measure", "model")
+
+
+def _mode(variable: str, modes: tuple[str, ...]) -> str:
+    """The value of ``variable``, one of ``modes`` (the first is the default)."""
+    mode = os.environ.get(variable, modes[0])
+    if mode not in modes:
+        raise ValueError(f"{variable} must be one of {modes}, got {mode!r}")
+    return mode
 
 
 def gpu_plan_mode() -> str:
-    mode = os.environ.get("CPKERNELS_GPU_PLAN", "model")
-    if mode not in GPU_PLAN_MODES:
-        raise ValueError(f"CPKERNELS_GPU_PLAN must be one of {GPU_PLAN_MODES}, got {mode!r}")
-    return mode
+    return _mode("CPKERNELS_GPU_PLAN", GPU_PLAN_MODES)
+
+
+def cpu_plan_mode() -> str:
+    return _mode("CPKERNELS_CPU_PLAN", CPU_PLAN_MODES)

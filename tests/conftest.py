@@ -20,6 +20,17 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _cpu_plan_by_its_cost_rule(monkeypatch):
+    """The CPU plan's default measured mode times dense against the staged arrangement; tests see the cost
+    rule's choices instead, so that each arrangement they force is the one that runs. The measured mode's
+    own tests (tests/test_cpu_plan.py) turn it back on."""
+    from cpkernels.plans import cpu
+
+    monkeypatch.setattr(cpu, "MEASURE", False)
+    cpu.clear_cache()
+
+
+@pytest.fixture(autouse=True)
 def _ieee_fp32():
     """fp32 results are compared with float64 at fp32 tolerance, so TF32 (PyTorch's default for cuDNN
     convs, which the fused kernel follows) is off; tests that want it turn it on."""

@@ -12,7 +12,8 @@ def test_every_config_compiles_without_spills(arch):
     # x4: whole-rank and sliced paths, each on CP factors and on folded (Tucker-2) tap weights
     taps = 4 * (2 * len(fused.TILES_16BIT) + len(fused.TILES_FP32))
     rows_kernel = 2 * (2 * len(fused.ROWS_TILES_16BIT) + len(fused.ROWS_TILES_FP32))  # x2: vertical stride 1, 2
-    wide = 2 * len(fused.WIDE_TILES_16BIT) + len(fused.WIDE_TILES_FP32)
+    hopper_only = fused.WIDE_TILES_16BIT_SM90 if arch == "sm_90" else ()
+    wide = 2 * (len(fused.WIDE_TILES_16BIT) + len(hopper_only)) + len(fused.WIDE_TILES_FP32)
     assert len(rows) == taps + rows_kernel + wide
     for row in rows:
         assert set(row) == set(aot.REPORT_KEYS)

@@ -202,7 +202,8 @@ def _every_tile():
     """One param per tile of every tile table: (kernel, tile, dtype the table is for)."""
     params = []
     for kernel, tiles in (("taps", fused.TAPS_TILES), ("rows", fused.ROWS_TILES), ("wide", fused.WIDE_TILES)):
-        for table, dtype in ((tiles.tiles_16bit, torch.float16), (tiles.tiles_fp32, torch.float32)):
+        for table, dtype in ((tiles.tiles_16bit + tiles.tiles_16bit_sm90, torch.float16),
+                             (tiles.tiles_fp32, torch.float32)):
             for tile in table:
                 name = "-".join(f"{n}{v}" for n, v in zip(tiles.names + ("w", "s"), tile))
                 params.append(pytest.param(kernel, tile, dtype, id=f"{kernel}-{str(dtype)[6:]}-{name}"))
@@ -220,7 +221,7 @@ def test_every_tile_matches_oracle(monkeypatch, device, kernel_name, tile, dtype
     autotuner = {"taps": fused.cp_conv2d_fused_kernel, "rows": fused.cp_conv2d_rows_kernel,
                  "wide": fused.cp_conv2d_wide_kernel}[kernel_name]
     blocks = dict(zip(tiles.names, tile[:-2]))
-    monkeypatch.setattr(tiles, "for_dtype", lambda _dtype: (tile,))
+    monkeypatch.setattr(tiles, "for_dtype", lambda *_: (tile,))
     monkeypatch.setattr(autotuner, "configs", [triton.Config(blocks, num_warps=tile[-2], num_stages=tile[-1])])
     monkeypatch.setattr(autotuner, "cache", {})  # no best config remembered from another test
     monkeypatch.setattr(fused, "DEFAULT_KERNEL", kernel_name)
@@ -242,7 +243,7 @@ def test_autotune_switch(monkeypatch):
     import triton
 
     tiles = fused.TAPS_TILES
-    monkeypatch.setattr(tiles, "for_dtype", lambda _dtype: tiles.tiles_16bit)
+    monkeypatch.setattr(tiles, "for_dtype", lambda *_: tiles.tiles_16bit)
     configs = [triton.Config(dict(zip(tiles.names, t[:-2])), num_warps=t[-2], num_stages=t[-1])
                for t in tiles.tiles_16bit]
     big = {"x_ptr": torch.empty(1, dtype=torch.float16), "RANK": 200, "C_OUT_G": 256, "C_IN_G": 256}

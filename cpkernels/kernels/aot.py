@@ -82,25 +82,25 @@ def _sass_instructions(cubin: bytes) -> int:
     return len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+\S", out.stdout))
 
 
-def variants() -> list[tuple[str, str, tuple[int, ...], torch.dtype, dict]]:
-    """Every (config name, kernel name, tile, dtype, meta-parameters) the autotuners can launch."""
+def variants(arch: str = "sm_90") -> list[tuple[str, str, tuple[int, ...], torch.dtype, dict]]:
+    """Every (config name, kernel name, tile, dtype, meta-parameters) the autotuners can launch on ``arch``."""
     from . import cp_conv2d_fused as fused
 
     out = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        taps = fused.TILES_FP32 if dtype == torch.float32 else fused.TILES_16BIT
+        taps = fused.TAPS_TILES.tiles(dtype, ARCHS[arch])
         # FOLDED: the same loops on pre-folded per-tap weights (Tucker-2), without the CP tap scaling.
         for (bp, bc, br, bo, warps, stages), whole, folded in itertools.product(taps, (True, False), (False, True)):
             name = (f"taps_P{bp}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}_{'whole' if whole else 'sliced'}"
                     f"{'_folded' if folded else ''}")
             meta = {"BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo, "WHOLE_RANK": whole, "FOLDED": folded}
             out.append((name, "cp_conv2d_fused_kernel", (warps, stages), dtype, meta))
-        rows = fused.ROWS_TILES_FP32 if dtype == torch.float32 else fused.ROWS_TILES_16BIT
+        rows = fused.ROWS_TILES.tiles(dtype, ARCHS[arch])
         for (rows_, bw, bc, br, bo, warps, stages), sh in itertools.product(rows, (1, 2)):
             name = f"rows{rows_}_W{bw}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}_sh{sh}"
             meta = {"ROWS": rows_, "BLOCK_W": bw, "BLOCK_C": bc, "BLOCK_R": br, "BLOCK_O": bo, "STRIDE_H": sh}
             out.append((name, "cp_conv2d_rows_kernel", (warps, stages), dtype, meta))
-        wide = fused.WIDE_TILES_FP32 if dtype == torch.float32 else fused.WIDE_TILES_16BIT
+        wide = fused.WIDE_TILES.tiles(dtype, ARCHS[arch])
         for rows_, step, bw, bm, bc, br, bo, warps, stages in wide:
             name = f"wide{rows_}_S{step}_W{bw}_M{bm}_C{bc}_R{br}_O{bo}_w{warps}_s{stages}"
             ring, bw_in = fused.wide_geometry((3, 3), (1, 1), (1, 1), step, bw)
@@ -160,7 +160,7 @@ def compile_report(arch: str = "sm_90", kernels: Optional[tuple[str, ...]] = Non
             capture_output=True, text=True, check=True, env=env,
         )
         return json.loads(out.stdout)
-    jobs = [(name, kernel_name, launch, dtype, meta, arch) for name, kernel_name, launch, dtype, meta in variants()
+    jobs = [(name, kernel_name, launch, dtype, meta, arch) for name, kernel_name, launch, dtype, meta in variants(arch)
             if kernels is None or name.startswith(kernels)]
     # Each compile is a few seconds of one core: run them on every core.
     from concurrent.futures import ProcessPoolExecutor

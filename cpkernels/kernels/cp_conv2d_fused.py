@@ -69,22 +69,32 @@ class TileSet:
     A tile is the kernel's meta-parameters in ``names`` order, then ``num_warps`` and ``num_stages``.
     """
 
-    def __init__(self, names, tiles_16bit, tiles_fp32, tiles_interpreter):
+    def __init__(self, names, tiles_16bit, tiles_fp32, tiles_interpreter, tiles_16bit_sm90=()):
         self.names = names
         self.tiles_16bit, self.tiles_fp32, self.tiles_interpreter = tiles_16bit, tiles_fp32, tiles_interpreter
+        # 16-bit tiles that compile without spills only where the output GEMM's B operand is read from shared
+        # memory (Hopper's wgmma); sm_80's mma.sync holds it in registers and spills them.
+        self.tiles_16bit_sm90 = tiles_16bit_sm90
 
-    def for_dtype(self, dtype: torch.dtype) -> tuple[tuple[int, ...], ...]:
-        """The tiles autotuned for an input dtype (one large-block tile under the interpreter)."""
+    def tiles(self, dtype: torch.dtype, arch: int) -> tuple[tuple[int, ...], ...]:
+        """The tiles for an input dtype on a GPU of compute capability ``arch`` (e.g. 80, 90)."""
+        if dtype == torch.float32:
+            return self.tiles_fp32
+        return self.tiles_16bit + (self.tiles_16bit_sm90 if arch >= 90 else ())
+
+    def for_dtype(self, dtype: torch.dtype, device: Optional[torch.device] = None) -> tuple[tuple[int, ...], ...]:
+        """The tiles autotuned for an input dtype on ``device`` (one large-block tile under the interpreter)."""
         if triton_interpreter_enabled():
             return self.tiles_interpreter
-        return self.tiles_fp32 if dtype == torch.float32 else self.tiles_16bit
+        major, minor = torch.cuda.get_device_capability(device) if device is not None else (8, 0)
+        return self.tiles(dtype, 10 * major + minor)
 
     def configs(self) -> list[triton.Config]:
-        """Every config the autotuner may try; :meth:`prune` keeps the input dtype's."""
+        """Every config the autotuner may try; :meth:`prune` keeps the input dtype's and device's."""
         if triton_interpreter_enabled():
             tiles = self.tiles_interpreter
         else:
-            tiles = dict.fromkeys(self.tiles_16bit + self.tiles_fp32)
+            tiles = dict.fromkeys(self.tiles_16bit + self.tiles_16bit_sm90 + self.tiles_fp32)
         return [
             triton.Config(dict(zip(self.names, t[:-2])), num_warps=t[-2], num_stages=t[-1]) for t in tiles
         ]
@@ -95,7 +105,8 @@ class TileSet:
     def prune(self, configs, named_args, whole_rank: bool = False):
         """The dtype's tiles (those whose BLOCK_R covers the rank, if ``whole_rank``), minus tiles far wider
         than the problem: they only add masked work."""
-        wanted = set(self.for_dtype(named_args["x_ptr"].dtype))
+        x = named_args["x_ptr"]
+        wanted = set(self.for_dtype(x.dtype, x.device if x.is_cuda else None))
         rank = named_args["RANK"]
         configs = [
             c for c in configs if self.tile_of(c) in wanted and (not whole_rank or c.kwargs["BLOCK_R"] >= rank)
@@ -505,7 +516,13 @@ WIDE_TILES_16BIT = (
     (16, 4, 16, 64, 32, 64, 128, 8, 2),
     (8, 4, 16, 64, 64, 64, 128, 8, 2),
     (8, 2, 32, 64, 32, 64, 128, 8, 2),
+    # One step per band (the ring is the band), 128-pixel output GEMMs: the factors are re-read per 128
+    # pixels instead of 64, and stage 1 runs in whole 128-pixel tiles (docs/kernel.md, the wide kernel).
+    (8, 8, 16, 128, 32, 16, 128, 8, 2),
 )
+# The same with 256 output channels per block (the ring read half as often at 512 channels); its
+# [128, 256] fp32 accumulator compiles without spills on sm_90 only.
+WIDE_TILES_16BIT_SM90 = ((8, 8, 16, 128, 32, 16, 256, 8, 2),)
 WIDE_TILES_FP32 = (
     (8, 4, 16, 64, 32, 32, 128, 8, 2),
     (16, 4, 16, 64, 32, 32, 128, 8, 2),
@@ -516,7 +533,7 @@ WIDE_TILES_INTERPRETER = ((4, 2, 8, 64, 32, 64, 64, 4, 1),)
 
 WIDE_TILES = TileSet(
     ("ROWS", "STEP", "BLOCK_W", "BLOCK_M", "BLOCK_C", "BLOCK_R", "BLOCK_O"),
-    WIDE_TILES_16BIT, WIDE_TILES_FP32, WIDE_TILES_INTERPRETER,
+    WIDE_TILES_16BIT, WIDE_TILES_FP32, WIDE_TILES_INTERPRETER, WIDE_TILES_16BIT_SM90,
 )
 
 
@@ -859,7 +876,8 @@ def _launch_wide(args, strides, flags, dims, stride, padding, dilation, force_in
         programs = wide_programs(wide_work(n, oh, ow, meta["ROWS"], meta["BLOCK_W"]), x.device)
         return programs * groups * ring * bw_in * rank
 
-    scratch = torch.empty(max(ring_elements(t) for t in WIDE_TILES.for_dtype(x.dtype)),
+    tiles = WIDE_TILES.for_dtype(x.dtype, x.device if x.is_cuda else None)
+    scratch = torch.empty(max(ring_elements(t) for t in tiles),
                           dtype=torch.float32, device=x.device)
     use_int64 = force_int64 or needs_int64(x, y, scratch)
 

@@ -15,8 +15,9 @@ What profiling the four-stage reference on a 2-core x86 CPU showed (``python -m 
   intermediates take the im2col conv with a block-diagonal weight (:func:`depthwise_by_im2col`).
 - Layers with a few input channels and CP ranks near them (a 3->64 conv at rank 16, say) save few
   MACs, and the CP form moves more bytes than the dense conv (it writes and re-reads two rank-R
-  intermediates). There a rough CPU cost model (:func:`cpkernels.plans.cpu.dense_is_cheaper`)
-  picks the dense conv with the reconstructed weight, which computes the same function.
+  intermediates). There the dense conv with the reconstructed weight, which computes the same
+  function, is faster: the CPU plan times both on a signature's first call and keeps the faster
+  (:func:`cpkernels.plans.cpu.choose`; or a fixed cost rule, :func:`cpkernels.plans.cpu.dense_is_cheaper`).
 - 16-bit inputs run in fp32 and the output is rounded once. On the 2-core AMD EPYC (no native bf16
   arithmetic) bf16 CP layers ran 10-16x slower than the same layer in fp32 (batch 8: 256->256 @28^2
   at R = 256, 765 ms against 75 ms with the casts; 128->128 @56^2 at R = 32, 396 ms against 30 ms),
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from ..plans import cpu as cpu_plan
 from .conv_args import output_size
-from .reference import cp_conv2d_dense_weight, upcast_16bit
+from .reference import cp_conv2d_dense_weight, cp_conv2d_reference, upcast_16bit
 
 
 def merged_depthwise_weight(vertical_factor: Tensor, horizontal_factor: Tensor) -> Tensor:
@@ -112,22 +113,58 @@ def cp_conv2d_cpu(
     padding: Sequence[int],
     dilation: Sequence[int],
 ) -> Tensor:
-    """CP conv of a 4-D ``x`` on the CPU; ``padding`` is ``(top, bottom, left, right)`` zero padding."""
+    """CP conv of a 4-D ``x`` on the CPU; ``padding`` is ``(top, bottom, left, right)`` zero padding. The
+    CPU plan picks dense or the staged arrangement (:func:`cpkernels.plans.cpu.choose`)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         up = upcast_16bit(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias)
         return cp_conv2d_cpu(*up, stride, padding, dilation).to(x.dtype)
+    factors = (input_factor, vertical_factor, horizontal_factor, output_factor, bias)
+    groups, _, rank = input_factor.shape
+    kernel_size = (vertical_factor.shape[1], horizontal_factor.shape[1])
+    cout = output_factor.shape[0] * output_factor.shape[1]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *factors))
+    key = cpu_plan.call_key(x, rank, groups, cout, kernel_size, stride, padding, dilation, needs_grad)
+    how = cpu_plan.decided(key)  # a signature the measured mode has timed: nothing more to work out
+    if how is None:
+        out_size = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
+        dims = (x, rank, groups, cout, kernel_size, out_size, dilation, needs_grad)
+        staged = cpu_plan.staged_plan(*dims)
+
+        def run(name: str) -> Tensor:
+            if name == "reference":
+                return cp_conv2d_reference(x, *factors, stride, padding, dilation)
+            plan = staged if name == staged.arrangement else cpu_plan.Plan(cpu_plan.DENSE, x.shape[0])
+            return cp_conv2d_arranged(plan, x, *factors, stride, padding, dilation)
+
+        modeled = cpu_plan.Plan(cpu_plan.DENSE, x.shape[0]) if cpu_plan.dense_is_cheaper(
+            x, rank, groups, cout, kernel_size, out_size) else staged
+        how = cpu_plan.choose(key, modeled, staged, run, x.dtype, needs_grad)
+    return cp_conv2d_arranged(how, x, *factors, stride, padding, dilation)
+
+
+def cp_conv2d_arranged(
+    how: cpu_plan.Plan,
+    x: Tensor,
+    input_factor: Tensor,
+    vertical_factor: Tensor,
+    horizontal_factor: Tensor,
+    output_factor: Tensor,
+    bias: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """The CP conv of a 4-D fp32/fp64 ``x`` computed the way ``how`` says."""
     groups, _, rank = input_factor.shape
     pt, pb, pl, pr = padding
     kernel_size = (vertical_factor.shape[1], horizontal_factor.shape[1])
     cout = output_factor.shape[0] * output_factor.shape[1]
     symmetric = pt == pb and pl == pr
     out_size = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
-    tensors = (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    how = cpu_plan.plan(x, rank, groups, cout, kernel_size, out_size, dilation, needs_grad)
 
-    if how.arrangement == "dense-weight":
-        return cp_conv2d_dense_weight(x, *tensors[1:], stride, padding, dilation)
+    if how.arrangement == cpu_plan.DENSE:
+        return cp_conv2d_dense_weight(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias,
+                                      stride, padding, dilation)
 
     w_dw = merged_depthwise_weight(vertical_factor, horizontal_factor)
     sym_pad = (pt, pl) if symmetric else (0, 0)

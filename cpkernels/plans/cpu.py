@@ -1,15 +1,37 @@
 """The CPU path's plan: which arrangement of the CP stages (or the dense conv of the reconstructed
 weight) runs one call on the CPU, and in what batch chunks. The stages themselves are in
 :mod:`cpkernels.ops.cpu`, whose docstring says what profiling showed for each choice.
+
+Dense or staged is decided in one of two ways (``CPKERNELS_CPU_PLAN``, or :data:`MEASURE`):
+
+- ``measure`` (the default): the first call of each signature (shape, dtype, layout, rank, layer
+  dimensions, whether it needs gradients, torch's thread count) times the dense conv and the staged
+  arrangement, after checking both against the reference stages, and keeps the faster for that
+  signature (:func:`choose`). A compressed layer is then never slower than the dense conv it replaced
+  on the machine it runs on, beyond timing noise: the cost rule below missed layers on one machine
+  (CP at R = C on 256->256 stride 2 @28^2 ran 0.84x dense in one run and 1.66x in another; ResNet-18
+  at batch 1 ran 0.61-0.75x dense end to end), and no fixed constant fits every CPU.
+- ``model``: the cost rule alone (:func:`dense_is_cheaper`), with no timing: the same choice on every
+  machine and on every run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from ..ops.conv_args import is_channels_last
+from ..switches import cpu_plan_mode
+from .measured import measure
+
+# Overridden by tests and users: True times dense against the staged arrangement, False takes the cost rule.
+MEASURE: Optional[bool] = None
+
+
+def measuring() -> bool:
+    return MEASURE if MEASURE is not None else cpu_plan_mode() == "measure"
 
 # The im2col depthwise conv: for at most this many intermediate channels (it does channels times the
 # depthwise MACs), and while its column buffer (kh*kw times the output) stays under this size; past
@@ -114,12 +136,21 @@ class Plan:
     chunk: int
 
 
+DENSE = "dense-weight"
+
+
 def plan(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size, dilation, needs_grad: bool) -> Plan:
-    """The CPU path's choice for ``x`` (4-D) and a layer of these dimensions; see the module docstring."""
+    """The cost rule's choice for ``x`` (4-D) and a layer of these dimensions; see the module docstring."""
+    if dense_is_cheaper(x, rank, groups, cout, kernel_size, out_size):
+        return Plan(DENSE, x.shape[0])
+    return staged_plan(x, rank, groups, cout, kernel_size, out_size, dilation, needs_grad)
+
+
+def staged_plan(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size, dilation,
+                needs_grad: bool) -> Plan:
+    """The arrangement of the CP stages for ``x`` (4-D) and a layer of these dimensions."""
     n, _, h, w = x.shape
     es = x.element_size()
-    if dense_is_cheaper(x, rank, groups, cout, kernel_size, out_size):
-        return Plan("dense-weight", n)
     if is_channels_last(x):
         if groups == 1 and depthwise_by_im2col(n, rank, kernel_size, out_size, dilation, es):
             return Plan("channels-last-im2col", n)
@@ -133,3 +164,59 @@ def plan(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size, di
     return Plan("nchw", chunk)
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Measured mode
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MeasuredPlan:
+    """What the measured mode kept for one call signature, with the median microseconds of each candidate."""
+
+    plan: Plan
+    measured_us: dict[str, float] = field(default_factory=dict)
+
+
+_CACHE: dict[tuple, MeasuredPlan] = {}
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def call_key(x: Tensor, rank, groups: int, cout: int, kernel_size, stride, padding, dilation, needs_grad: bool) -> tuple:
+    """Everything that changes the measured choice (the thread count changes the libraries' speed)."""
+    return (tuple(x.shape), x.dtype, is_channels_last(x), rank, groups, cout, tuple(kernel_size), tuple(stride),
+            tuple(padding), tuple(dilation), needs_grad, torch.get_num_threads())
+
+
+def choose(key: tuple, modeled: Plan, staged: Plan, run: Callable[[str], Tensor], dtype: torch.dtype,
+           needs_grad: bool) -> Plan:
+    """The plan a call runs: ``modeled`` (the cost rule's) unless :func:`measuring`; then the faster of
+    the dense conv and ``staged`` on this machine, timed when ``key`` is first seen and cached.
+
+    ``run(name)`` computes the call by ``"reference"`` (the reference stages, the check), ``"dense-weight"``
+    or ``staged.arrangement``. A call that needs gradients is timed with autograd on: its dense candidate
+    then rebuilds the weight each run, as it will in training (without, the weight is reused)."""
+    if not measuring():
+        return modeled
+    cached = _CACHE.get(key)
+    if cached is None:
+        with torch.set_grad_enabled(needs_grad):
+            times = measure(run, (DENSE, staged.arrangement), dtype, reference="reference")
+        fastest = min(times, key=times.get)
+        cached = _CACHE[key] = MeasuredPlan(Plan(DENSE, staged.chunk) if fastest == DENSE else staged, times)
+    return cached.plan
+
+
+def decided(key: tuple) -> Optional[Plan]:
+    """The measured mode's plan for ``key`` if it has timed it, else None (the caller works it out)."""
+    if not measuring():
+        return None
+    cached = _CACHE.get(key)
+    return None if cached is None else cached.plan
+
+
+def measured_plans() -> dict[tuple, MeasuredPlan]:
+    """The measured mode's decisions so far, by call signature (a copy)."""
+    return dict(_CACHE)

@@ -27,6 +27,7 @@ import torch
 
 from ..cost import ConvShape
 from ..switches import gpu_plan_mode
+from .measured import AGREEMENT, measure  # noqa: F401  (AGREEMENT: part of this module's surface)
 
 # The strategies, in the order the plan lists them. Every one computes F.conv2d with the reconstructed
 # weight, up to rounding (the tests compare each with a float64 oracle).
@@ -69,6 +70,7 @@ class GPUSpec:
     # Assumptions (no datasheet figure): L2 read bandwidth, and the GPU-side cost of one launch.
     l2_bytes_per_s: float
     launch_s: float = 3e-6
+    arch: int = 90  # compute capability: which fused-kernel tiles compile for it (cp_conv2d_fused.TileSet)
 
     def tensor_flops(self, dtype: torch.dtype, tf32: bool) -> float:
         if dtype == torch.float32:
@@ -79,8 +81,8 @@ class GPUSpec:
 GPUS = {
     "h100": GPUSpec("NVIDIA H100 SXM", 3.35e12, 989e12, 494e12, 67e12, 132, 50 << 20, 7e12),
     "h200": GPUSpec("NVIDIA H200", 4.8e12, 989e12, 494e12, 67e12, 132, 50 << 20, 7e12),
-    "a100": GPUSpec("NVIDIA A100 SXM", 2.04e12, 312e12, 156e12, 19.5e12, 108, 40 << 20, 4e12),
-    "l4": GPUSpec("NVIDIA L4", 0.3e12, 121e12, 60e12, 30e12, 58, 48 << 20, 1.5e12),
+    "a100": GPUSpec("NVIDIA A100 SXM", 2.04e12, 312e12, 156e12, 19.5e12, 108, 40 << 20, 4e12, arch=80),
+    "l4": GPUSpec("NVIDIA L4", 0.3e12, 121e12, 60e12, 30e12, 58, 48 << 20, 1.5e12, arch=89),
 }
 
 
@@ -103,7 +105,8 @@ def spec_for_device(device: torch.device) -> GPUSpec:
             return spec
     base = GPUS["h100"]
     return GPUSpec(props.name, base.hbm_bytes_per_s, base.tensor_flops_16bit, base.tensor_flops_tf32,
-                   base.fp32_flops, props.multi_processor_count, base.l2_bytes, base.l2_bytes_per_s)
+                   base.fp32_flops, props.multi_processor_count, base.l2_bytes, base.l2_bytes_per_s,
+                   arch=10 * props.major + props.minor)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,21 +212,38 @@ def cost_taps(s: ConvShape, rank: int, es: int, tile: tuple, precise: bool = Fal
                 simt_flops=2 * taps, programs=programs, tile=tile)
 
 
+# What one program may expect to keep in an SM's L1 between re-reads of the same tile (an assumption of the
+# model: half the 256 KB an H100 or A100 SM shares between L1 and shared memory).
+L1_ALLOWANCE = 128 << 10
+
+
 def cost_wide(s: ConvShape, rank: int, es: int, tile: tuple, sms: int, l2_capacity: int,
               precise: bool = False) -> Cost:
+    """Counted as the kernel runs: per band of ``ROWS`` output rows (the last one shorter), the first step
+    computes the ring's ``RING`` input rows and each later step ``STEP * stride`` new ones, each in
+    ``BLOCK_M``-pixel tiles (masked pixels still run on the tensor cores); every step computes
+    ``STEP x BLOCK_W`` output pixels per output-channel block."""
     rows, step, bw, bm, _bc, br, bo = tile[:7]
     (kh, kw), (sh, sw), (dh, dw) = s.kernel, s.stride2, s.dilation2
     oh, ow = s.out_size
     cin_g, cout_g = s.cin // s.groups, s.cout // s.groups
     ring = (step - 1) * sh + (kh - 1) * dh + 1
     bw_in = (bw - 1) * sw + (kw - 1) * dw + 1
-    work = s.batch * _cdiv(oh, rows) * _cdiv(ow, bw)
-    steps = _cdiv(rows, step)
-    ring_rows = (steps * step - 1) * sh + (kh - 1) * dh + 1  # input rows one band computes
+    strips = s.batch * _cdiv(ow, bw)  # (image, column strip) pairs
+    work = strips * _cdiv(oh, rows)
+
+    def tiled(pixels: int) -> int:
+        return _cdiv(pixels, bm) * bm
+
+    ring_tiles = out_steps = 0  # per (image, strip): stage-1 pixels computed, and output steps
+    for band_start in range(0, oh, rows):
+        steps = _cdiv(min(rows, oh - band_start), step)
+        ring_tiles += tiled(ring * bw_in) + (steps - 1) * tiled(step * sh * bw_in)
+        out_steps += steps
     r_pad = _cdiv(rank, br) * br
     o_blocks = _cdiv(cout_g, bo)
-    ring_pixels = s.groups * work * _cdiv(ring_rows * bw_in, bm) * bm
-    out_pixels = s.groups * work * steps * step * bw
+    ring_pixels = s.groups * strips * ring_tiles
+    out_pixels = s.groups * strips * out_steps * step * bw
     first = ring_pixels * cin_g * r_pad
     out = out_pixels * r_pad * o_blocks * bo * (2 if precise else 1)
     depthwise = out_pixels * o_blocks * kh * kw * r_pad  # z is rebuilt from the ring per output block
@@ -231,18 +251,20 @@ def cost_wide(s: ConvShape, rank: int, es: int, tile: tuple, sms: int, l2_capaci
     ring_bytes = 4 * rank * ring * bw_in * programs  # the rings live at once
     scratch = 4 * rank * (ring_pixels + out_pixels * o_blocks * ring / step)  # written, and read from L2
     factors = es * (ring_pixels // bm * cin_g * r_pad + out_pixels // (step * bw) * o_blocks * bo * r_pad)
+    # Stage 1 reads a tile's input pixels once per rank slice; past the L1 allowance the re-reads come from L2.
+    x_tile = bm * cin_g * es
+    x_reads = es * ring_pixels * cin_g * (_cdiv(rank, br) - 1) if x_tile > L1_ALLOWANCE else 0
     hbm = s.minimal_bytes(es) + _factor_bytes(s, rank, es)
-    if ring_bytes > l2_capacity:  # the rings no longer fit L2: their traffic reaches HBM
+    if ring_bytes > 0.75 * l2_capacity:  # the rings crowd L2 (x, y and factors stream through it): to HBM
         hbm += scratch
-    return Cost(2 * (first + out), hbm, l2_bytes=scratch + factors, simt_flops=2 * depthwise,
+    return Cost(2 * (first + out), hbm, l2_bytes=scratch + factors + x_reads, simt_flops=2 * depthwise,
                 programs=programs, tile=tile)
 
 
-def _tiles(kernel: str, dtype: torch.dtype):
+def _tiles(kernel: str, dtype: torch.dtype, arch: int):
     from ..kernels import cp_conv2d_fused as fused
 
-    tiles = {"rows": fused.ROWS_TILES, "taps": fused.TAPS_TILES, "wide": fused.WIDE_TILES}[kernel]
-    return tiles.tiles_fp32 if dtype == torch.float32 else tiles.tiles_16bit
+    return {"rows": fused.ROWS_TILES, "taps": fused.TAPS_TILES, "wide": fused.WIDE_TILES}[kernel].tiles(dtype, arch)
 
 
 def candidate_costs(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, tf32: bool) -> dict[str, Cost]:
@@ -254,14 +276,14 @@ def candidate_costs(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, 
         return costs
 
     def best(kernel, model, tiles=None):
-        tiles = _tiles(kernel, dtype) if tiles is None else tiles
+        tiles = _tiles(kernel, dtype, spec.arch) if tiles is None else tiles
         return min((model(t) for t in tiles), key=lambda c: c.seconds(spec, dtype, tf32))
 
     from ..kernels.cp_conv2d_fused import rows_kernel_applies
 
     precise = dtype != torch.float32  # as the launcher sets PRECISE
 
-    rows_tiles = [t for t in _tiles("rows", dtype) if t[3] >= rank]  # its window holds the whole rank
+    rows_tiles = [t for t in _tiles("rows", dtype, spec.arch) if t[3] >= rank]  # its window holds the whole rank
     if rows_tiles and rows_kernel_applies(s.kernel, s.stride2, s.dilation2, rank, rank):
         costs["fused-rows"] = best("rows", lambda t: cost_rows(s, rank, es, t, precise), rows_tiles)
     costs["fused-taps"] = best("taps", lambda t: cost_taps(s, rank, es, t, precise))
@@ -286,7 +308,7 @@ def tucker2_candidate_costs(s: ConvShape, rank: tuple[int, int], dtype: torch.dt
     if dtype == torch.float64:
         return costs
     precise = dtype != torch.float32
-    best = min((cost_taps(s, r_out, es, t, precise, folded=True) for t in _tiles("taps", dtype)),
+    best = min((cost_taps(s, r_out, es, t, precise, folded=True) for t in _tiles("taps", dtype, spec.arch)),
                key=lambda c: c.seconds(spec, dtype, tf32))
     costs["fused-taps"] = Cost(best.flops + 2 * fold, best.hbm_bytes, best.l2_bytes, best.simt_flops,
                                best.launches + 1, best.programs, best.tile)
@@ -370,44 +392,6 @@ def choose(x: torch.Tensor, rank, groups: int, cout: int, kernel_size, stride, p
         planned = GPUPlan(planned.gpu, min(measured, key=measured.get), planned.modeled_us, measured)
     _CACHE[key] = planned
     return planned
-
-
-# Largest difference from the four-stage path, relative to its largest |value|, that a candidate may show
-# before the measured mode refuses it (an error, not a silent pick): fp32 loose enough for TF32.
-AGREEMENT = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-9}
-
-
-def measure(run: Callable[[str], torch.Tensor], candidates: tuple[str, ...], dtype: torch.dtype,
-            timer: Optional[Callable[[Callable], float]] = None, reference: str = "four-stage") -> dict[str, float]:
-    """Median microseconds of every candidate, after checking each against the ``reference`` strategy (the
-    staged PyTorch path)."""
-    expected = run(reference).float()
-    scale = max(expected.abs().max().item(), 1e-6) if expected.numel() else 1.0
-    times = {}
-    for strategy in candidates:
-        y = run(strategy)
-        diff = (y.float() - expected).abs().max().item() if y.numel() else 0.0
-        if not diff <= AGREEMENT[dtype] * scale:
-            raise RuntimeError(f"GPU plan: {strategy} differs from the {reference} path by {diff:.3g} "
-                               f"(scale {scale:.3g}); not choosing it")
-        times[strategy] = round((timer or _time)(lambda s=strategy: run(s)) * 1e6, 2)
-    return times
-
-
-def _time(fn: Callable) -> float:
-    """Median seconds of ``fn()`` on the current device."""
-    if torch.cuda.is_available():
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e-3
-    import time
-
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return sorted(samples)[1]
 
 
 def per_pixel(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, tf32: bool = True) -> dict:

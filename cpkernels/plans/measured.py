@@ -1,0 +1,50 @@
+"""Measured choices, shared by the CPU and the GPU plans: run every candidate once, check that it computes
+what a reference computes, time it, and let the caller keep the fastest (``torch.backends.cudnn.benchmark``
+does the same for cuDNN's algorithms). A candidate that disagrees is an error, never a silent pick.
+"""
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+
+# Largest difference from the reference, relative to its largest |value|, that a candidate may show before
+# it is refused: fp32 loose enough for TF32 on a GPU.
+AGREEMENT = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-9}
+
+
+def measure(run: Callable[[str], torch.Tensor], candidates: tuple[str, ...], dtype: torch.dtype,
+            timer: Optional[Callable[[Callable], float]] = None, reference: str = "four-stage") -> dict[str, float]:
+    """Median microseconds of every candidate, after checking each against ``run(reference)``. ``timer``
+    gets ``partial(run, candidate)`` and returns seconds."""
+    expected = run(reference).float()
+    timer = timer or (cuda_median_seconds if expected.is_cuda else median_seconds)
+    scale = max(expected.abs().max().item(), 1e-6) if expected.numel() else 1.0
+    times = {}
+    for strategy in candidates:
+        y = run(strategy)  # also the warm-up: first-touch page faults and one-off set-up fall outside the timing
+        diff = (y.float() - expected).abs().max().item() if y.numel() else 0.0
+        if not diff <= AGREEMENT[dtype] * scale:
+            raise RuntimeError(f"{strategy} differs from the {reference} path by {diff:.3g} "
+                               f"(scale {scale:.3g}); not choosing it")
+        times[strategy] = round(timer(partial(run, strategy)) * 1e6, 2)
+    return times
+
+
+def cuda_median_seconds(fn: Callable) -> float:
+    """Median seconds of ``fn()`` on the current CUDA device (Triton's ``do_bench``: CUDA events, L2 flushed)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e-3
+
+
+def median_seconds(fn: Callable) -> float:
+    """Median wall-clock seconds of five runs of ``fn()`` (CPU work)."""
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2]
