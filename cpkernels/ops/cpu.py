@@ -128,17 +128,16 @@ def cp_conv2d_cpu(
     if how is None:
         out_size = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
         dims = (x, rank, groups, cout, kernel_size, out_size, dilation, needs_grad)
-        staged = cpu_plan.staged_plan(*dims)
+        dense, staged = cpu_plan.Plan(cpu_plan.DENSE, x.shape[0]), cpu_plan.staged_plan(*dims)
 
         def run(name: str) -> Tensor:
             if name == "reference":
                 return cp_conv2d_reference(x, *factors, stride, padding, dilation)
-            plan = staged if name == staged.arrangement else cpu_plan.Plan(cpu_plan.DENSE, x.shape[0])
-            return cp_conv2d_arranged(plan, x, *factors, stride, padding, dilation)
+            return cp_conv2d_arranged(staged if name == staged.arrangement else dense, x, *factors, stride, padding,
+                                      dilation)
 
-        modeled = cpu_plan.Plan(cpu_plan.DENSE, x.shape[0]) if cpu_plan.dense_is_cheaper(
-            x, rank, groups, cout, kernel_size, out_size) else staged
-        how = cpu_plan.choose(key, modeled, staged, run, x.dtype, needs_grad)
+        modeled = dense if cpu_plan.dense_is_cheaper(x, rank, groups, cout, kernel_size, out_size) else staged
+        how = cpu_plan.choose(key, modeled, dense, staged, run, x.dtype, needs_grad)
     return cp_conv2d_arranged(how, x, *factors, stride, padding, dilation)
 
 

@@ -124,7 +124,7 @@ def tucker2_conv2d_cpu(
             return _tucker2_arranged(staged if name == STAGES else dense, x, *factors, stride, padding, dilation)
 
         dense_cheaper = cpu_plan.tucker2_dense_is_cheaper(x, (r_out, r_in), groups, cout, kernel_size, out_size)
-        how = cpu_plan.choose(key, dense if dense_cheaper else staged, staged, run, x.dtype, needs_grad)
+        how = cpu_plan.choose(key, dense if dense_cheaper else staged, dense, staged, run, x.dtype, needs_grad)
     return _tucker2_arranged(how, x, *factors, stride, padding, dilation)
 
 

@@ -26,13 +26,6 @@ from ..ops.conv_args import is_channels_last
 from ..switches import cpu_plan_mode
 from .measured import measure
 
-# Overridden by tests and users: True times dense against the staged arrangement, False takes the cost rule.
-MEASURE: Optional[bool] = None
-
-
-def measuring() -> bool:
-    return MEASURE if MEASURE is not None else cpu_plan_mode() == "measure"
-
 # The im2col depthwise conv: for at most this many intermediate channels (it does channels times the
 # depthwise MACs), and while its column buffer (kh*kw times the output) stays under this size; past
 # it, first-touch page faults of the buffer cost more than the idle vector lanes (a 5x5 at rank 1 on
@@ -177,7 +170,13 @@ class MeasuredPlan:
     measured_us: dict[str, float] = field(default_factory=dict)
 
 
+# Overridden by tests and users: True times dense against the staged arrangement, False takes the cost rule.
+MEASURE: Optional[bool] = None
 _CACHE: dict[tuple, MeasuredPlan] = {}
+
+
+def measuring() -> bool:
+    return MEASURE if MEASURE is not None else cpu_plan_mode() == "measure"
 
 
 def clear_cache() -> None:
@@ -190,22 +189,22 @@ def call_key(x: Tensor, rank, groups: int, cout: int, kernel_size, stride, paddi
             tuple(padding), tuple(dilation), needs_grad, torch.get_num_threads())
 
 
-def choose(key: tuple, modeled: Plan, staged: Plan, run: Callable[[str], Tensor], dtype: torch.dtype,
-           needs_grad: bool) -> Plan:
+def choose(key: tuple, modeled: Plan, dense: Plan, staged: Plan, run: Callable[[str], Tensor],
+           dtype: torch.dtype, needs_grad: bool) -> Plan:
     """The plan a call runs: ``modeled`` (the cost rule's) unless :func:`measuring`; then the faster of
-    the dense conv and ``staged`` on this machine, timed when ``key`` is first seen and cached.
+    ``dense`` and ``staged`` on this machine, timed when ``key`` is first seen and cached.
 
-    ``run(name)`` computes the call by ``"reference"`` (the reference stages, the check), ``"dense-weight"``
-    or ``staged.arrangement``. A call that needs gradients is timed with autograd on: its dense candidate
+    ``run(name)`` computes the call by ``"reference"`` (the reference stages, the check) or by one of the
+    two plans' arrangements. A call that needs gradients is timed with autograd on: its dense candidate
     then rebuilds the weight each run, as it will in training (without, the weight is reused)."""
     if not measuring():
         return modeled
     cached = _CACHE.get(key)
     if cached is None:
         with torch.set_grad_enabled(needs_grad):
-            times = measure(run, (DENSE, staged.arrangement), dtype, reference="reference")
-        fastest = min(times, key=times.get)
-        cached = _CACHE[key] = MeasuredPlan(Plan(DENSE, staged.chunk) if fastest == DENSE else staged, times)
+            times = measure(run, (dense.arrangement, staged.arrangement), dtype, reference="reference")
+        fastest = dense if times[dense.arrangement] < times[staged.arrangement] else staged
+        cached = _CACHE[key] = MeasuredPlan(fastest, times)
     return cached.plan
 
 
