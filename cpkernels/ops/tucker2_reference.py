@@ -133,6 +133,7 @@ STAGES = "stages"  # the CPU plan's one staged arrangement of a Tucker-2 call
 
 def _tucker2_arranged(how, x: Tensor, input_factor: Tensor, core: Tensor, output_factor: Tensor,
                       bias: Optional[Tensor], stride, padding, dilation) -> Tensor:
+    """The Tucker-2 conv of a 4-D fp32/fp64 ``x`` computed the way ``how`` says."""
     if how.arrangement == cpu_plan.DENSE:
         return tucker2_conv2d_dense_weight(x, input_factor, core, output_factor, bias, stride, padding, dilation)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
