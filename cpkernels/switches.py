@@ -9,9 +9,10 @@ the plans all read them from here, so none of those has to import another for a 
   call signature once and keeps the fastest (like ``torch.backends.cudnn.benchmark``); the default
   ``model`` decides from the cost model alone. :data:`cpkernels.plans.gpu.MEASURE` overrides it.
 - ``CPKERNELS_CPU_PLAN=measure`` (the default): the CPU path times the dense conv against its staged
-  arrangement once per call signature and keeps the faster, so that a compressed layer is never slower
-  than the dense one on the machine it runs on; ``model`` decides from the CPU cost rule alone (no
-  timing, the same choice on every machine). :data:`cpkernels.plans.cpu.MEASURE` overrides it.
+  arrangement once per call signature and keeps the faster on the machine it runs on; ``model``
+  decides from the CPU cost rule alone (no timing, the same choice on every machine), and is what an
+  unset variable means under ``torch.use_deterministic_algorithms(True)``.
+  :data:`cpkernels.plans.cpu.MEASURE` overrides it.
 """
 from __future__ import annotations
 

@@ -157,6 +157,19 @@ def test_plan_mode_switch(monkeypatch):
         cpu_plan.measuring()
 
 
+def test_deterministic_algorithms_turn_the_default_measuring_off(monkeypatch):
+    monkeypatch.setattr(cpu_plan, "MEASURE", None)
+    monkeypatch.delenv("CPKERNELS_CPU_PLAN", raising=False)
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not cpu_plan.measuring()
+        monkeypatch.setenv("CPKERNELS_CPU_PLAN", "measure")  # asked for by name: measured all the same
+        assert cpu_plan.measuring()
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
 # The dense arrangement reuses its reconstructed weight between calls that need no gradient.
 def _dense_call(factors, x, bias=None):
     from cpkernels.ops.reference import cp_conv2d_dense_weight

@@ -7,15 +7,18 @@ Dense or staged is decided in one of two ways (``CPKERNELS_CPU_PLAN``, or :data:
 - ``measure`` (the default): the first call of each signature (shape, dtype, layout, rank, layer
   dimensions, whether it needs gradients, torch's thread count) times the dense conv and the staged
   arrangement, after checking both against the reference stages, and keeps the faster for that
-  signature (:func:`choose`). A compressed layer is then never slower than the dense conv it replaced
-  on the machine it runs on, beyond timing noise: the cost rule below missed layers on one machine
-  (CP at R = C on 256->256 stride 2 @28^2 ran 0.84x dense in one run and 1.66x in another; ResNet-18
-  at batch 1 ran 0.61-0.75x dense end to end), and no fixed constant fits every CPU.
+  signature (:func:`choose`). A compressed layer then runs the faster of its two forms on the machine
+  it runs on, up to timing noise; against the ``nn.Conv2d`` it replaced it also pays this package's
+  per-call Python work (README: tens of microseconds, which tells at batch 1). The cost rule below
+  missed layers on one machine (CP at R = C on 256->256 stride 2 @28^2 ran 0.84x dense in one run and
+  1.66x in another; ResNet-18 at batch 1 ran 0.61-0.75x dense end to end), and no fixed constant fits
+  every CPU.
 - ``model``: the cost rule alone (:func:`dense_is_cheaper`), with no timing: the same choice on every
   machine and on every run.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -176,7 +179,14 @@ _CACHE: dict[tuple, MeasuredPlan] = {}
 
 
 def measuring() -> bool:
-    return MEASURE if MEASURE is not None else cpu_plan_mode() == "measure"
+    """:data:`MEASURE` if set, else ``CPKERNELS_CPU_PLAN``; left unset, it measures unless
+    ``torch.use_deterministic_algorithms(True)`` asked for run-to-run identical results (a timed choice can
+    differ between runs, and the two forms round differently)."""
+    if MEASURE is not None:
+        return MEASURE
+    if "CPKERNELS_CPU_PLAN" not in os.environ and torch.are_deterministic_algorithms_enabled():
+        return False
+    return cpu_plan_mode() == "measure"
 
 
 def clear_cache() -> None:
