@@ -1,4 +1,4 @@
-"""The CP factors of a (possibly grouped) conv weight.
+"""The factors of a (possibly grouped) conv weight: CP (below) and Tucker-2 (:class:`Tucker2Factors`).
 
 A conv weight ``W[Cout, Cin/G, kh, kw]`` with ``G`` groups is approximated group by group::
 
@@ -15,8 +15,73 @@ import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True)
-class CPFactors:
+class FactoredWeight:
+    """What CP and Tucker-2 factors of a conv weight share: the weight they stand for, their dtype and
+    device, their size, and copies. A subclass is a frozen dataclass of its factor tensors, each with the
+    group dimension first and ``output`` ``(G, Cout/G, .)`` and ``input`` ``(G, Cin/G, .)`` among them; it
+    defines ``as_tuple``, ``rank``, ``kernel_size`` and ``to_dense``."""
+
+    @property
+    def groups(self) -> int:
+        return self.output.shape[0]
+
+    @property
+    def out_channels(self) -> int:
+        return self.groups * self.output.shape[1]
+
+    @property
+    def in_channels(self) -> int:
+        return self.groups * self.input.shape[1]
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        """Shape of the dense weight these factors stand for: ``(Cout, Cin/G, kh, kw)``."""
+        return (self.out_channels, self.input.shape[1], *self.kernel_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.output.device
+
+    @property
+    def num_params(self) -> int:
+        """Number of values held by the factors."""
+        return sum(f.numel() for f in self.as_tuple())
+
+    @property
+    def dense_num_params(self) -> int:
+        """Number of values in the dense weight (bias excluded)."""
+        cout, cin_g, kh, kw = self.weight_shape
+        return cout * cin_g * kh * kw
+
+    def relative_error(self, weight: Tensor) -> float:
+        """``||W - W_hat|| / ||W||`` in float64 (0 when both are zero)."""
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} does not match the factors' {self.weight_shape}"
+            )
+        return weight_error(self.to(torch.float64).to_dense(), weight)
+
+    def to(self, *args, **kwargs):
+        """Like ``Tensor.to``, applied to each factor."""
+        return type(self)(*(f.to(*args, **kwargs) for f in self.as_tuple()))
+
+    def detach(self):
+        return type(self)(*(f.detach() for f in self.as_tuple()))
+
+    def __repr__(self) -> str:
+        cout, cin_g, kh, kw = self.weight_shape
+        return (
+            f"{type(self).__name__}(rank={self.rank}, groups={self.groups}, weight_shape=({cout}, {cin_g}, {kh}, "
+            f"{kw}), num_params={self.num_params}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+@dataclass(frozen=True, repr=False)
+class CPFactors(FactoredWeight):
     """Four CP factors of a conv weight, each of shape ``(G, dim, R)``.
 
     Attributes:
@@ -56,56 +121,12 @@ class CPFactors:
         return self.output.shape[2]
 
     @property
-    def groups(self) -> int:
-        return self.output.shape[0]
-
-    @property
-    def out_channels(self) -> int:
-        return self.groups * self.output.shape[1]
-
-    @property
-    def in_channels(self) -> int:
-        return self.groups * self.input.shape[1]
-
-    @property
     def kernel_size(self) -> tuple[int, int]:
         return (self.vertical.shape[1], self.horizontal.shape[1])
-
-    @property
-    def weight_shape(self) -> tuple[int, int, int, int]:
-        """Shape of the dense weight these factors stand for: ``(Cout, Cin/G, kh, kw)``."""
-        return (self.out_channels, self.input.shape[1], *self.kernel_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.output.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.output.device
-
-    @property
-    def num_params(self) -> int:
-        """Number of values held by the four factors."""
-        return sum(f.numel() for f in self.as_tuple())
-
-    @property
-    def dense_num_params(self) -> int:
-        """Number of values in the dense weight (bias excluded)."""
-        cout, cin_g, kh, kw = self.weight_shape
-        return cout * cin_g * kh * kw
 
     def to_dense(self) -> Tensor:
         """The reconstructed weight ``[Cout, Cin/G, kh, kw]``."""
         return reconstruct(self.output, self.input, self.vertical, self.horizontal)
-
-    def relative_error(self, weight: Tensor) -> float:
-        """``||W - W_hat|| / ||W||`` in float64 (0 when both are zero)."""
-        if tuple(weight.shape) != self.weight_shape:
-            raise ValueError(
-                f"weight of shape {tuple(weight.shape)} does not match the factors' {self.weight_shape}"
-            )
-        return weight_error(self.to(torch.float64).to_dense(), weight)
 
     def cancellation(self) -> float:
         """``sum_r ||term_r|| / ||W_hat||`` in float64: 1 for terms that never overlap, large where the
@@ -127,19 +148,6 @@ class CPFactors:
         factors = [f[group] for f in self.as_tuple()]
         return CPTensor((torch.ones(self.rank, dtype=self.dtype, device=self.device), factors))
 
-    def to(self, *args, **kwargs) -> "CPFactors":
-        """Like ``Tensor.to``, applied to each factor."""
-        return CPFactors(*(f.to(*args, **kwargs) for f in self.as_tuple()))
-
-    def detach(self) -> "CPFactors":
-        return CPFactors(*(f.detach() for f in self.as_tuple()))
-
-    def __repr__(self) -> str:
-        cout, cin_g, kh, kw = self.weight_shape
-        return (
-            f"CPFactors(rank={self.rank}, groups={self.groups}, weight_shape=({cout}, {cin_g}, {kh}, {kw}), "
-            f"num_params={self.num_params}, dtype={self.dtype}, device={self.device})"
-        )
 
 
 def reconstruct(output: Tensor, input: Tensor, vertical: Tensor, horizontal: Tensor) -> Tensor:
@@ -173,8 +181,8 @@ def params_per_rank(out_channels: int, in_channels: int, kernel_size: tuple[int,
     return out_channels + in_channels + groups * (kernel_size[0] + kernel_size[1])
 
 
-@dataclass(frozen=True)
-class Tucker2Factors:
+@dataclass(frozen=True, repr=False)
+class Tucker2Factors(FactoredWeight):
     """A Tucker-2 conv weight: a core over the kernel taps between two channel factors, per group::
 
         W[g*Cog + o, c, i, j] ~= sum_{a,b} output[g, o, a] * core[g, a, b, i, j] * input[g, c, b]
@@ -209,41 +217,8 @@ class Tucker2Factors:
         return (self.core.shape[1], self.core.shape[2])
 
     @property
-    def groups(self) -> int:
-        return self.core.shape[0]
-
-    @property
-    def out_channels(self) -> int:
-        return self.groups * self.output.shape[1]
-
-    @property
-    def in_channels(self) -> int:
-        return self.groups * self.input.shape[1]
-
-    @property
     def kernel_size(self) -> tuple[int, int]:
         return (self.core.shape[3], self.core.shape[4])
-
-    @property
-    def weight_shape(self) -> tuple[int, int, int, int]:
-        return (self.out_channels, self.input.shape[1], *self.kernel_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.core.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.core.device
-
-    @property
-    def num_params(self) -> int:
-        return sum(f.numel() for f in self.as_tuple())
-
-    @property
-    def dense_num_params(self) -> int:
-        cout, cin_g, kh, kw = self.weight_shape
-        return cout * cin_g * kh * kw
 
     def to_dense(self) -> Tensor:
         """The reconstructed weight ``[Cout, Cin/G, kh, kw]`` (differentiable; 16-bit factors combined in fp32)."""
@@ -265,22 +240,6 @@ class Tucker2Factors:
         t = torch.einsum("gcb,gabij->gijca", self.input.to(dtype), self.core.to(dtype))
         return t.reshape(g, kh * kw, self.input.shape[1], r_out).to(self.dtype)
 
-    def relative_error(self, weight: Tensor) -> float:
-        """``||W - W_hat|| / ||W||`` in float64."""
-        if tuple(weight.shape) != self.weight_shape:
-            raise ValueError(f"weight of shape {tuple(weight.shape)} does not match the factors' {self.weight_shape}")
-        return weight_error(self.to(torch.float64).to_dense(), weight)
-
-    def to(self, *args, **kwargs) -> "Tucker2Factors":
-        return Tucker2Factors(*(f.to(*args, **kwargs) for f in self.as_tuple()))
-
-    def detach(self) -> "Tucker2Factors":
-        return Tucker2Factors(*(f.detach() for f in self.as_tuple()))
-
-    def __repr__(self) -> str:
-        cout, cin_g, kh, kw = self.weight_shape
-        return (f"Tucker2Factors(rank={self.rank}, groups={self.groups}, weight_shape=({cout}, {cin_g}, {kh}, {kw}), "
-                f"num_params={self.num_params}, dtype={self.dtype}, device={self.device})")
 
 
 def tucker2_params(out_channels: int, in_channels: int, kernel_size: tuple[int, int], groups: int,
