@@ -159,8 +159,9 @@ class CPConv2d(FactoredConv2d):
     ``output_factor (G, Cout/G, R)``, ``input_factor (G, Cin/G, R)``, ``vertical_factor (G, kh, R)``,
     ``horizontal_factor (G, kw, R)``.
 
-    ``backend``: ``"auto"`` runs the fused Triton kernel on CUDA and the reference four-stage path on
-    the CPU; ``"reference"`` and ``"triton"`` force one.
+    ``backend``: ``"auto"`` follows the GPU plan on CUDA (dense, the four stages or a fused kernel) and
+    the CPU plan on the CPU (the CPU arrangement of the stages, or dense); ``"reference"`` and
+    ``"triton"`` force the four stages or the fused kernel.
 
     Build one from a trained conv with :meth:`from_conv`.
     """
