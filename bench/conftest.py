@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cpkernels.profile import environment, measure_peaks
+from cpkernels.tools.profile import environment, measure_peaks
 
 
 @pytest.fixture(scope="session")

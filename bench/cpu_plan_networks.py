@@ -17,9 +17,10 @@ import os
 import torch
 
 from cpkernels import apply_structure
-from cpkernels.plans import cpu as cpu_plans
-from cpkernels.profile import environment, time_median
+from cpkernels.dispatch import cpu as cpu_dispatch
+from cpkernels.tools.profile import environment
 
+from cpkernels.core.timing import time_median
 from .onnx_speed import FRACTIONS, NETWORKS, cp_structure, network_arguments
 from .report import save_results
 
@@ -30,7 +31,7 @@ def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: i
         repeats: int = 10) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
-    saved = cpu_plans.MEASURE
+    saved = cpu_dispatch.MEASURE
     try:
         for net in networks:
             torch.manual_seed(0)
@@ -41,22 +42,22 @@ def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: i
                 for fraction in fractions:
                     cp = apply_structure(copy.deepcopy(dense), cp_structure(dense, fraction, 8)).eval()
                     for mode in MODES:
-                        cpu_plans.MEASURE = mode == "measure"
-                        cpu_plans.clear_cache()
+                        cpu_dispatch.MEASURE = mode == "measure"
+                        cpu_dispatch.clear_cache()
                         cp_ms = 1e3 * time_median(cp, x, repeats)
-                        decisions = cpu_plans.measured_plans().values()
+                        decisions = cpu_dispatch.measured_plans().values()
                         rows.append({
                             "network": net, "fraction": fraction, "batch": batch, "mode": mode,
                             "dense_ms": round(dense_ms, 2), "cp_ms": round(cp_ms, 2),
                             "speedup": round(dense_ms / cp_ms, 2),
-                            "layers_dense": sum(d.plan.arrangement == cpu_plans.DENSE for d in decisions)
+                            "layers_dense": sum(d.plan.arrangement == cpu_dispatch.DENSE for d in decisions)
                             if mode == "measure" else None,
                             "layers": len(decisions) if mode == "measure" else None,
                         })
                         print(rows[-1], flush=True)
     finally:
-        cpu_plans.MEASURE = saved
-        cpu_plans.clear_cache()
+        cpu_dispatch.MEASURE = saved
+        cpu_dispatch.clear_cache()
     return rows
 
 

@@ -3,7 +3,7 @@
     python -m bench.cpu_trained_ranks --out bench/results/cpu-amd-epyc-2core
 
 Every layer of the shared list with C >= 128, batch 8, float32, NCHW and channels_last: the median of
-``--repeats`` calls after a warm-up (``cpkernels.profile.time_median``), the CPU plan's choice for the
+``--repeats`` calls after a warm-up (``cpkernels.core.timing.time_median``), the CPU plan's choice for the
 call (the cost rule's, and the one its measured mode, the default, kept on this machine), and the
 speed-up. Writes ``trained_ranks.json`` and ``trained_ranks.md`` with the machine and
 versions. The same rows are in the pytest-benchmark suite; this is the short run of just them.
@@ -17,18 +17,18 @@ import os
 
 import torch
 
-from cpkernels.layers import LAYERS
-from cpkernels.ops import conv_args
-from cpkernels.plans import cpu as cpu_plans
-from cpkernels.plans.cpu import plan as cpu_plan
-from cpkernels.profile import build_cases, environment, time_median
+from cpkernels.tools.layers import LAYERS
+from cpkernels.core import conv_args
+from cpkernels.dispatch import cpu as cpu_dispatch
+from cpkernels.tools.profile import build_cases, environment
 
 
+from cpkernels.core.timing import time_median
 def plan_of(case, shape, rank) -> str:
     layer = case.fn
     pad = conv_args.explicit_padding(layer.padding, layer.kernel_size, layer.dilation)
     out = conv_args.output_size(tuple(case.x.shape[2:]), layer.kernel_size, layer.stride, pad, layer.dilation)
-    return cpu_plan(case.x, rank, shape.groups, shape.cout, layer.kernel_size, out, layer.dilation, False).arrangement
+    return cpu_dispatch.plan(case.x, rank, shape.groups, shape.cout, layer.kernel_size, out, layer.dilation, False).arrangement
 
 
 def main(argv=None) -> int:
@@ -46,9 +46,9 @@ def main(argv=None) -> int:
             for layout in ("nchw", "channels_last"):
                 dense, cp = build_cases(shape, rank, torch.float32, "cpu", layouts=(layout,), backends=("dense", "cpu"))
                 dense_ms = time_median(dense.fn, dense.x, args.repeats) * 1e3
-                cpu_plans.clear_cache()
+                cpu_dispatch.clear_cache()
                 cp_ms = time_median(cp.fn, cp.x, args.repeats) * 1e3
-                measured = [d.plan.arrangement for d in cpu_plans.measured_plans().values()]
+                measured = [d.plan.arrangement for d in cpu_dispatch.measured_plans().values()]
                 row = {"layer": layer.name, "rank": rank, "layout": layout, "mac_ratio": round(
                     shape.dense_macs() / shape.cp_macs(rank), 2), "dense_ms": round(dense_ms, 2),
                     "cp_ms": round(cp_ms, 2), "speedup": round(dense_ms / cp_ms, 2), "plan": plan_of(cp, shape, rank),
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     lines = [f"# CPU path at trained-network ranks: {env['device']}", "",
              f"torch {env['torch']}, {torch.get_num_threads()} threads, float32, batch {args.batch}, commit "
              f"{env['git_commit'][:10]}; median of {args.repeats} calls after a warm-up; CPU plan mode "
-             f"{'measure' if cpu_plans.measuring() else 'model'}.", "",
+             f"{'measure' if cpu_dispatch.measuring() else 'model'}.", "",
              "| layer | R | layout | MAC ratio | dense ms | CP ms | speed-up | CPU plan: cost rule | measured choice |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['layer']} | {r['rank']} | {r['layout']} | {r['mac_ratio']} | {r['dense_ms']} | {r['cp_ms']} | "

@@ -17,7 +17,7 @@ import time
 import torch
 
 from cpkernels import decompose_conv
-from cpkernels.profile import device_name
+from cpkernels.tools.profile import device_name
 
 # (name, Cout, Cin) of VGG-16's 3x3 convs.
 VGG16 = (

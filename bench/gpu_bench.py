@@ -2,12 +2,12 @@
 
     python -m bench.gpu_bench --out DIR [--layers NAME ...] [--dtypes bfloat16 float32] [--batch N] [--device cuda]
 
-Layers default to the roofline layers of ``cpkernels/layers.py`` (N = 32, 3x3) at R = C/4, C/2, C and
+Layers default to the roofline layers of ``cpkernels/tools/layers.py`` (N = 32, 3x3) at R = C/4, C/2, C and
 1.25 C (the last two: what trained networks need), in bf16 and fp32; for the ``--taps-layers`` the
 fused layer is also timed on the taps kernel (first dtype only). Backends: dense cuDNN, the four-stage
 reference, the fused kernel (``backend="triton"``) and ``planned`` (``backend="auto"``: what the GPU
 plan picks). Each row: median time (CUDA events via ``triton.testing.do_bench`` on a GPU), the GPU
-plan's modeled time for that row (cpkernels/plans/gpu.py), achieved GB/s against the minimal X+Y
+plan's modeled time for that row (cpkernels/dispatch/gpu.py), achieved GB/s against the minimal X+Y
 bytes, and that as a percentage of a device-to-device copy's bandwidth measured in the same run; for
 the first dtype also the time replayed in a CUDA graph. Results go to DIR/gpu_bench.json and
 DIR/gpu_bench.md with the device name and versions. ``--device cpu`` runs the same table without the
@@ -22,10 +22,11 @@ import os
 
 import torch
 
-from cpkernels.layers import LAYERS_BY_NAME, ROOFLINE_LAYERS
-from cpkernels.profile import DTYPES, build_cases, environment, measure_peaks, time_median
+from cpkernels.tools.layers import LAYERS_BY_NAME, ROOFLINE_LAYERS
+from cpkernels.tools.profile import DTYPES, build_cases, environment, measure_peaks
 
 
+from cpkernels.core.timing import time_median
 def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_per_s: float,
                 also_taps: bool = False, graph: bool = False) -> list[dict]:
     """Dense, reference and fused rows for one layer and rank; ``also_taps`` adds the fused layer forced
@@ -69,7 +70,7 @@ def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_pe
 
 def model_plan_for(shape, rank: int, dtype: torch.dtype, device: str) -> dict:
     """The GPU plan's model for this row, on this device's spec (an H100's for the CPU smoke run)."""
-    from cpkernels.plans import gpu
+    from cpkernels.dispatch import gpu
 
     spec = gpu.spec_for_device(torch.device(device)) if device == "cuda" else gpu.GPUS["h100"]
     return gpu.model_plan(shape, rank, dtype, spec, tf32=torch.backends.cudnn.allow_tf32).as_dict()
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for gpu_bench.json and gpu_bench.md")
     parser.add_argument("--layers", nargs="*", default=[layer.name for layer in ROOFLINE_LAYERS],
-                        choices=sorted(LAYERS_BY_NAME), metavar="NAME", help="layers of cpkernels/layers.py")
+                        choices=sorted(LAYERS_BY_NAME), metavar="NAME", help="layers of cpkernels/tools/layers.py")
     parser.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"], choices=sorted(DTYPES))
     parser.add_argument("--batch", type=int, help="override each layer's batch")
     parser.add_argument("--no-graph", action="store_true",

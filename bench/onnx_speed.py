@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from cpkernels import apply_structure, export_onnx, resolve_rank
-from cpkernels.plans.onnx import ort_ms
-from cpkernels.profile import environment
+from cpkernels.export.forms import ort_ms
+from cpkernels.tools.profile import environment
 
 from .report import save_results
 
@@ -74,7 +74,7 @@ NETWORKS = {"resnet18": resnet18, "vgg16": vgg16}
 
 def cp_structure(model: nn.Module, fraction: float, rank_multiple: int) -> dict[str, int]:
     """``compress_model(rank=fraction)``'s ranks (rounded up), for the convs it would compress."""
-    from cpkernels.compress import _skip_reason
+    from cpkernels.compression.compress import _skip_reason
 
     structure = {}
     for name, m in model.named_modules():
@@ -88,7 +88,7 @@ def cp_structure(model: nn.Module, fraction: float, rank_multiple: int) -> dict[
 # Timing
 # --------------------------------------------------------------------------------------------------
 def eager_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    from cpkernels.profile import time_median
+    from cpkernels.core.timing import time_median
 
     return 1e3 * time_median(model, x, repeats)
 

@@ -2,7 +2,7 @@
 
     python -m bench.rank_methods --out bench/results/cpu-amd-epyc-2core
 
-For each seed: train the CNN of :mod:`cpkernels.digits`, then compress its convs to ``--budget`` of their
+For each seed: train the CNN of :mod:`cpkernels.tools.digits`, then compress its convs to ``--budget`` of their
 MACs four ways: the same MAC fraction in every layer (uniform), and :func:`cpkernels.plan_ranks` with
 ``method="weight"``, ``"vbmf"`` and ``"data"`` (calibrated on the training split). Each is measured
 before and after ``--finetune-epochs`` of fine-tuning: test accuracy and the logits' relative change
@@ -16,9 +16,9 @@ import copy
 import torch
 
 from cpkernels import compress_model, plan_ranks
-from cpkernels.compress import conv_input_sizes, rank_for_mac_fraction
-from cpkernels.digits import accuracy, output_change, train, trained_cnn
-from cpkernels.profile import environment
+from cpkernels.compression.compress import conv_input_sizes, rank_for_mac_fraction
+from cpkernels.tools.digits import accuracy, output_change, train, trained_cnn
+from cpkernels.tools.profile import environment
 
 from .report import save_results
 

@@ -15,8 +15,8 @@ import dataclasses
 import pytest
 import torch
 
-from cpkernels.layers import LAYERS
-from cpkernels.profile import build_cases, roofline
+from cpkernels.tools.layers import LAYERS
+from cpkernels.tools.profile import build_cases, roofline
 
 LAYER_RANKS = [
     pytest.param(layer, rank, id=f"{layer.name}-R{rank}") for layer in LAYERS for rank in layer.ranks()

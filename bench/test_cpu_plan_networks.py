@@ -3,11 +3,11 @@
 
 def test_cpu_plan_networks_rows_cover_both_modes_and_the_measured_decisions():
     from bench.cpu_plan_networks import MODES, run, to_markdown
-    from cpkernels.plans import cpu as cpu_plans
+    from cpkernels.dispatch import cpu as cpu_dispatch
 
-    saved = cpu_plans.MEASURE
+    saved = cpu_dispatch.MEASURE
     rows = run(fractions=(0.25,), size=32, repeats=1)
-    assert cpu_plans.MEASURE is saved and not cpu_plans.measured_plans()  # the benchmark restores both
+    assert cpu_dispatch.MEASURE is saved and not cpu_dispatch.measured_plans()  # the benchmark restores both
     assert [(r["network"], r["mode"]) for r in rows] == [(n, m) for n in ("resnet18", "vgg16") for m in MODES]
     for r in rows:
         assert r["dense_ms"] > 0 and r["cp_ms"] > 0

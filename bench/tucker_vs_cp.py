@@ -2,7 +2,7 @@
 
     python -m bench.tucker_vs_cp --out bench/results/cpu-amd-epyc-2core
 
-1. On the digits CNN trained on the spot (:mod:`cpkernels.digits`), for each compressible conv and each
+1. On the digits CNN trained on the spot (:mod:`cpkernels.tools.digits`), for each compressible conv and each
    MAC fraction: CP at the largest rank within the fraction, Tucker-2 at the largest proportional ranks
    within the same MACs; the relative weight error, and the relative error of the conv's output on the
    test images (its real inputs there).
@@ -20,14 +20,16 @@ import copy
 import torch
 from torch import nn
 
-from cpkernels import compress_model, decompose_conv, decompose_tucker2, plan_ranks
-from cpkernels.calibration import _Hooks
-from cpkernels.compress import _conv_shape, rank_for_mac_fraction
-from cpkernels.decompose_tucker2 import largest_proportional_ranks
-from cpkernels.digits import accuracy, output_change, train, trained_cnn
-from cpkernels.layers import LAYERS_BY_NAME
-from cpkernels.profile import build_cases, environment, time_median
+from cpkernels import compress_model, decompose_conv, plan_ranks
+from cpkernels.decompositions import tucker2 as decompose_tucker2
+from cpkernels.compression.calibration import _Hooks
+from cpkernels.compression.compress import _conv_shape, rank_for_mac_fraction
+from cpkernels.decompositions.tucker2 import largest_proportional_ranks
+from cpkernels.tools.digits import accuracy, output_change, train, trained_cnn
+from cpkernels.tools.layers import LAYERS_BY_NAME
+from cpkernels.tools.profile import build_cases, environment
 
+from cpkernels.core.timing import time_median
 from .report import save_results
 
 FRACTIONS = (0.5, 0.25, 0.125)

@@ -1,19 +1,34 @@
-"""cpkernels: CP-decomposed convolutions for PyTorch, with a fused Triton kernel.
+"""cpkernels: trained convolutional networks made cheaper by low-rank forms of their convs (CP, Tucker-2), with a
+fused Triton kernel on the GPU, an arranged path on the CPU, and standard ONNX.
 
-Layers of the package, bottom to top:
-    decompose (CP: ALS / TensorLy parafac; Tucker-2: HOOI) -> factors (CPFactors, Tucker2Factors)
-    -> ops (reference | CPU | Triton kernel) -> modules (CPConv2d, TuckerConv2d) -> model surgery (compress_model).
-Importing it touches no GPU, sets no global flag and imports neither triton nor tensorly.
+The package is built in layers, bottom to top; each imports only the layers below it (``tests/test_layers.py``
+holds this):
+
+1. ``cpkernels.core``: conv argument handling, switches, the one cost model, the one timer;
+2. ``cpkernels.factors``: CP and Tucker-2 factors of a conv weight;
+3. ``cpkernels.decompositions``: CP-ALS, Tucker-2 HOOI, input whitening;
+4. ``cpkernels.kernels``: the fused Triton kernels (imported on first use: they import triton);
+5. ``cpkernels.dispatch``: the per-call choice of backend (the CPU and GPU plans, measured or modeled);
+6. ``cpkernels.ops``: the functional ops (one front end for every family), their reference, CPU and ONNX forms;
+7. ``cpkernels.modules``: the ``nn.Module`` layers (``CPConv2d``, ``TuckerConv2d``);
+8. ``cpkernels.compression``: model passes (the decomposition families, ``compress_model``, ``plan_ranks``,
+   calibration);
+9. ``cpkernels.export``: ``export_onnx``;
+10. ``cpkernels.cli``: ``cpkernels plan | compress | export``.
+
+On top, never imported by the library: ``cpkernels.tools`` (the profiler, the benchmark layer list, the
+ahead-of-time compile report, the trained networks and the demos) and the entry point ``cpkernels.__main__``.
+Importing the package touches no GPU, sets no global flag and imports neither triton nor tensorly.
 """
-from .compress import CompressionReport, apply_structure, compress_model
-from .decompose import decompose_conv, resolve_rank
-from .decompose_tucker2 import decompose_tucker2
-from .export import export_onnx  # onnx itself is imported on call: it is an optional dependency
-from .factors import CPFactors, Tucker2Factors
-from .module import CPConv2d
-from .module_tucker2 import TuckerConv2d
-from .ops import cp_conv2d, tucker2_conv2d
-from .plans.ranks import RankPlan, plan_ranks
+from cpkernels.compression.compress import CompressionReport, apply_structure, compress_model
+from cpkernels.compression.ranks import RankPlan, plan_ranks
+from cpkernels.decompositions.cp import decompose_conv, resolve_rank
+from cpkernels.decompositions.tucker2 import decompose_tucker2
+from cpkernels.export.onnx import export_onnx  # onnx itself is imported on call: it is an optional dependency
+from cpkernels.factors import CPFactors, Tucker2Factors
+from cpkernels.modules.cp import CPConv2d
+from cpkernels.modules.tucker2 import TuckerConv2d
+from cpkernels.ops import cp_conv2d, tucker2_conv2d
 
 __version__ = "0.1.0"
 

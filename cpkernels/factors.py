@@ -9,6 +9,7 @@ op, the fused kernel, the module) reads one layout and never special-cases group
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,12 @@ class FactoredWeight:
 
     def detach(self):
         return type(self)(*(f.detach() for f in self.as_tuple()))
+
+    def unwhitened(self, inverse: Tensor):
+        """These factors of a decomposition of the input-whitened weight (:mod:`cpkernels.decompositions.whitening`)
+        with their input factor taken back: ``input = S^(-1/2) input'``, ``inverse`` being ``(G, Cin/G, Cin/G)``."""
+        b = torch.matmul(inverse.to(device=self.device, dtype=torch.float64), self.input.to(torch.float64))
+        return dataclasses.replace(self, input=b.to(self.dtype))
 
     def __repr__(self) -> str:
         cout, cin_g, kh, kw = self.weight_shape
@@ -143,6 +150,7 @@ class CPFactors(FactoredWeight):
     def to_cptensor(self, group: int = 0):
         """Group ``group``'s CP as a TensorLy ``CPTensor`` (unit weights; factors in ``[Cout/G, Cin/G, kh, kw]``
         mode order), for use with TensorLy's own tools."""
+        # tensorly is imported on first use: importing cpkernels must not import it
         from tensorly.cp_tensor import CPTensor
 
         factors = [f[group] for f in self.as_tuple()]

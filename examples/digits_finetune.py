@@ -14,8 +14,8 @@ import time
 import torch
 
 from cpkernels import compress_model
-from cpkernels.compress import rank_for_mac_fraction
-from cpkernels.digits import accuracy, inference_seconds, load_digits_tensors, make_cnn, train
+from cpkernels.compression.compress import rank_for_mac_fraction
+from cpkernels.tools.digits import accuracy, inference_seconds, load_digits_tensors, make_cnn, train
 
 
 def run(seed: int = 0, epochs: int = 30, finetune_epochs: int = 8, mac_fraction: float = 0.25) -> dict:

@@ -24,7 +24,7 @@ def _cpu_plan_by_its_cost_rule(monkeypatch):
     """The CPU plan's default measured mode times dense against the staged arrangement; tests see the cost
     rule's choices instead, so that each arrangement they force is the one that runs. The measured mode's
     own tests (tests/test_cpu_plan.py) turn it back on."""
-    from cpkernels.plans import cpu
+    from cpkernels.dispatch import cpu
 
     monkeypatch.setattr(cpu, "MEASURE", False)
     cpu.clear_cache()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from cpkernels import decompose_conv
-from cpkernels.calibration import as_batches, input_statistics, output_sensitivity, shrink
+from cpkernels.compression.calibration import as_batches, input_statistics, output_sensitivity, shrink
 
 
 def _correlated_covariance(cin, seed=0):

@@ -91,7 +91,7 @@ def test_compress_needs_a_plan_or_a_budget(model_file, tmp_path, capsys):
 
 def test_demo_trains_plans_and_compresses():
     pytest.importorskip("sklearn")
-    from cpkernels import demo
+    from cpkernels.tools import demo_digits as demo
 
     assert [(r["values_dense"], r["values_cp"]) for r in demo.prelude()] == [(150, 30), (1728, 1168)]
     r = demo.run(epochs=3, finetune_epochs=1, timing_copies=1)

@@ -8,7 +8,7 @@ from torch import nn
 
 import cpkernels
 from cpkernels import CPConv2d, apply_structure, compress_model
-from cpkernels.compress import ROW_KEYS, rank_for_mac_fraction
+from cpkernels.compression.compress import ROW_KEYS, rank_for_mac_fraction
 
 
 class Net(nn.Module):

@@ -1,24 +1,24 @@
-"""The CPU plan's measured mode (cpkernels/plans/cpu.py, the default): it times the dense conv against the
+"""The CPU plan's measured mode (cpkernels/dispatch/cpu.py, the default): it times the dense conv against the
 staged arrangement once per call signature, keeps the faster, refuses a candidate that disagrees with the
 reference stages, and changes no result. The cost rule's own choices are tested in tests/test_reference.py."""
 import pytest
 import torch
 
 from cpkernels import cp_conv2d, tucker2_conv2d
-from cpkernels.ops import cpu as cpu_ops
+from cpkernels.ops import cp_arranged as cpu_ops
 from cpkernels.ops import tucker2_reference
-from cpkernels.plans import cpu as cpu_plan
-from cpkernels.plans import measured as measured_mod
+from cpkernels.dispatch import cpu as cpu_dispatch
+from cpkernels.dispatch import measured as measured_mod
 
 from .oracle import assert_matches_oracle, oracle_conv2d, random_factors, random_tucker2
 
 
 @pytest.fixture
 def measured(monkeypatch):
-    monkeypatch.setattr(cpu_plan, "MEASURE", True)
-    cpu_plan.clear_cache()
+    monkeypatch.setattr(cpu_dispatch, "MEASURE", True)
+    cpu_dispatch.clear_cache()
     yield
-    cpu_plan.clear_cache()
+    cpu_dispatch.clear_cache()
 
 
 def favouring(monkeypatch, winner: str) -> list:
@@ -51,7 +51,7 @@ def test_measured_mode_runs_the_faster_candidate_and_changes_no_result(monkeypat
     y = cp_conv2d(x, factors, bias, padding=1)
     assert_matches_oracle(y, oracle_conv2d(x, factors, bias, padding=1), torch.float32)
     assert sorted(timed) == ["dense-weight", "pixel-major"]
-    (decision,) = cpu_plan.measured_plans().values()
+    (decision,) = cpu_dispatch.measured_plans().values()
     assert decision.plan.arrangement == winner
     assert set(decision.measured_us) == {"dense-weight", "pixel-major"}
 
@@ -65,12 +65,12 @@ def test_measured_mode_runs_the_faster_candidate_and_changes_no_result(monkeypat
 
 
 def test_model_mode_never_times(monkeypatch):
-    monkeypatch.setattr(cpu_plan, "MEASURE", False)
+    monkeypatch.setattr(cpu_dispatch, "MEASURE", False)
     monkeypatch.setattr(measured_mod, "median_seconds", lambda fn: pytest.fail("timed in model mode"))
     factors = random_factors(8, 6, (3, 3), 4)
     x = torch.randn(2, 6, 9, 9)
     assert_matches_oracle(cp_conv2d(x, factors, padding=1), oracle_conv2d(x, factors, padding=1), torch.float32)
-    assert not cpu_plan.measured_plans()
+    assert not cpu_dispatch.measured_plans()
 
 
 def test_measured_mode_refuses_a_candidate_that_disagrees(monkeypatch, measured):
@@ -79,7 +79,7 @@ def test_measured_mode_refuses_a_candidate_that_disagrees(monkeypatch, measured)
     factors = random_factors(8, 6, (3, 3), 4)
     with pytest.raises(RuntimeError, match="dense-weight differs from the reference path"):
         cp_conv2d(torch.randn(2, 6, 9, 9), factors, padding=1)
-    assert not cpu_plan.measured_plans()
+    assert not cpu_dispatch.measured_plans()
 
 
 @pytest.mark.parametrize("winner", [pytest.param("dense-weight", id="dense"), pytest.param("nchw", id="staged")])
@@ -96,7 +96,7 @@ def test_measured_mode_keeps_gradients(monkeypatch, measured, winner):
         return torch.autograd.grad((y * y).sum(), leaves)
 
     got, expected = grads("auto"), grads("reference")
-    (decision,) = cpu_plan.measured_plans().values()
+    (decision,) = cpu_dispatch.measured_plans().values()
     assert decision.plan.arrangement == winner
     for g, e in zip(got, expected):
         assert_matches_oracle(g, e, torch.float64)
@@ -109,7 +109,7 @@ def test_measured_mode_picks_dense_where_cp_cannot_win(measured):
     x = torch.randn(2, 16, 40, 40)
     y = cp_conv2d(x, factors, padding=1)
     assert_matches_oracle(y, oracle_conv2d(x, factors, padding=1), torch.float32)
-    (decision,) = cpu_plan.measured_plans().values()
+    (decision,) = cpu_dispatch.measured_plans().values()
     assert decision.plan.arrangement == "dense-weight", decision.measured_us
 
 
@@ -122,7 +122,7 @@ def test_measured_mode_for_tucker2(monkeypatch, measured, winner):
     x = torch.randn(2, 10, 9, 11)
     y = tucker2_conv2d(x, factors, bias, stride=2, padding=(1, 0))
     assert_matches_oracle(y, oracle_conv2d(x, factors, bias, stride=2, padding=(1, 0)), torch.float32)
-    (decision,) = cpu_plan.measured_plans().values()
+    (decision,) = cpu_dispatch.measured_plans().values()
     assert decision.plan.arrangement == winner
     dense_calls.clear()
     tucker2_conv2d(x, factors, bias, stride=2, padding=(1, 0))
@@ -132,40 +132,40 @@ def test_measured_mode_for_tucker2(monkeypatch, measured, winner):
 def test_call_key_covers_what_changes_the_choice():
     x = torch.empty(2, 8, 9, 9)
     args = (4, 1, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
-    key = cpu_plan.call_key(x, *args, False)
-    assert key != cpu_plan.call_key(x, *args, True)  # gradients wanted
-    assert key != cpu_plan.call_key(x.double(), *args, False)
-    assert key != cpu_plan.call_key(x.to(memory_format=torch.channels_last), *args, False)
-    assert key != cpu_plan.call_key(torch.empty(3, 8, 9, 9), *args, False)
-    assert key != cpu_plan.call_key(x, (4, 4), *args[1:], False)  # a Tucker-2 layer of the same dimensions
+    key = cpu_dispatch.call_key(x, *args, False)
+    assert key != cpu_dispatch.call_key(x, *args, True)  # gradients wanted
+    assert key != cpu_dispatch.call_key(x.double(), *args, False)
+    assert key != cpu_dispatch.call_key(x.to(memory_format=torch.channels_last), *args, False)
+    assert key != cpu_dispatch.call_key(torch.empty(3, 8, 9, 9), *args, False)
+    assert key != cpu_dispatch.call_key(x, (4, 4), *args[1:], False)  # a Tucker-2 layer of the same dimensions
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)
-        assert key != cpu_plan.call_key(x, *args, False)
+        assert key != cpu_dispatch.call_key(x, *args, False)
     finally:
         torch.set_num_threads(threads)
 
 
 def test_plan_mode_switch(monkeypatch):
-    monkeypatch.setattr(cpu_plan, "MEASURE", None)
+    monkeypatch.setattr(cpu_dispatch, "MEASURE", None)
     monkeypatch.delenv("CPKERNELS_CPU_PLAN", raising=False)
-    assert cpu_plan.measuring()  # the default
+    assert cpu_dispatch.measuring()  # the default
     monkeypatch.setenv("CPKERNELS_CPU_PLAN", "model")
-    assert not cpu_plan.measuring()
+    assert not cpu_dispatch.measuring()
     monkeypatch.setenv("CPKERNELS_CPU_PLAN", "fastest")
     with pytest.raises(ValueError, match="CPKERNELS_CPU_PLAN must be one of"):
-        cpu_plan.measuring()
+        cpu_dispatch.measuring()
 
 
 def test_deterministic_algorithms_turn_the_default_measuring_off(monkeypatch):
-    monkeypatch.setattr(cpu_plan, "MEASURE", None)
+    monkeypatch.setattr(cpu_dispatch, "MEASURE", None)
     monkeypatch.delenv("CPKERNELS_CPU_PLAN", raising=False)
     saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        assert not cpu_plan.measuring()
+        assert not cpu_dispatch.measuring()
         monkeypatch.setenv("CPKERNELS_CPU_PLAN", "measure")  # asked for by name: measured all the same
-        assert cpu_plan.measuring()
+        assert cpu_dispatch.measuring()
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 

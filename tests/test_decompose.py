@@ -147,7 +147,7 @@ def test_bad_ranks_are_rejected(rank, error):
 
 
 def test_als_tracks_its_error_and_warm_starts():
-    from cpkernels.als import cp_als
+    from cpkernels.decompositions.als import cp_als
 
     w = torch.randn(10, 8, 3, 3, dtype=torch.float64)
     factors, errors = cp_als(w, 5, n_iter_max=30, tol=0)
@@ -224,7 +224,7 @@ def test_factors_convert_to_a_tensorly_cptensor():
 
 
 def test_strongest_terms_keeps_the_largest_rank_one_terms():
-    from cpkernels.decompose import strongest_terms
+    from cpkernels.decompositions.cp import strongest_terms
 
     f = random_factors(6, 4, (3, 3), 5, groups=2, dtype=torch.float64)
     scale = torch.tensor([1.0, 10.0, 0.1, 5.0, 2.0], dtype=torch.float64)
@@ -257,7 +257,7 @@ def test_over_ranked_weights_get_the_exact_decomposition(shape, rank):
     """At a rank where an exact CP is known (one term per index of the three smaller modes), that one is
     built: exact, and no term larger than the weight (ALS returned a term 600x the weight's norm for the
     first case)."""
-    from cpkernels.decompose import exact_rank
+    from cpkernels.decompositions.cp import exact_rank
 
     weight = torch.randn(shape, dtype=torch.float64)
     assert rank >= exact_rank(shape)

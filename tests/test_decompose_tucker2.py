@@ -5,8 +5,9 @@ import warnings
 import pytest
 import torch
 
-from cpkernels import Tucker2Factors, decompose_tucker2
-from cpkernels.decompose_tucker2 import rank_for_fraction, resolve_tucker2_rank
+from cpkernels import Tucker2Factors
+from cpkernels.decompositions import tucker2 as decompose_tucker2
+from cpkernels.decompositions.tucker2 import rank_for_fraction, resolve_tucker2_rank
 from cpkernels.factors import tucker2_params
 
 
@@ -14,7 +15,7 @@ from cpkernels.factors import tucker2_params
 def trained_weights():
     """The three conv weights of the digits CNN trained here (1->32, 32->64, 64->128, 3x3)."""
     pytest.importorskip("sklearn")
-    from cpkernels.digits import trained_cnn
+    from cpkernels.tools.digits import trained_cnn
 
     model, _ = trained_cnn(epochs=8)
     return [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -121,7 +122,7 @@ def test_target_error_finds_the_smallest_proportional_ranks(trained_weights):
     w = trained_weights[2]
     f = decompose_tucker2(w, target_error=0.3)
     assert f.relative_error(w) <= 0.3
-    from cpkernels.decompose_tucker2 import proportional_ranks
+    from cpkernels.decompositions.tucker2 import proportional_ranks
 
     k = max(f.rank)
     smaller = decompose_tucker2(w, proportional_ranks(k - 1, w.shape[0], w.shape[1]))

@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx", reason="the export extra (onnx, onnxruntime, 
 ort = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime, onnxscript) is not installed")
 pytest.importorskip("onnxscript", reason="the export extra (onnx, onnxruntime, onnxscript) is not installed")
 
-from cpkernels.export import export_onnx  # noqa: E402
+from cpkernels.export.onnx import export_onnx  # noqa: E402
 
 # Input layouts are PyTorch's business; an ONNX graph takes a plain batch, whose size varies below.
 EXPORT_CASES = [c for c in CONV_CASES if c.values[0].layout == "nchw" and c.values[0].batch == 2]
@@ -81,7 +81,7 @@ def _compressed_net():
 @pytest.mark.parametrize("dynamo", [pytest.param(True, id="dynamo"), pytest.param(False, id="legacy")])
 def test_the_standard_export_call_gives_standard_convs(dynamo, tmp_path):
     """``torch.onnx.export`` itself, without the helper: default-domain ops, conv weights as initializers."""
-    from cpkernels.export import check_standard_graph
+    from cpkernels.export.onnx import check_standard_graph
 
     net = _compressed_net().eval()
     x = torch.randn(2, 3, 10, 10)
@@ -98,7 +98,7 @@ def test_the_standard_export_call_gives_standard_convs(dynamo, tmp_path):
 
 @pytest.mark.parametrize("dynamo", [pytest.param(True, id="dynamo"), pytest.param(False, id="legacy")])
 def test_without_the_export_branch_the_custom_op_refuses_to_export(dynamo, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys.modules["cpkernels.ops.cp_conv2d"], "exporting_to_onnx", lambda: False)
+    monkeypatch.setattr(sys.modules["cpkernels.ops.frontend"], "exporting_to_onnx", lambda: False)
     with pytest.raises(Exception, match="cpkernels::cp_conv2d reached the ONNX exporter"):
         export_onnx(_compressed_net(), torch.randn(2, 3, 10, 10), tmp_path / "net.onnx", dynamo=dynamo)
 
@@ -113,7 +113,7 @@ def test_auto_writes_the_fastest_whole_model(fastest, forms, convs, tmp_path, mo
     whole model is fastest as ``fastest``."""
     import json
 
-    from cpkernels.plans import onnx as onnx_plans
+    from cpkernels.export.onnx import forms as onnx_plans
 
     clock = {3: {"merged": 2.0, "two": 3.0, "dense": 1.0}, 16: {"merged": 2.0, "two": 1.0, "dense": 3.0}}
     candidates = {"merged": ("merged", "merged"), "two": ("two", "two"), "dense": ("dense", "dense"),
@@ -136,7 +136,7 @@ def test_auto_writes_the_fastest_whole_model(fastest, forms, convs, tmp_path, mo
 
 
 def test_auto_measures_on_this_machine(tmp_path):
-    from cpkernels.plans.onnx import CANDIDATES, plan_onnx_forms
+    from cpkernels.export.forms import CANDIDATES, plan_onnx_forms
 
     plan = plan_onnx_forms(_compressed_net(), (torch.randn(2, 3, 10, 10),), threads=1, repeats=2)
     assert set(plan["layers"]) == set(plan["forms"]) == {"0", "3"}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cpkernels import CPConv2d, CPFactors, cp_conv2d
-from cpkernels.ops.conv_args import is_channels_last
+from cpkernels.core.conv_args import is_channels_last
 
 from .cases import CONV_CASES, case
 from .oracle import assert_matches_oracle, oracle_conv2d, random_factors
@@ -218,7 +218,7 @@ def test_every_tile_matches_oracle(monkeypatch, device, kernel_name, tile, dtype
     import triton
 
     tiles = {"taps": fused.TAPS_TILES, "rows": fused.ROWS_TILES, "wide": fused.WIDE_TILES}[kernel_name]
-    autotuner = {"taps": fused.cp_conv2d_fused_kernel, "rows": fused.cp_conv2d_rows_kernel,
+    autotuner = {"taps": fused.cp_conv2d_taps_kernel, "rows": fused.cp_conv2d_rows_kernel,
                  "wide": fused.cp_conv2d_wide_kernel}[kernel_name]
     blocks = dict(zip(tiles.names, tile[:-2]))
     monkeypatch.setattr(tiles, "for_dtype", lambda *_: (tile,))

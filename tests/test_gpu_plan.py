@@ -1,4 +1,4 @@
-"""The GPU plan (cpkernels/plans/gpu.py): its model, its cache, its measured mode, and the op following it.
+"""The GPU plan (cpkernels/dispatch/gpu.py): its model, its cache, its measured mode, and the op following it.
 
 No GPU is needed: the model is arithmetic, and the strategies it picks among run on CPU tensors here
 (the fused kernels under the Triton interpreter)."""
@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from cpkernels import cp_conv2d
-from cpkernels.cost import ConvShape
-from cpkernels.layers import LAYERS, ROOFLINE_LAYERS
-from cpkernels.plans import gpu
+from cpkernels.core.cost import ConvShape
+from cpkernels.dispatch import gpu
+from cpkernels.tools import gpu_plan_tables
+from cpkernels.tools.layers import LAYERS, ROOFLINE_LAYERS
 
 from .oracle import assert_matches_oracle, oracle_conv2d, random_factors
 
 op = importlib.import_module("cpkernels.ops.cp_conv2d")  # the module (the package exports the function)
+frontend = importlib.import_module("cpkernels.ops.frontend")
 
 
 @pytest.fixture(autouse=True)
@@ -157,12 +159,12 @@ def test_measured_mode_refuses_a_wrong_candidate(monkeypatch):
 @pytest.mark.parametrize("strategy", list(gpu.STRATEGIES))
 def test_auto_follows_the_plan(monkeypatch, strategy):
     """What backend="auto" runs on a CUDA tensor: each strategy the plan may pick, through the op."""
-    monkeypatch.setattr(op, "resolve_backend", lambda backend, x: "gpu-plan")
+    monkeypatch.setattr(frontend, "resolve_backend", lambda backend, x: "gpu-plan")
     monkeypatch.setattr(gpu, "choose", lambda *a, **k: gpu.GPUPlan("test", strategy))
     ran = []
-    original = op._IMPLS.copy()
+    original = op.IMPLS.copy()
     for name, fn in original.items():
-        monkeypatch.setitem(op._IMPLS, name, lambda *a, _n=name, _f=fn: ran.append(_n) or _f(*a))
+        monkeypatch.setitem(op.IMPLS, name, lambda *a, _n=name, _f=fn: ran.append(_n) or _f(*a))
     from cpkernels.kernels import cp_conv2d_fused as fused
 
     f = random_factors(6, 8, (3, 3), 4)
@@ -178,7 +180,7 @@ def test_auto_follows_the_plan(monkeypatch, strategy):
 
 
 def test_profiler_models_a_named_gpu_on_a_cpu(tmp_path, capsys):
-    from cpkernels import profile
+    from cpkernels.tools import profile
 
     out = tmp_path / "plan.json"
     profile.main(["--cin", "512", "--cout", "512", "--size", "28", "--batch", "32", "--kernel", "3", "--rank", "512",
@@ -194,7 +196,7 @@ def test_profiler_models_a_named_gpu_on_a_cpu(tmp_path, capsys):
 
 
 def test_profiler_rejects_an_unknown_gpu(capsys):
-    from cpkernels import profile
+    from cpkernels.tools import profile
 
     with pytest.raises(SystemExit):
         profile.main(["--gpu", "v100", "--device", "cpu"])
@@ -206,5 +208,5 @@ def test_docs_show_the_current_model():
     from pathlib import Path
 
     docs = (Path(__file__).parent.parent / "docs" / "kernel.md").read_text()
-    assert gpu.layer_table(gpu.GPUS["h100"]) in docs
-    assert gpu.per_pixel_table(gpu.GPUS["h100"]) in docs
+    assert gpu_plan_tables.layer_table(gpu.GPUS["h100"]) in docs
+    assert gpu_plan_tables.per_pixel_table(gpu.GPUS["h100"]) in docs

@@ -15,7 +15,7 @@ pytest.importorskip("sklearn")
 @pytest.fixture(scope="module")
 def trained_layer():
     """(conv, its input activations) of a digits CNN trained for a few epochs."""
-    from cpkernels.digits import load_digits_tensors, make_cnn, train
+    from cpkernels.tools.digits import load_digits_tensors, make_cnn, train
 
     torch.manual_seed(0)
     x_train, y_train, _, _, x_all = load_digits_tensors()

@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from cpkernels import cp_conv2d
-from cpkernels.ops.conv_args import is_channels_last
+from cpkernels.core.conv_args import is_channels_last
 
 from .cases import CONV_CASES
 from .oracle import assert_matches_oracle, oracle_conv2d, random_factors
 
 
-# On CPU tensors, "auto" runs the CPU path (cpkernels/ops/cpu.py); "reference" the four convs.
+# On CPU tensors, "auto" runs the CPU path (cpkernels/ops/cp_arranged.py); "reference" the four convs.
 BACKENDS = [pytest.param("reference", id="reference"), pytest.param("auto", id="cpu-path")]
 
 
@@ -70,10 +70,10 @@ def test_leaves_inputs_untouched(backend):
 )
 def test_cpu_path_in_batch_chunks(monkeypatch, groups, bias, padding, pixel_major):
     """Inference runs big NCHW batches in chunks written into one output: force a chunk per image."""
-    from cpkernels.plans import cpu as cpu_plan
+    from cpkernels.dispatch import cpu as cpu_dispatch
 
-    monkeypatch.setattr(cpu_plan, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(cpu_plan, "PIXEL_MAJOR_MIN_RANK", 1 if pixel_major else 1 << 30)
+    monkeypatch.setattr(cpu_dispatch, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(cpu_dispatch, "PIXEL_MAJOR_MIN_RANK", 1 if pixel_major else 1 << 30)
     factors = random_factors(6, 8, (3, 3), 4, groups)
     b = torch.randn(6) if bias else None
     x = torch.randn(3, 8, 9, 10)
@@ -87,7 +87,7 @@ def test_cpu_path_in_batch_chunks(monkeypatch, groups, bias, padding, pixel_majo
     torch.testing.assert_close(y_grad.detach(), y, rtol=1e-5, atol=1e-6)
 
 
-# The CPU path picks, per call, among exact ways of computing the layer (cpkernels/ops/cpu.py). Each is
+# The CPU path picks, per call, among exact ways of computing the layer (cpkernels/ops/cp_arranged.py). Each is
 # forced here over every conv case, and spies prove the forced branch ran.
 CPU_BRANCHES = [
     pytest.param("nchw-intermediates", id="nchw-intermediates"),
@@ -100,17 +100,17 @@ _SPIED = ("merged_depthwise_weight", "im2col_depthwise", "_pointwise_to_pixel_ma
 
 def _force_cpu_branch(monkeypatch, branch) -> list:
     """Force ``branch``; returns a list that records which of the CPU path's helpers ran."""
-    from cpkernels.ops import cpu
-    from cpkernels.plans import cpu as cpu_plan
+    from cpkernels.dispatch import cpu as cpu_dispatch
+    from cpkernels.ops import cp_arranged
 
     ran = []
-    monkeypatch.setattr(cpu_plan, "dense_is_cheaper", lambda *args: branch == "dense-weight")
-    monkeypatch.setattr(cpu_plan, "IM2COL_MAX_CHANNELS", 1 << 30 if branch == "im2col-depthwise" else 0)
-    monkeypatch.setattr(cpu_plan, "IM2COL_MAX_BYTES", 1 << 62)
-    monkeypatch.setattr(cpu_plan, "PIXEL_MAJOR_MIN_RANK", 1 if branch == "pixel-major-intermediates" else 1 << 30)
+    monkeypatch.setattr(cpu_dispatch, "dense_is_cheaper", lambda *args: branch == "dense-weight")
+    monkeypatch.setattr(cpu_dispatch, "IM2COL_MAX_CHANNELS", 1 << 30 if branch == "im2col-depthwise" else 0)
+    monkeypatch.setattr(cpu_dispatch, "IM2COL_MAX_BYTES", 1 << 62)
+    monkeypatch.setattr(cpu_dispatch, "PIXEL_MAJOR_MIN_RANK", 1 if branch == "pixel-major-intermediates" else 1 << 30)
     for name in _SPIED:
-        original = getattr(cpu, name)
-        monkeypatch.setattr(cpu, name, lambda *args, _f=original, _n=name: ran.append(_n) or _f(*args))
+        original = getattr(cp_arranged, name)
+        monkeypatch.setattr(cp_arranged, name, lambda *args, _f=original, _n=name: ran.append(_n) or _f(*args))
     return ran
 
 
@@ -164,7 +164,7 @@ def test_im2col_depthwise_dtypes_and_grads(monkeypatch, dtype):
 
 def test_cpu_policy():
     """Where the CPU path's choices land, on shapes it was measured on."""
-    from cpkernels.plans import cpu
+    from cpkernels.dispatch import cpu
 
     def t(n, c, hw):
         return torch.empty(n, c, hw, hw, device="meta")

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from cpkernels import profile
-from cpkernels.layers import LAYERS, LAYERS_BY_NAME
+from cpkernels.tools import profile
+from cpkernels.tools.layers import LAYERS, LAYERS_BY_NAME
 
 
 def test_shared_layer_list():
@@ -21,7 +21,7 @@ def test_shared_layer_list():
 
 
 def test_rows_kernel_factor_bytes_by_hand():
-    from cpkernels.cost import ConvShape
+    from cpkernels.core.cost import ConvShape
 
     # 2 images, 10x20 output (padding 1), ROWS 4, BLOCK_W 16: 3 bands x 2 strips = 6 programs per image.
     shape = ConvShape(2, 8, 6, (10, 20))
@@ -52,7 +52,7 @@ def test_profiler_applies_dilation(monkeypatch):
     """--dilation reaches every backend: the dense conv's output shrinks by the dilated kernel."""
     import torch
 
-    from cpkernels.cost import ConvShape
+    from cpkernels.core.cost import ConvShape
 
     captured = {}
     original = profile.build_cases
@@ -123,7 +123,7 @@ def test_gpu_bench_fused_row_notes_config_and_l2_bytes():
 
     from bench import gpu_bench
     from cpkernels import cp_conv2d
-    from cpkernels.cost import ConvShape
+    from cpkernels.core.cost import ConvShape
 
     from .oracle import random_factors
 
@@ -142,9 +142,9 @@ def test_gpu_bench_times_the_taps_kernel_too(monkeypatch):
     import torch
 
     from bench import gpu_bench
-    from cpkernels.cost import ConvShape
+    from cpkernels.core.cost import ConvShape
     from cpkernels.kernels import cp_conv2d_fused as fused
-    from cpkernels.profile import Case
+    from cpkernels.tools.profile import Case
 
     seen = set()
     x = torch.zeros(1)
@@ -165,7 +165,7 @@ def test_gpu_bench_graph_time(device):
     import torch
 
     from bench import gpu_bench
-    from cpkernels.profile import Case
+    from cpkernels.tools.profile import Case
 
     info = gpu_bench.graph_time(Case("dense", "nchw", lambda x: x * 2, torch.zeros(1024, device=device), 1))
     if device == "cuda":

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cpkernels import Tucker2Factors, TuckerConv2d, tucker2_conv2d
-from cpkernels.ops.conv_args import is_channels_last
+from cpkernels.core.conv_args import is_channels_last
 
 from .cases import CONV_CASES, case
 from .oracle import assert_matches_oracle, oracle_conv2d, random_tucker2

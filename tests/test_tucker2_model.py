@@ -15,7 +15,7 @@ from .oracle import assert_matches_oracle
 def trained():
     """(model, test images, test labels) of the digits CNN trained here."""
     pytest.importorskip("sklearn")
-    from cpkernels.digits import trained_cnn
+    from cpkernels.tools.digits import trained_cnn
 
     model, data = trained_cnn(epochs=8)
     return model, data
@@ -148,7 +148,7 @@ def test_onnx_export_of_a_mixed_model(tmp_path):
 
 def test_onnx_auto_plan_times_tucker2_layers_too():
     pytest.importorskip("onnxruntime", reason="the export extra is not installed")
-    from cpkernels.plans.onnx import plan_onnx_forms
+    from cpkernels.export.forms import plan_onnx_forms
 
     model = small_net().eval()
     model[2] = TuckerConv2d.from_conv(model[2], (8, 6))

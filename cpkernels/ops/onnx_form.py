@@ -16,10 +16,10 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..factors import CPFactors
-from . import conv_args
-from .reference import stage_weights
-from .tucker2_reference import tucker2_stage_weights
+from cpkernels.core import conv_args
+from cpkernels.factors import CPFactors
+from cpkernels.ops.reference import stage_weights
+from cpkernels.ops.tucker2_reference import tucker2_stage_weights
 
 # Two depthwise stages or one: set for the length of an export by :func:`depthwise_merged`. One merged
 # kh x kw depthwise Conv ran faster in ONNX Runtime on the CPU (bench/onnx_speed.py), so it is the default.

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
-from ..factors import reconstruct
+from cpkernels.factors import reconstruct
 
 
 def stage_weights(
@@ -117,7 +117,7 @@ def cp_conv2d_reference(
     pad_v, ph = _split_padding(pt, pb)
     pad_h, pw = _split_padding(pl, pr)
 
-    # record_function names the stages for torch.profiler (cpkernels.profile); it costs nothing
+    # record_function names the stages for torch.profiler (cpkernels.tools.profile); it costs nothing
     # measurable when no profiler runs.
     with record_function("cp_conv2d.stage1_pointwise_in"):
         t = F.conv2d(x, w_in, None, 1, 0, 1, groups)

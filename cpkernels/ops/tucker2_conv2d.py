@@ -1,13 +1,13 @@
 """``tucker2_conv2d``: the Tucker-2 layer's functional op, and its ``torch.library`` registration.
 
-The same chain as :mod:`cpkernels.ops.cp_conv2d`: :func:`tucker2_conv2d` (argument checks in PyTorch's
-wording, padding modes, autocast, unbatched input) -> ``torch.ops.cpkernels.tucker2_conv2d`` (custom op:
+The same chain as :mod:`cpkernels.ops.cp_conv2d`: :func:`tucker2_conv2d` (the shared front end of
+:mod:`cpkernels.ops.frontend`) -> ``torch.ops.cpkernels.tucker2_conv2d`` (custom op:
 fake impl, autograd; what ``torch.compile`` and ``torch.export`` record) -> one implementation:
 ``"reference"``, the three convs (:mod:`cpkernels.ops.tucker2_reference`); ``"cpu"``, the same stages
 arranged for CPU libraries; ``"dense"``, one conv of the reconstructed weight; ``"triton"``, the taps
 kernel on per-tap weights folded from the input factor and the core
 (:func:`cpkernels.kernels.cp_conv2d_fused.taps_conv2d_fused`). On CUDA, ``backend="auto"`` follows
-the GPU plan (:data:`cpkernels.plans.gpu.TUCKER2_STRATEGIES`); on the CPU it takes the CPU path.
+the GPU plan (:data:`cpkernels.dispatch.gpu.TUCKER2_STRATEGIES`); on the CPU it takes the CPU path.
 While ``torch.onnx.export`` runs the layer is written as three standard Convs. The backward is the
 reference maths whichever implementation ran forward.
 """
@@ -18,22 +18,25 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..factors import Tucker2Factors
-from . import conv_args
-from .cp_conv2d import (_autocast, batched_and_padded, check_call, exporting_to_onnx, refuse_onnx_export,
-                        resolve_backend)
-from .onnx_form import tucker2_conv2d_onnx_form
-from .tucker2_reference import (tucker2_conv2d_cpu, tucker2_conv2d_dense_weight, tucker2_conv2d_reference,
-                                tucker2_conv2d_reference_backward)
+from cpkernels.core import conv_args
+from cpkernels.factors import Tucker2Factors
+from cpkernels.ops.frontend import (FactoredOp, factored_conv2d, fake_output, refuse_onnx_export,
+                                    register_reference_autograd)
+from cpkernels.ops.onnx_form import tucker2_conv2d_onnx_form
+from cpkernels.ops.tucker2_arranged import tucker2_conv2d_cpu
+from cpkernels.ops.tucker2_reference import (tucker2_conv2d_dense_weight, tucker2_conv2d_reference,
+                                             tucker2_conv2d_reference_backward)
 
-IMPLEMENTATIONS = ("reference", "cpu", "dense", "triton")
-_IMPLS = {"reference": tucker2_conv2d_reference, "cpu": tucker2_conv2d_cpu, "dense": tucker2_conv2d_dense_weight}
-# The GPU plan's Tucker-2 strategies (cpkernels.plans.gpu.TUCKER2_STRATEGIES) and what each one runs.
+FUSED_IMPLS = {"triton": None}  # one kernel: the taps kernel on folded per-tap weights
+IMPLS = {"reference": tucker2_conv2d_reference, "cpu": tucker2_conv2d_cpu, "dense": tucker2_conv2d_dense_weight}
+IMPLEMENTATIONS = (*IMPLS, *FUSED_IMPLS)
+# The GPU plan's Tucker-2 strategies (cpkernels.dispatch.gpu.TUCKER2_STRATEGIES) and what each one runs.
 STRATEGY_IMPLS = {"dense": "dense", "three-stage": "reference", "fused-taps": "triton"}
 
 
 def _fused(x, input_factor, core, output_factor, bias, stride, padding, dilation) -> Tensor:
-    from ..kernels.cp_conv2d_fused import taps_conv2d_fused
+    # the kernels import triton: loaded on first use
+    from cpkernels.kernels.cp_conv2d_fused import taps_conv2d_fused
 
     # [G, kh*kw, Cin/G, R_out] in x's dtype: the kernel's tl.dot takes both operands in one dtype.
     taps = Tucker2Factors(output_factor, core, input_factor).tap_weights().to(x.dtype)
@@ -56,67 +59,54 @@ def _tucker2_conv2d_op(
     """Tucker-2 conv of a 4-D ``x``; ``padding`` is ``(top, bottom, left, right)`` zero padding."""
     refuse_onnx_export("tucker2_conv2d")
     args = (x, input_factor, core, output_factor, bias, stride, padding, dilation)
-    if impl == "triton":
+    if impl in FUSED_IMPLS:
         return _fused(*args)
-    if impl in _IMPLS:
-        return _IMPLS[impl](*args)
+    if impl in IMPLS:
+        return IMPLS[impl](*args)
     raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
 @_tucker2_conv2d_op.register_fake
 def _(x, input_factor, core, output_factor, bias, stride, padding, dilation, impl):
     refuse_onnx_export("tucker2_conv2d")
-    oh, ow = conv_args.output_size(tuple(x.shape[2:]), tuple(core.shape[3:]), stride, padding, dilation)
-    cout = output_factor.shape[0] * output_factor.shape[1]
-    return x.new_empty((x.shape[0], cout, oh, ow)).contiguous(memory_format=conv_args.memory_format_of(x))
+    return fake_output(x, tuple(core.shape[3:]), output_factor.shape[0] * output_factor.shape[1], stride, padding,
+                       dilation)
 
 
-def _setup_context(ctx, inputs, output):
-    x, f_in, core, f_out, bias, stride, padding, dilation, _ = inputs
-    ctx.save_for_backward(x, f_in, core, f_out)
-    ctx.has_bias = bias is not None
-    ctx.conv = (stride, padding, dilation)
-
-
-def _backward(ctx, grad_y):
-    x, f_in, core, f_out = ctx.saved_tensors
-    grads = tucker2_conv2d_reference_backward(
-        grad_y.contiguous(memory_format=conv_args.memory_format_of(x)), x, f_in, core, f_out, ctx.has_bias,
-        *ctx.conv, ctx.needs_input_grad[:5],
-    )
-    return (*grads, None, None, None, None)
-
-
-_tucker2_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+_setup_context, _backward = register_reference_autograd(_tucker2_conv2d_op, tucker2_conv2d_reference_backward)
 
 
 class _FusedTucker2Conv2d(torch.autograd.Function):
-    """Eager calls of the fused kernel without the custom op's dispatch cost (see ``_FusedCPConv2d``)."""
+    """Eager calls of the fused kernel without the custom op's dispatch cost (see ``_FusedCPConv2d``).
+    ``kernel`` is always None: Tucker-2 has the taps kernel alone."""
 
     @staticmethod
-    def forward(ctx, x, input_factor, core, output_factor, bias, stride, padding, dilation):
+    def forward(ctx, x, input_factor, core, output_factor, bias, stride, padding, dilation, kernel):
         y = _fused(x, input_factor, core, output_factor, bias, stride, padding, dilation)
         _setup_context(ctx, (x, input_factor, core, output_factor, bias, stride, padding, dilation, "triton"), y)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _backward(ctx, grad_y)[:5] + (None, None, None)
+        return _backward(ctx, grad_y)[:5] + (None, None, None, None)
 
 
-def _planned_impl(tensors, stride, pad, dilation, measure: bool) -> str:
-    """The implementation the GPU plan picks for this call (cached per call signature)."""
-    from ..plans import gpu
+def _plan_shape(tensors) -> tuple:
+    _, _, core, f_out, _ = tensors
+    return (core.shape[1], core.shape[2]), core.shape[0], f_out.shape[0] * f_out.shape[1], tuple(core.shape[3:])
 
-    x, f_in, core, f_out, _ = tensors
 
-    def run(strategy: str) -> Tensor:
-        with torch.no_grad():
-            return _tucker2_conv2d_op(*tensors, list(stride), list(pad), list(dilation), STRATEGY_IMPLS[strategy])
-
-    chosen = gpu.choose(x, (core.shape[1], core.shape[2]), core.shape[0], f_out.shape[0] * f_out.shape[1],
-                        tuple(core.shape[3:]), stride, pad, dilation, run=run if measure else None)
-    return STRATEGY_IMPLS[chosen.chosen]
+TUCKER2_OP = FactoredOp(
+    name="tucker2_conv2d",
+    factor_tensors=lambda f: (f.input, f.core, f.output),
+    plan_shape=_plan_shape,
+    custom_op=_tucker2_conv2d_op,
+    fused=_FusedTucker2Conv2d,
+    fused_impls=FUSED_IMPLS,
+    impls=IMPLS,
+    strategy_impls=STRATEGY_IMPLS,
+    onnx_form=tucker2_conv2d_onnx_form,
+)
 
 
 def tucker2_conv2d(
@@ -135,23 +125,4 @@ def tucker2_conv2d(
     ``"auto"`` (the GPU plan on CUDA, the CPU path on the CPU), ``"reference"`` (the three convs) or
     ``"triton"`` (the fused taps kernel, forced).
     """
-    stride_, dilation_, pad = check_call(x, factors, bias, stride, padding, dilation, padding_mode)
-    impl = resolve_backend(backend, x)
-    if exporting_to_onnx():
-        return tucker2_conv2d_onnx_form(x, factors, bias, stride_, padding, dilation_, padding_mode)
-    unbatched = x.dim() == 3
-    x, pad = batched_and_padded(x, pad, padding_mode)
-    tensors = [x, factors.input, factors.core, factors.output, bias]
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        tensors = _autocast(tensors, device_type)
-    compiling = torch.compiler.is_compiling() or torch.jit.is_tracing()
-    if impl == "gpu-plan":
-        impl = _planned_impl(tensors, stride_, pad, dilation_, measure=not compiling)
-    if compiling:
-        y = _tucker2_conv2d_op(*tensors, list(stride_), list(pad), list(dilation_), impl)
-    elif impl == "triton":
-        y = _FusedTucker2Conv2d.apply(*tensors, stride_, pad, dilation_)
-    else:
-        y = _IMPLS[impl](*tensors, stride_, pad, dilation_)
-    return y.squeeze(0) if unbatched else y
+    return factored_conv2d(TUCKER2_OP, x, factors, bias, stride, padding, dilation, padding_mode, backend)

@@ -17,11 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
-from ..factors import Tucker2Factors
-from ..plans import cpu as cpu_plan
-from .conv_args import output_size
-from .cpu import _pointwise_matmul
-from .reference import reused_dense_weight, upcast_16bit
+from cpkernels.factors import Tucker2Factors
+from cpkernels.ops.reference import reused_dense_weight
 
 
 def tucker2_stage_weights(input_factor: Tensor, core: Tensor, output_factor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,65 +84,6 @@ def tucker2_conv2d_dense_weight(
     if explicit is not None:
         x = F.pad(x, explicit)
     return F.conv2d(x, weight, bias, stride, sym, dilation, input_factor.shape[0])
-
-
-def tucker2_conv2d_cpu(
-    x: Tensor,
-    input_factor: Tensor,
-    core: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
-    """The three stages arranged for the CPU (see :mod:`cpkernels.ops.cpu` for what profiling showed):
-    16-bit inputs in fp32 with one rounding of the output; the dense conv where the CPU plan finds it
-    faster (:func:`cpkernels.plans.cpu.choose`); NCHW pointwise stages as batched GEMMs; channels_last as
-    three convs (GEMMs already)."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        up = upcast_16bit(x, input_factor, core, output_factor, bias)
-        return tucker2_conv2d_cpu(*up, stride, padding, dilation).to(x.dtype)
-    groups, _, r_in = input_factor.shape
-    r_out, kernel_size = core.shape[1], tuple(core.shape[3:])
-    cout = output_factor.shape[0] * output_factor.shape[1]
-    factors = (input_factor, core, output_factor, bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *factors))
-    key = cpu_plan.call_key(x, (r_out, r_in), groups, cout, kernel_size, stride, padding, dilation, needs_grad)
-    how = cpu_plan.decided(key)
-    if how is None:
-        out_size = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
-        staged = cpu_plan.Plan(STAGES, x.shape[0])
-        dense = cpu_plan.Plan(cpu_plan.DENSE, x.shape[0])
-
-        def run(name: str) -> Tensor:
-            if name == "reference":
-                return tucker2_conv2d_reference(x, *factors, stride, padding, dilation)
-            return _tucker2_arranged(staged if name == STAGES else dense, x, *factors, stride, padding, dilation)
-
-        dense_cheaper = cpu_plan.tucker2_dense_is_cheaper(x, (r_out, r_in), groups, cout, kernel_size, out_size)
-        how = cpu_plan.choose(key, dense if dense_cheaper else staged, dense, staged, run, x.dtype, needs_grad)
-    return _tucker2_arranged(how, x, *factors, stride, padding, dilation)
-
-
-STAGES = "stages"  # the CPU plan's one staged arrangement of a Tucker-2 call
-
-
-def _tucker2_arranged(how, x: Tensor, input_factor: Tensor, core: Tensor, output_factor: Tensor,
-                      bias: Optional[Tensor], stride, padding, dilation) -> Tensor:
-    """The Tucker-2 conv of a 4-D fp32/fp64 ``x`` computed the way ``how`` says."""
-    if how.arrangement == cpu_plan.DENSE:
-        return tucker2_conv2d_dense_weight(x, input_factor, core, output_factor, bias, stride, padding, dilation)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return tucker2_conv2d_reference(x, input_factor, core, output_factor, bias, stride, padding, dilation)
-    groups = input_factor.shape[0]
-    _, w_core, _ = tucker2_stage_weights(input_factor, core, output_factor)
-    explicit, sym = _core_padding(padding)
-    t = _pointwise_matmul(x, input_factor.transpose(1, 2), None)  # [N, G*R_in, H, W]
-    if explicit is not None:
-        t = F.pad(t, explicit)
-    t = F.conv2d(t, w_core, None, stride, sym, dilation, groups).contiguous()
-    return _pointwise_matmul(t, output_factor, bias)
 
 
 def tucker2_conv2d_reference_backward(

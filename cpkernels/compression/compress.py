@@ -1,0 +1,303 @@
+"""Model surgery: replace a network's ``nn.Conv2d`` layers by ``CPConv2d``, with a report of what it cost.
+
+    model_cp, report = cpkernels.compress_model(model, rank=0.25, input_size=(1, 3, 224, 224))
+    print(report)
+    torch.save({"structure": report.structure, "state_dict": model_cp.state_dict()}, "cp.pt")
+    # later, without pickled code:
+    cpkernels.apply_structure(fresh_model, saved["structure"]); fresh_model.load_state_dict(saved["state_dict"])
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import numbers
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from cpkernels.compression.convs import conv_input_sizes, conv_shape, convs_of, filter_reason, replace_everywhere
+from cpkernels.compression.families import FAMILIES, families_for, family_of_layer, family_of_rank
+from cpkernels.compression.families.base import Family
+from cpkernels.compression.ranks import RankPlan
+from cpkernels.decompositions.cp import RankSpec
+
+DEFAULT_RANK = 0.25  # compress_model's rank when neither rank nor target_error is given
+NUMERIC_KEYS = ("params_before", "params_after", "macs_before", "macs_after", "seconds")
+ROW_KEYS = ("name", "shape", "stride", "decomposition", "rank", "params_before", "params_after", "macs_before", "macs_after",
+            "weight_error", "degeneracy", "cancellation", "seconds", "skipped")
+
+
+# --------------------------------------------------------------------------------------------------
+# Costs of one conv
+# --------------------------------------------------------------------------------------------------
+def saves_macs(family: Family, conv: nn.Conv2d, rank, in_hw: Optional[tuple[int, int]] = None) -> bool:
+    """Whether ``family``'s form at ``rank`` costs fewer MACs than ``conv``; without an input size, on a
+    nominal 64x64 output."""
+    shape = conv_shape(conv, in_hw or (64 * conv.stride[0], 64 * conv.stride[1]))
+    return family.macs(shape, rank) < shape.dense_macs()
+
+
+def rank_for_mac_fraction(conv: nn.Conv2d, fraction: float, in_hw: tuple[int, int]) -> int:
+    """The largest rank whose CP form costs at most ``fraction`` of the dense conv's MACs (at least 1)."""
+    shape = conv_shape(conv, in_hw)
+    per_rank = FAMILIES["cp"].macs(shape, 1)  # CP's MACs are linear in the rank
+    return max(1, int(fraction * shape.dense_macs() // per_rank))
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class CompressionReport:
+    """One row per ``nn.Conv2d`` of the model (compressed or skipped), and their totals."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def totals(self) -> dict:
+        out = {}
+        for key in NUMERIC_KEYS:
+            values = [r[key] for r in self.rows if r[key] is not None]
+            out[key] = sum(values) if values else None
+        return out
+
+    @property
+    def structure(self) -> dict[str, Union[int, tuple[int, int]]]:
+        """``{qualified name: rank}`` of the compressed layers, an int for CP and a pair ``(R_out, R_in)`` for
+        Tucker-2: what :func:`apply_structure` needs."""
+        return {r["name"]: r["rank"] for r in self.rows if r["skipped"] is None}
+
+    def to_csv(self, path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=ROW_KEYS)
+            writer.writeheader()
+            for r in self.rows:
+                writer.writerow({k: r[k] for k in ROW_KEYS})
+
+    def __str__(self) -> str:
+        def num(v, spec=","):
+            return "-" if v is None else format(v, spec)
+
+        header = ("layer", "shape", "form", "rank", "params", "MACs", "weight err", "degeneracy", "cancellation", "s",
+                  "")
+        lines = []
+        for r in self.rows:
+            params = f"{num(r['params_before'])} -> {num(r['params_after'])}"
+            macs = "-" if r["macs_before"] is None else f"{num(r['macs_before'])} -> {num(r['macs_after'])}"
+            rank = "-" if r["rank"] is None else family_of_rank(r["rank"]).rank_text(r["rank"])
+            lines.append((r["name"], "x".join(map(str, r["shape"])), r["decomposition"] or "-", rank, params, macs,
+                          num(r["weight_error"], ".3f"), num(r["degeneracy"], ".1f"), num(r["cancellation"], ".1f"),
+                          num(r["seconds"], ".2f"),
+                          f"skipped: {r['skipped']}" if r["skipped"] else ""))
+        t = self.totals
+        lines.append(("total", "", "", "", f"{num(t['params_before'])} -> {num(t['params_after'])}",
+                      "-" if t["macs_before"] is None else f"{num(t['macs_before'])} -> {num(t['macs_after'])}",
+                      "", "", "", num(t["seconds"], ".2f"), ""))
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+        fmt = "  ".join(f"{{:{w}}}" for w in widths)
+        table = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        table += [fmt.format(*map(str, line)) for line in lines]
+        return "\n".join(line.rstrip() for line in table)
+
+
+def layer_row(name: str, conv: nn.Conv2d, shape, skipped: Optional[str]) -> dict:
+    """The report's row of ``conv`` left dense (``skipped`` says why; None until a factored form replaces it)."""
+    macs = shape.dense_macs() if shape is not None else None
+    return {"name": name, "shape": tuple(conv.weight.shape), "stride": tuple(conv.stride), "decomposition": None,
+            "rank": None, "params_before": conv.weight.numel(), "params_after": conv.weight.numel(),
+            "macs_before": macs, "macs_after": macs, "weight_error": None, "degeneracy": None, "cancellation": None,
+            "seconds": None, "skipped": skipped}
+
+
+def factored_row(row: dict, conv: nn.Conv2d, layer: nn.Module, shape, seconds: float) -> dict:
+    """``row`` updated with the factored ``layer`` that replaces ``conv``."""
+    family = family_of_layer(layer)
+    factors = layer.factors.detach()
+    row.update(decomposition=family.name, rank=layer.rank, params_after=factors.num_params,
+               macs_after=family.macs(shape, layer.rank) if shape is not None else None,
+               weight_error=factors.relative_error(conv.weight), seconds=seconds, skipped=None,
+               **family.diagnostics(factors))
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Compression
+# --------------------------------------------------------------------------------------------------
+def compress_model(
+    model: nn.Module,
+    rank: Union[RankSpec, Mapping[str, RankSpec], None] = None,
+    *,
+    target_error: Optional[float] = None,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+    predicate: Optional[Callable[[str, nn.Module], bool]] = None,
+    min_channels: int = 1,
+    skip_first: bool = False,
+    inplace: bool = False,
+    input_size: Optional[Sequence[int]] = None,
+    example_inputs: Optional[Iterable] = None,
+    backend: str = "auto",
+    progress: Optional[bool] = None,
+    rank_multiple: int = 1,
+    decomposition: str = "cp",
+    **decompose_kwargs,
+) -> tuple[nn.Module, CompressionReport]:
+    """Replace the ``nn.Conv2d`` layers of ``model`` by ``CPConv2d`` (or ``TuckerConv2d``).
+
+    Args:
+        model: any module; it is left untouched unless ``inplace=True``.
+        rank: for every layer an ``int``, a ``float`` in (0, 1] (fraction of its parameters), a dict
+            ``{qualified name: rank}`` (layers missing from it fall back to ``target_error`` if given,
+            else are skipped), or a :class:`cpkernels.compression.ranks.RankPlan` from
+            :func:`cpkernels.plan_ranks` (its decompositions are reused). Without ``rank`` and
+            ``target_error``: 0.25.
+        target_error: instead of a rank: per layer, the smallest rank with relative weight error at
+            most this.
+        include, exclude: glob patterns on qualified names (``"features.*"``).
+        predicate: ``predicate(name, module) -> bool``, a further filter.
+        min_channels: skip layers with fewer input or output channels.
+        skip_first: leave the first conv (in ``model.named_modules()`` order) dense.
+        input_size / example_inputs: an input shape (zeros are used) or inputs for one forward pass
+            that records each conv's input size, for the MACs in the report.
+        backend: the ``CPConv2d`` backend.
+        progress: a tqdm bar over the layers; ``None`` shows it only on a terminal.
+        rank_multiple: round every rank (given, or found for ``target_error``) up to a multiple of this;
+            ONNX Runtime's blocked CPU convs want channel counts in multiples of 4 or 8 (see README).
+        decomposition: ``"cp"``; ``"tucker2"`` (``TuckerConv2d``: a rank is a pair ``(R_out, R_in)``, an int for
+            both, or a parameter fraction split in proportion to the channel counts); or ``"auto"``, per layer
+            the one with the lower weight error at the same parameter fraction (or, for ``target_error``, the
+            one meeting it with fewer MACs). A pair in a per-layer rank dict makes that layer Tucker-2.
+        decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, random_state, ...);
+            Tucker-2 takes ``n_iter_max``, ``random_state`` and ``input_covariance`` of them.
+
+    Returns:
+        The compressed model (same device and dtype) and a :class:`CompressionReport`.
+        Depthwise and 1x1 convs, layers under ``min_channels`` and layers where CP would not save MACs
+        are skipped, each with its reason. A conv shared by several parents is replaced once.
+    """
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
+    families = families_for(decomposition)
+    if decomposition == "auto" and isinstance(rank, int) and not isinstance(rank, bool):
+        raise ValueError("decomposition='auto' compares CP and Tucker-2 at one parameter fraction or target error: "
+                         "give rank as a float in (0, 1] or target_error, not an int")
+    if isinstance(rank, RankPlan):
+        if rank_multiple != 1:
+            raise ValueError("a RankPlan has its ranks already: give rank_multiple to plan_ranks instead")
+        return _apply_plan(model, rank, inplace, backend)
+    if rank is None and target_error is None:
+        rank = DEFAULT_RANK
+    if target_error is not None and rank is not None and not isinstance(rank, Mapping):
+        raise ValueError("give either rank or target_error, not both (a per-layer rank dict may go with it)")
+    if not inplace:
+        model = copy.deepcopy(model)
+    sizes = conv_input_sizes(model, input_size, example_inputs)
+    convs = list(convs_of(model))
+    report = CompressionReport()
+    for i, (name, conv, names) in enumerate(tqdm(convs, desc="compressing", unit="layer",
+                                                 disable=None if progress is None else not progress)):
+        in_hw = sizes.get(id(conv))
+        layer_rank = rank.get(name) if isinstance(rank, Mapping) else rank
+        target = target_error if layer_rank is None else None
+        shape = conv_shape(conv, in_hw) if type(conv) is nn.Conv2d else None
+        reason = filter_reason(name, conv, include, exclude, predicate, min_channels, skip_first and i == 0)
+        candidates = {}
+        if reason is None:
+            candidates, reason = _candidates(conv, layer_rank, target, families, rank_multiple, in_hw)
+        row = layer_row(name, conv, shape, reason)
+        if reason is None:
+            start = time.perf_counter()
+            layer = _best_layer(conv, candidates, target, rank_multiple, backend, shape, decompose_kwargs)
+            seconds = time.perf_counter() - start
+            if shape is not None and not family_of_layer(layer).macs(shape, layer.rank) < shape.dense_macs():
+                row["skipped"] = f"rank {layer.rank} (from target_error) saves no MACs"
+            else:
+                factored_row(row, conv, layer, shape, seconds)
+                replace_everywhere(model, names, layer)
+        report.rows.append(row)
+    return model, report
+
+
+def _candidates(conv: nn.Conv2d, layer_rank, target, families, multiple: int, in_hw) -> tuple[dict, Optional[str]]:
+    """``({family: rank, or None for a target error}, None)`` of the candidate forms that save MACs, or
+    ``({}, why none is tried)``. A rank that only one family has (a Tucker-2 pair) picks that family."""
+    if layer_rank is None and target is None:
+        return {}, "no rank given for this layer"
+    if layer_rank is not None and not isinstance(layer_rank, numbers.Real):
+        families = (family_of_rank(layer_rank),)
+    candidates = {f: None if layer_rank is None else f.round_up(f.resolve(layer_rank, conv), conv, multiple)
+                  for f in families}
+    saving = {f: r for f, r in candidates.items() if r is None or saves_macs(f, conv, r, in_hw)}
+    if not saving:  # the reason shown is the last candidate's
+        return {}, f"rank {list(candidates.values())[-1]} saves no MACs"
+    return saving, None
+
+
+def _best_layer(conv, candidates: dict, target, multiple, backend, shape, decompose_kwargs):
+    """The layer of each candidate family; of two, the lower weight error at a given rank policy, or the fewer
+    MACs (parameters without an input size) for a target error."""
+    layers = [f.layer(conv, r, target, multiple, backend, decompose_kwargs) for f, r in candidates.items()]
+    if len(layers) == 1:
+        return layers[0]
+    if target is None:
+        return min(layers, key=lambda m: m.factors.relative_error(conv.weight))
+    return min(layers, key=lambda m: (family_of_layer(m).macs(shape, m.rank) if shape is not None
+                                      else m.factors.num_params))
+
+
+def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str) -> tuple[nn.Module, CompressionReport]:
+    """``compress_model(model, plan)``: the plan's ranks, with the factors it decomposed when it has them
+    (a plan read from JSON has none: those layers are decomposed at the planned rank)."""
+    plan.check_model(model)
+    if plan.method == "data" and any(r["rank"] is not None and r["name"] not in plan.factors for r in plan.rows):
+        warnings.warn("this plan holds no factors (a plan read from JSON): its layers are decomposed at the planned "
+                      "ranks by weight-only CP, not with its calibration statistics; plan and compress in one "
+                      "session for the data-aware factors", stacklevel=3)
+    if not inplace:
+        model = copy.deepcopy(model)
+    names_of = {id(conv): names for _, conv, names in convs_of(model)}
+    report = CompressionReport()
+    for planned in plan.rows:
+        conv = model.get_submodule(planned["name"])
+        row = layer_row(planned["name"], conv, None, planned["reason"])
+        if plan.metric == "macs" and planned["considered"]:
+            row.update(macs_before=planned["cost_before"], macs_after=planned["cost_before"])
+        if planned["rank"] is not None:
+            start = time.perf_counter()
+            family = family_of_rank(planned["rank"])
+            factors = plan.factors.get(planned["name"])
+            layer = (family.module.from_conv(conv, family.normalise(planned["rank"]), backend=backend)
+                     if factors is None else family.from_factors(factors, conv, backend))
+            factored_row(row, conv, layer, None, time.perf_counter() - start)
+            if plan.metric == "macs":
+                row.update(macs_before=planned["cost_before"], macs_after=planned["cost_after"])
+            replace_everywhere(model, names_of[id(conv)], layer)
+        report.rows.append(row)
+    return model, report
+
+
+def apply_structure(model: nn.Module, structure: Union[CompressionReport, Mapping[str, int]]) -> nn.Module:
+    """Give ``model`` the structure of a compression (in place), so a saved ``state_dict`` loads.
+
+    ``structure`` is a :class:`CompressionReport` or its ``.structure`` dict ``{name: rank}``: an int rank
+    makes a ``CPConv2d``, a pair ``(R_out, R_in)`` (or a 2-list, as JSON keeps it) a ``TuckerConv2d``. The
+    new layers take each conv's hyperparameters, device and dtype; their factors are left to
+    ``load_state_dict``.
+    """
+    if isinstance(structure, CompressionReport):
+        structure = structure.structure
+    names_of = {id(conv): names for _, conv, names in convs_of(model)}
+    factored = tuple(f.module for f in FAMILIES.values())
+    for name, rank in structure.items():
+        conv = model.get_submodule(name)
+        if isinstance(conv, factored):
+            continue
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f"{name} is a {type(conv).__name__}, not an nn.Conv2d")
+        family = family_of_rank(rank)
+        replace_everywhere(model, names_of[id(conv)], family.empty_layer(conv, family.normalise(rank)))
+    return model

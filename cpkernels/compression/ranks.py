@@ -1,0 +1,407 @@
+"""The rank plan: one rank per conv (or dense) for a budget on the whole network.
+
+For every conv considered, a ladder of candidate ranks (each a fraction of the layer's dense cost,
+rounded up to ``rank_multiple``) is decomposed from the largest rank down, each rung warm-started from
+the strongest terms of the one above, and its relative error measured in float64: the weight's error
+(``method="weight"``), or the conv output's error on calibration inputs, weighed by how much the
+network's output moves per unit of it (``method="data"``). Then an exact multiple-choice knapsack
+(dynamic programming over costs discretised *up* to 1/``RESOLUTION`` of the budget, so the plan never
+exceeds it) picks for each layer one rung or dense, minimising the summed error under ``budget`` times
+the layers' dense cost. ``method="vbmf"`` skips the ladder: the older tools' per-layer estimate, scaled
+to the budget. The cost is MACs, parameters, or latency measured on the model's device. The
+decompositions are kept with the plan, so ``compress_model(model, plan)`` decomposes nothing again.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cpkernels.compression.calibration import _Hooks, as_batches, input_statistics, output_sensitivity, shrink
+from cpkernels.compression.convs import conv_input_sizes, conv_shape, convs_of, filter_reason
+from cpkernels.compression.families import DECOMPOSITIONS, families_for, family_of_rank
+from cpkernels.compression.families.cp import EXACT
+from cpkernels.compression.knapsack import knapsack, scale_to_budget
+from cpkernels.core.timing import time_median
+from cpkernels.decompositions.whitening import input_whitening, whiten_input_mode
+from cpkernels.factors import CPFactors, Tucker2Factors
+
+METRICS = ("macs", "params", "latency")
+METHODS = ("weight", "data", "vbmf")
+SHRINKAGE = 0.8  # method="data": weight of the identity in the shrunk input covariance (see README)
+# Candidate ranks: these fractions of each layer's dense cost.
+LADDER = (0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4, 0.55, 0.75)
+MAX_RANK = 1.5  # candidate ranks up to this times the larger channel count (per group)
+
+
+@dataclass
+class RankPlan:
+    """Per conv: ``name``, ``shape``, ``rank`` (None: stays dense), ``reason`` (why dense), ``considered``
+    (counted in the budget), ``error`` (the method's relative error at that rank: the output's for
+    ``"data"``, the weight's otherwise), ``weight_error``, ``sensitivity`` (``"data"``: the network
+    output's relative change per unit of relative error in this conv's output; 1 otherwise),
+    ``cost_before``, ``cost_after`` in ``metric`` units (microseconds for latency; 0 for convs not
+    considered), and for ``"vbmf"`` the layer's unscaled estimate ``vbmf_rank``."""
+
+    metric: str
+    method: str
+    budget: float
+    rows: list[dict] = field(default_factory=list)
+    factors: dict[str, Union[CPFactors, Tucker2Factors]] = field(default_factory=dict, repr=False)  # not in the JSON
+    decomposition: str = "cp"
+
+    @property
+    def totals(self) -> dict:
+        considered = [r for r in self.rows if r["considered"]]
+        before = sum(r["cost_before"] for r in considered)
+        after = sum(r["cost_after"] for r in considered)
+        return {"cost_before": before, "cost_after": after, "fraction": after / before if before else 1.0,
+                "error_sum": sum(r["error"] for r in considered)}
+
+    @property
+    def structure(self) -> dict[str, int]:
+        return {r["name"]: r["rank"] for r in self.rows if r["rank"] is not None}
+
+    def __str__(self) -> str:
+        unit = "µs" if self.metric == "latency" else self.metric
+        data = self.method == "data"  # the output error is planned on; the weight error and sensitivity shown too
+        header = ("layer", "shape", "rank", f"{unit} before", f"{unit} after",
+                  *(("output err", "weight err", "sensitivity") if data else ("weight err",)), "")
+
+        def num(x):
+            return f"{x:,.1f}" if isinstance(x, float) else f"{x:,}"
+
+        lines = []
+        for r in self.rows:
+            dense = r["rank"] is None
+            errors = ("-" if dense else f"{r['error']:.3f}",)
+            if data:
+                errors += ("-" if dense else f"{r['weight_error']:.3f}",
+                           f"{r['sensitivity']:.2f}" if r["considered"] else "-")
+            rank = "-" if dense else family_of_rank(r["rank"]).rank_text(r["rank"])
+            lines.append((r["name"], "x".join(map(str, r["shape"])), rank,
+                          num(r["cost_before"]) if r["considered"] else "-",
+                          num(r["cost_after"]) if r["considered"] else "-", *errors, r["reason"] or ""))
+        t = self.totals
+        lines.append(("total", "", "", num(t["cost_before"]), num(t["cost_after"]), f"{t['error_sum']:.3f}",
+                      *(("", "") if data else ()), f"{t['fraction']:.3f} of {self.metric} (budget {self.budget})"))
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+        fmt = "  ".join(f"{{:{w}}}" for w in widths)
+        rows = [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*x) for x in lines]
+        return "\n".join(line.rstrip() for line in rows)
+
+    def to_json(self) -> str:
+        return json.dumps({"metric": self.metric, "method": self.method, "budget": self.budget,
+                           "decomposition": self.decomposition,
+                           "rows": [{**r, "shape": list(r["shape"])} for r in self.rows]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RankPlan":
+        data = json.loads(text)
+        rows = [{**r, "shape": tuple(r["shape"]),
+                 "rank": None if r["rank"] is None else family_of_rank(r["rank"]).normalise(r["rank"])}
+                for r in data["rows"]]
+        return cls(data["metric"], data["method"], data["budget"], rows, decomposition=data.get("decomposition", "cp"))
+
+    def check_model(self, model: nn.Module) -> None:
+        """A plan applies only to a model with the same convs under the same names."""
+        convs = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+        mine = {r["name"]: tuple(r["shape"]) for r in self.rows}
+        if convs != mine:
+            missing = sorted(set(mine) ^ set(convs)) or sorted(n for n in mine if mine[n] != convs[n])
+            raise ValueError(f"this plan was made for another model: its convs differ at {missing[:5]}")
+
+
+_LATENCY_US: dict = {}  # (conv signature, input shape, rank or None, device, dtype) -> median microseconds
+
+
+def _time_layer(layer: nn.Module, x: torch.Tensor) -> float:
+    return 1e6 * time_median(layer, x)
+
+
+def latency_us(conv: nn.Conv2d, input_shape: tuple, rank) -> float:
+    """Median microseconds of ``conv`` (``rank=None``) or of its factored layer at ``rank`` (the family
+    whose rank it is) with the same arguments, on ``conv``'s device and dtype, with the backend ``"auto"``
+    runs there (the CPU plan or the GPU plan). Cached per shape: the factors' values do not change the time."""
+    p = conv.weight
+    key = (tuple(p.shape), conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode,
+           conv.bias is not None, tuple(input_shape), rank, str(p.device), p.dtype)
+    if key not in _LATENCY_US:
+        x = torch.randn(input_shape, device=p.device, dtype=p.dtype)
+        layer = conv if rank is None else family_of_rank(rank).empty_layer(conv, rank)
+        _LATENCY_US[key] = _time_layer(layer, x)
+    return _LATENCY_US[key]
+
+
+@dataclass
+class _Layer:
+    """One conv considered by the planner, as the phases fill it in."""
+
+    row: dict
+    conv: nn.Conv2d
+    cost: Optional[Callable] = None  # the cost of a rank (any family's), in the plan's metric
+    ranks: list = field(default_factory=list)  # candidate ranks, every family's
+    target: Optional[torch.Tensor] = None  # the weight decomposed (input-whitened for method="data")
+    inverse: Optional[torch.Tensor] = None  # S^(-1/2) of the whitening, which takes the input factor back
+    rungs: list = field(default_factory=list)  # (cost, error, rank, factors), the factors un-whitened
+
+
+def plan_ranks(
+    model: nn.Module,
+    budget: float = 0.25,
+    *,
+    metric: str = "macs",
+    method: str = "weight",
+    calibration: Optional[Iterable] = None,
+    input_size: Optional[Sequence[int]] = None,
+    example_inputs: Optional[Iterable] = None,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+    predicate: Optional[Callable[[str, nn.Module], bool]] = None,
+    min_channels: int = 1,
+    skip_first: bool = False,
+    rank_multiple: int = 1,
+    progress: Optional[bool] = None,
+    ladder: Sequence[float] = LADDER,
+    shrinkage: float = SHRINKAGE,
+    max_rank: float = MAX_RANK,
+    n_iter_max: int = 30,
+    random_state: int = 0,
+    decomposition: str = "cp",
+    **decompose_kwargs,
+) -> RankPlan:
+    """Ranks for every conv of ``model`` so that the considered convs keep at most ``budget`` of their
+    ``metric``, with the least summed error. ``model`` is not modified.
+
+    Args:
+        budget: the fraction in (0, 1] of the metric, over the convs considered, that may remain.
+        metric: ``"macs"`` (needs ``input_size``, ``example_inputs`` or ``calibration``), ``"params"``, or
+            ``"latency"``: every candidate timed on the model's device and dtype with the backend that
+            will run it (cached per shape); a conv whose CP form is not faster than it stays dense.
+        method: how a rank's error is judged.
+
+            - ``"weight"``: the relative weight error of its CP.
+            - ``"data"``: the relative error of the conv's output on ``calibration`` inputs (the CP
+              minimises that error: its input mode is whitened by the inputs' channel second moments,
+              shrunk toward the identity by ``shrinkage``), times the network output's measured
+              sensitivity to that conv's output.
+            - ``"vbmf"``: the older tools' data-free estimate (EVBMF on the output- and input-mode
+              unfoldings, the larger of the two), all layers' estimates scaled by one factor to the
+              budget; no ladder, one decomposition per layer.
+        calibration: for ``method="data"``, an iterable of input batches (tensors, or tuples of the
+            model's positional inputs). A few hundred images or more: statistics of a handful overfit.
+        input_size / example_inputs, include, exclude, predicate, min_channels, skip_first: as
+            :func:`cpkernels.compress_model`.
+        rank_multiple: round every candidate rank up to a multiple of this.
+        progress: a progress bar over the layers (None: only on a terminal).
+        ladder: the candidate ranks, as fractions of each layer's dense MACs (parameters for
+            ``metric="params"``).
+        max_rank: no candidate rank above this times the layer's larger channel count (per group):
+            trained networks keep their outputs close from 0.5-1.25 C, and ALS time grows as R^3
+            (a 512-channel 3x3 conv at 75 % of its MACs would be R = 1718, 22 s per rung here).
+        shrinkage: for ``"data"``, the weight in [0, 1] of the identity in the input covariance.
+        n_iter_max, random_state, decompose_kwargs: for the decompositions (each rung warm-starts
+            from the one above, so a small budget suffices).
+        decomposition: ``"cp"``, ``"tucker2"`` (ladder rungs are Tucker-2 rank pairs on the proportional split;
+            with ``"vbmf"``, each mode's EVBMF rank, both scaled by the common factor), or ``"auto"``: both
+            ladders offered to the knapsack together, so each layer gets whichever rung serves the budget
+            best, and the plan's summed error is never above the better of the two alone. Each row says
+            which was chosen.
+    """
+    _check_arguments(budget, metric, method, rank_multiple, shrinkage, max_rank, decomposition, calibration)
+    families = families_for(decomposition)
+    batches, example_inputs = _calibration_batches(method, calibration, input_size, example_inputs)
+    if metric in ("macs", "latency") and input_size is None and example_inputs is None:
+        raise ValueError(f"metric={metric!r} needs input_size or example_inputs (a conv's cost depends on its input)")
+    sizes = _input_sizes(model, input_size, example_inputs, batches)
+    batch = (input_size[0] if input_size is not None
+             else next(iter(example_inputs)).shape[0] if example_inputs is not None else None)
+    options = dict(method="als", init="svd", n_iter_max=n_iter_max, tol=1e-8, random_state=random_state,
+                   l2_reg=0.0, **decompose_kwargs)
+    plan = RankPlan(metric, method, float(budget), decomposition=decomposition)
+
+    layers = _select_convs(plan, model, sizes, metric, include, exclude, predicate, min_channels, skip_first)
+    for layer in layers:
+        _measure_costs(layer, sizes.get(id(layer.conv)), batch, metric,
+                       () if method == "vbmf" else families, rank_multiple, ladder, max_rank)
+    if not layers:
+        return plan
+    capacity = budget * sum(layer.row["cost_before"] for layer in layers)
+    if method != "vbmf":
+        _refuse_unreachable(layers, budget, capacity, metric)
+    if method == "data":
+        _whiten_for_calibration(model, layers, batches, shrinkage)
+    for layer in tqdm(layers, desc="planning", unit="layer", disable=None if progress is None else not progress):
+        _build_ladder(layer, families, rank_multiple, options)
+    if method == "vbmf":
+        picks = _scale_vbmf(layers, families[0], capacity, rank_multiple, options)
+    else:
+        # Errors under EXACT are exact decompositions: equal, so the cheapest of them wins.
+        picks = knapsack([[(layer.row["cost_before"], 0.0)]
+                          + [(c, layer.row["sensitivity"] * (e if e > EXACT else 0.0)) for c, e, _, _ in layer.rungs]
+                          for layer in layers], capacity)
+    _fill_rows(plan, layers, picks)
+    return plan
+
+
+def _check_arguments(budget, metric, method, rank_multiple, shrinkage, max_rank, decomposition, calibration) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(rank_multiple, int) or isinstance(rank_multiple, bool) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must lie in [0, 1], got {shrinkage!r}")
+    if not max_rank > 0:
+        raise ValueError(f"max_rank must be > 0, got {max_rank!r}")
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition must be one of {DECOMPOSITIONS}, got {decomposition!r}")
+    if decomposition == "auto" and method == "vbmf":
+        raise ValueError("method='vbmf' estimates one decomposition's ranks; decomposition='auto' needs a ladder "
+                         "(method='weight' or 'data')")
+    if calibration is not None and method != "data":
+        raise ValueError(f"calibration is used by method='data' only, not by method={method!r}")
+
+
+def _calibration_batches(method, calibration, input_size, example_inputs):
+    """``(batches, example_inputs)``: the calibration batches for ``"data"`` (None otherwise), and what sizes
+    the convs (the first batch, when nothing else does)."""
+    if method != "data":
+        return None, example_inputs
+    shape = input_size
+    if shape is None and example_inputs is not None:
+        shape = tuple(next(iter(example_inputs)).shape)
+    batches = as_batches(calibration, shape)
+    if input_size is None and example_inputs is None:
+        example_inputs = batches[0]
+    return batches, example_inputs
+
+
+def _input_sizes(model, input_size, example_inputs, batches) -> dict[int, tuple[int, int]]:
+    with _Hooks(model, {}, None):  # eval mode for the size probe; the training flag comes back after
+        try:
+            return conv_input_sizes(model, input_size, example_inputs)
+        except RuntimeError as error:
+            what = ("calibration batch 0" if batches is not None and example_inputs is batches[0]
+                    else "the example inputs")
+            raise ValueError(f"the model cannot run {what}: {error}") from error
+
+
+def _select_convs(plan, model, sizes, metric, include, exclude, predicate, min_channels, skip_first) -> list[_Layer]:
+    """A row per conv of the model in the plan; the convs considered, before any work."""
+    layers = []
+    for i, (name, conv, _) in enumerate(convs_of(model)):
+        reason = filter_reason(name, conv, include, exclude, predicate, min_channels, skip_first and i == 0)
+        if reason is None and metric != "params" and id(conv) not in sizes:
+            reason = "not reached by the example inputs"
+        row = {"name": name, "shape": tuple(conv.weight.shape), "decomposition": None, "rank": None, "error": 0.0,
+               "weight_error": 0.0, "sensitivity": 1.0, "reason": reason, "considered": reason is None,
+               "cost_before": 0, "cost_after": 0}
+        plan.rows.append(row)
+        if reason is None:
+            layers.append(_Layer(row, conv))
+    return layers
+
+
+def _measure_costs(layer: _Layer, in_hw, batch, metric, families, rank_multiple, fractions, max_rank) -> None:
+    """The layer's dense cost, the cost of a rank, and its candidate ranks (none for ``"vbmf"``)."""
+    conv = layer.conv
+    if metric == "params":
+        ladder_dense = conv.weight.numel()
+
+        def ladder_cost(r):
+            return family_of_rank(r).params(conv, r)
+    else:
+        shape = conv_shape(conv, in_hw)
+        ladder_dense = shape.dense_macs()
+
+        def ladder_cost(r):
+            return family_of_rank(r).macs(shape, r)
+    if metric == "latency":
+        call = (batch, conv.in_channels, *in_hw)
+        dense = latency_us(conv, call, None)
+
+        def cost(r):
+            return latency_us(conv, call, r)
+    else:
+        dense, cost = ladder_dense, ladder_cost
+    layer.row.update(cost_before=dense, cost_after=dense)
+    layer.cost = cost
+    layer.ranks = [r for f in families for r in f.ladder(conv, ladder_dense, ladder_cost, rank_multiple, fractions,
+                                                          max_rank)]
+    if metric == "latency" and families:
+        layer.ranks = [r for r in layer.ranks if cost(r) < dense]
+        if not layer.ranks:
+            layer.row["reason"] = f"dense: no candidate rank runs faster than dense on {conv.weight.device.type}"
+
+
+def _refuse_unreachable(layers: list[_Layer], budget, capacity, metric) -> None:
+    """A budget that not even every layer's cheapest candidate meets is refused before any decomposition."""
+    least = sum(min([x.row["cost_before"]] + [x.cost(r) for r in x.ranks]) for x in layers)
+    if least > capacity:
+        stuck = [x.row["name"] for x in layers if not x.ranks]
+        raise ValueError(
+            f"no choice of ranks fits budget {budget}: the cheapest candidates keep "
+            f"{least / (capacity / budget):.3f} of the {metric}"
+            + (f"; {len(stuck)} conv(s) have no candidate faster than dense here ({', '.join(stuck[:5])})"
+               if stuck else "; add smaller fractions to the ladder or raise the budget"))
+
+
+def _whiten_for_calibration(model, layers: list[_Layer], batches, shrinkage) -> None:
+    """``method="data"``: each layer's network-output sensitivity, and its weight whitened by the shrunk second
+    moments of its inputs, which the decompositions then minimise the output error of."""
+    convs = {x.row["name"]: x.conv for x in layers}
+    stats = input_statistics(model, batches, convs)
+    sensitivity = output_sensitivity(model, batches, convs)
+    for x in layers:
+        root, x.inverse = input_whitening(shrink(stats[x.row["name"]].covariance, shrinkage), x.conv.in_channels,
+                                          x.conv.groups)
+        x.target = whiten_input_mode(x.conv.weight.detach(), root)
+        x.row["sensitivity"] = sensitivity[x.row["name"]]
+
+
+def _build_ladder(layer: _Layer, families, rank_multiple, options) -> None:
+    """Every family's rungs of the layer, errors measured on the target, factors un-whitened."""
+    if layer.target is None:
+        layer.target = layer.conv.weight.detach()
+    for family in families:
+        ranks = [r for r in layer.ranks if family.owns(r)]
+        layer.rungs += family.rungs(layer.target, layer.conv.groups, ranks, layer.cost, layer.row["cost_before"],
+                                    rank_multiple, options)
+    if layer.inverse is not None:
+        layer.rungs = [(c, e, r, f.unwhitened(layer.inverse)) for c, e, r, f in layer.rungs]
+
+
+def _scale_vbmf(layers: list[_Layer], family, capacity, rank_multiple, options) -> list[int]:
+    """``method="vbmf"``: each layer's estimate scaled by one common factor to the budget, decomposed once."""
+    estimates = [family.vbmf_estimate(x.conv) for x in layers]
+    chosen = scale_to_budget([(lambda e, c: lambda k: family.scaled(e, k, c, rank_multiple))(est, x.conv)
+                              for est, x in zip(estimates, layers)],
+                             [x.cost for x in layers], [x.row["cost_before"] for x in layers], capacity)
+    for x, r, est in zip(layers, chosen, estimates):
+        x.row["vbmf_rank"] = est
+        if r is None:
+            x.row["reason"] = "dense: the scaled VBMF rank saves nothing"
+            continue
+        f = family.at_rank(x.target, r, x.conv.groups, options)
+        x.rungs.append((x.cost(r), f.relative_error(x.target), r, f))
+    return [1 if x.rungs else 0 for x in layers]
+
+
+def _fill_rows(plan: RankPlan, layers: list[_Layer], picks: list[int]) -> None:
+    for x, k in zip(layers, picks):
+        if k == 0:
+            x.row["reason"] = x.row["reason"] or "dense: its error budget is better spent elsewhere"
+            continue
+        c, e, r, f = x.rungs[k - 1]
+        f = f.to(x.conv.weight.dtype)
+        x.row.update(decomposition=family_of_rank(r).name, rank=r, error=e,
+                     weight_error=f.relative_error(x.conv.weight), cost_after=c)
+        plan.factors[x.row["name"]] = f

@@ -1,0 +1,55 @@
+"""Environment switches, read at call time. The lowest layer of the package: the op, the kernels and
+the plans all read them from here, so none of those has to import another for a switch.
+
+- ``TRITON_INTERPRET=1``: Triton's interpreter runs the kernels on CPU tensors (set before the
+  kernels' module is imported; see ``tests/conftest.py``).
+- ``CPKERNELS_AUTOTUNE=0``: the fused kernels take the first fitting tile instead of timing them all
+  (every tile is a compile of seconds on a GPU).
+- ``CPKERNELS_GPU_PLAN=measure``: ``backend="auto"`` on CUDA times the candidate strategies of a new
+  call signature once and keeps the fastest (like ``torch.backends.cudnn.benchmark``); the default
+  ``model`` decides from the cost model alone. :data:`cpkernels.dispatch.gpu.MEASURE` overrides it.
+- ``CPKERNELS_CPU_PLAN=measure`` (the default): the CPU path times the dense conv against its staged
+  arrangement once per call signature and keeps the faster on the machine it runs on; ``model``
+  decides from the CPU cost rule alone (no timing, the same choice on every machine), and is what an
+  unset variable means under ``torch.use_deterministic_algorithms(True)``.
+  :data:`cpkernels.dispatch.cpu.MEASURE` overrides it.
+"""
+from __future__ import annotations
+
+import os
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("CPKERNELS_AUTOTUNE", "1") != "0"
+
+
+GPU_PLAN_MODES = ("model", "measure")
+CPU_PLAN_MODES = ("measure", "model")
+
+
+def _mode(variable: str, modes: tuple[str, ...]) -> str:
+    """The value of ``variable``, one of ``modes`` (the first is the default)."""
+    mode = os.environ.get(variable, modes[0])
+    if mode not in modes:
+        raise ValueError(f"{variable} must be one of {modes}, got {mode!r}")
+    return mode
+
+
+def gpu_plan_mode() -> str:
+    return _mode("CPKERNELS_GPU_PLAN", GPU_PLAN_MODES)
+
+
+def cpu_plan_mode() -> str:
+    return _mode("CPKERNELS_CPU_PLAN", CPU_PLAN_MODES)

@@ -1,0 +1,35 @@
+"""The one timer of the package: the median time of a call, after a warm-up call.
+
+On the CPU it is wall-clock time over ``repeats`` calls; on a GPU it is Triton's ``do_bench`` (CUDA events,
+L2 flushed between calls). The warm-up call takes first-touch page faults, compilation, autotuning and
+``cudnn.benchmark`` out of the timing. Every timing in the package and its tools goes through here: the
+measured CPU and GPU plans, ``plan_ranks(metric="latency")``, the ONNX forms, the profiler and the benchmarks.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, cuda: bool = False) -> float:
+    """Median seconds of ``fn()`` after one warm-up call; ``cuda``: timed with CUDA events instead."""
+    fn()
+    if cuda:
+        # triton is optional (CPU-only installs may lack it); a CUDA timing needs it, and it ships with CUDA torch
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e-3
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2]
+
+
+def time_median(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int = 10) -> float:
+    """Median seconds of ``fn(x)`` under ``torch.inference_mode()``, on ``x``'s device."""
+    with torch.inference_mode():
+        return median_seconds(lambda: fn(x), repeats, cuda=x.is_cuda)

@@ -1,0 +1,405 @@
+"""The GPU plan: which way of computing a CP layer runs one call on a CUDA device.
+
+The counterpart of :mod:`cpkernels.dispatch.cpu`. For each call signature (shape, rank, groups, stride,
+dilation, dtype, layout, TF32 switch, device) it picks one of :data:`STRATEGIES` by a written cost
+model, on the peaks of a named GPU (:class:`GPUSpec`):
+    time = max(tensor-core FLOPs / peak, CUDA-core FLOPs / fp32 peak, HBM bytes / HBM bandwidth,
+               L2 bytes / L2 bandwidth) / fill + launches * launch latency
+
+``fill`` is the share of the SMs a kernel's grid occupies (a grid of 32 programs on 132 SMs runs at a
+quarter of the peaks). Each fused kernel is modeled at each of its tiles and the best tile counts, as
+its autotuner would pick it. Everything here is arithmetic on the shapes and on datasheet peaks;
+``L2 bandwidth`` and ``launch latency`` are assumptions of the model (no datasheet states them), and
+no timing of this package's kernels on a GPU has been fed back into it yet.
+
+``CPKERNELS_GPU_PLAN=measure`` (or :data:`MEASURE` = True) instead times every candidate once per call
+signature on the device, after checking that each computes what the four-stage path computes, and
+keeps the fastest: like ``torch.backends.cudnn.benchmark``. Decisions are cached per signature; a new
+signature is decided when first seen (from the model at once; in measured mode by timing it then).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from cpkernels.core.conv_args import is_channels_last
+from cpkernels.core.cost import ConvShape
+from cpkernels.core.switches import gpu_plan_mode
+from cpkernels.dispatch.measured import AGREEMENT, measure  # noqa: F401  (AGREEMENT: part of this module's surface)
+
+# The strategies, in the order the plan lists them. Every one computes F.conv2d with the reconstructed
+# weight, up to rounding (the tests compare each with a float64 oracle).
+STRATEGIES = {
+    "dense": "F.conv2d (cuDNN) with the weight reconstructed from the factors at each call",
+    "four-stage": "the reference path: 1x1, kh x 1, 1 x kw, 1x1 convs; three intermediates through HBM, in "
+                  "fp32 for 16-bit inputs (TF32 GEMMs for bf16, IEEE fp32 for fp16)",
+    "fused-rows": "one Triton launch, rolling window of input rows in registers (kh = 3, vertical stride "
+                  "1 or 2, vertical dilation 1, R <= 128)",
+    "fused-taps": "one Triton launch, implicit GEMM over kh*kw*Cin (any shape; R <= 128 in one pass, "
+                  "larger ranks recompute stage 1 per block of output channels)",
+    "fused-wide": "one Triton launch, stage 1 once per input pixel into an fp32 scratch ring, rank walked "
+                  "in slices (any shape and rank)",
+}
+
+# The strategies for a Tucker-2 layer (cpkernels.TuckerConv2d), chosen the same way.
+TUCKER2_STRATEGIES = {
+    "dense": "F.conv2d (cuDNN) with the weight reconstructed from the factors at each call",
+    "three-stage": "the reference path: 1x1, kh x kw core conv, 1x1 (cuDNN); two intermediates through HBM "
+                   "(the factors are orthonormal and nothing cancels, so they stay in the input dtype)",
+    "fused-taps": "one Triton launch of the taps kernel on per-tap weights (input factor folded into the core "
+                  "at each call), implicit GEMM over kh*kw*Cin into R_out, then the output GEMM from registers",
+}
+
+# Overridden by tests and users: True times the candidates (see the module docstring).
+MEASURE: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """Datasheet peaks of one GPU (dense, no sparsity), plus the model's assumptions."""
+    name: str
+    hbm_bytes_per_s: float
+    tensor_flops_16bit: float  # fp16/bf16 tensor cores, fp32 accumulation
+    tensor_flops_tf32: float
+    fp32_flops: float  # CUDA cores
+    sms: int
+    l2_bytes: int
+    # Assumptions (no datasheet figure): L2 read bandwidth, and the GPU-side cost of one launch.
+    l2_bytes_per_s: float
+    launch_s: float = 3e-6
+    arch: int = 90  # compute capability: which fused-kernel tiles compile for it (cp_conv2d_fused.TileSet)
+
+    def tensor_flops(self, dtype: torch.dtype, tf32: bool) -> float:
+        if dtype == torch.float32:
+            return self.tensor_flops_tf32 if tf32 else self.fp32_flops
+        return self.tensor_flops_16bit
+
+
+GPUS = {
+    "h100": GPUSpec("NVIDIA H100 SXM", 3.35e12, 989e12, 494e12, 67e12, 132, 50 << 20, 7e12),
+    "h200": GPUSpec("NVIDIA H200", 4.8e12, 989e12, 494e12, 67e12, 132, 50 << 20, 7e12),
+    "a100": GPUSpec("NVIDIA A100 SXM", 2.04e12, 312e12, 156e12, 19.5e12, 108, 40 << 20, 4e12, arch=80),
+    "l4": GPUSpec("NVIDIA L4", 0.3e12, 121e12, 60e12, 30e12, 58, 48 << 20, 1.5e12, arch=89),
+}
+
+
+def gpu_spec(name: str) -> GPUSpec:
+    """The spec of a known GPU by key (``"h100"``, ``"a100"``, ``"l4"``, ``"h200"``)."""
+    key = name.lower().replace(" ", "").replace("-", "").replace("_", "")
+    for known in GPUS:
+        if key in (known, known + "sxm", known + "pcie"):
+            return GPUS[known]
+    raise ValueError(f"unknown GPU {name!r}; known GPUs: {', '.join(GPUS)}")
+
+
+def spec_for_device(device: torch.device) -> GPUSpec:
+    """The spec whose key appears in the device's name; other GPUs are modeled as an H100 with their
+    own SM count (the measured mode is the remedy there)."""
+    props = torch.cuda.get_device_properties(device)
+    name = props.name.lower()
+    for key, spec in GPUS.items():
+        if key in name.replace(" ", ""):
+            return spec
+    base = GPUS["h100"]
+    return GPUSpec(props.name, base.hbm_bytes_per_s, base.tensor_flops_16bit, base.tensor_flops_tf32,
+                   base.fp32_flops, props.multi_processor_count, base.l2_bytes, base.l2_bytes_per_s,
+                   arch=10 * props.major + props.minor)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cost:
+    """What one strategy moves and computes for one call (``flops``: tensor-core; ``simt_flops``: CUDA cores)."""
+    flops: float
+    hbm_bytes: float
+    l2_bytes: float = 0.0
+    simt_flops: float = 0.0
+    launches: int = 1
+    programs: Optional[int] = None  # grid size, for the fill of the SMs (None: a library kernel)
+    tile: Optional[tuple] = None
+    gemm_dtype: Optional[torch.dtype] = None  # the GEMMs' own dtype where it is not the input's
+
+    def seconds(self, spec: GPUSpec, dtype: torch.dtype, tf32: bool) -> float:
+        if self.gemm_dtype is not None:
+            dtype = self.gemm_dtype
+        busy = max(self.flops / spec.tensor_flops(dtype, tf32), self.simt_flops / spec.fp32_flops,
+                   self.hbm_bytes / spec.hbm_bytes_per_s, self.l2_bytes / spec.l2_bytes_per_s)
+        fill = 1.0 if self.programs is None else min(1.0, self.programs / spec.sms)
+        return busy / fill + self.launches * spec.launch_s
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def cost_dense(s: ConvShape, rank: int, es: int) -> Cost:
+    kh, kw = s.kernel
+    weight = s.cout * (s.cin // s.groups) * kh * kw
+    # The reconstruction: G x [Cout/G, R] (.) [Cin/G, R] (.) [kh, R] (.) [kw, R] -> W, about R MACs per weight.
+    return Cost(2 * (s.dense_macs() + weight * rank), s.minimal_bytes(es) + 2 * weight * es, launches=3)
+
+
+def cost_four_stage(s: ConvShape, rank: int, dtype: torch.dtype) -> Cost:
+    """16-bit inputs run with fp32 intermediates (``ops.reference.cp_conv2d_reference_fp32``): X and Y
+    are cast (written and re-read in fp32), the intermediates move 4 bytes an element, and the GEMMs
+    run in TF32 (bf16 inputs) or IEEE fp32 (fp16 inputs)."""
+    es = torch.empty((), dtype=dtype).element_size()
+    n, (h, w), (oh, ow) = s.batch, s.size, s.out_size
+    gr = s.groups * rank
+    t1, t2, t3 = n * h * w * gr, n * oh * w * gr, n * oh * ow * gr  # the three intermediates
+    kh, kw = s.kernel
+    gemm_macs = n * h * w * s.cin * rank + n * oh * ow * rank * s.cout
+    sixteen = dtype in (torch.float16, torch.bfloat16)
+    casts = 2 * 4 * (n * h * w * s.cin + s.out_pixels * s.cout) if sixteen else 0
+    depthwise = 2 * (t2 * kh + t3 * kw)
+    if dtype == torch.float16:  # IEEE fp32 GEMMs: the CUDA cores
+        tensor, simt = 0.0, depthwise + 2 * gemm_macs
+    else:
+        tensor, simt = 2 * gemm_macs, depthwise
+    return Cost(tensor, s.minimal_bytes(es) + casts + 2 * max(es, 4) * (t1 + t2 + t3), simt_flops=simt,
+                launches=6 if sixteen else 4, gemm_dtype=torch.float32 if sixteen else None)
+
+
+def _factor_bytes(s: ConvShape, rank: int, es: int) -> int:
+    kh, kw = s.kernel
+    return es * s.groups * rank * (s.cin // s.groups + kh + kw + s.cout // s.groups)
+
+
+# The fused kernels with 16-bit inputs (PRECISE in cp_conv2d_fused): the output GEMM runs twice (z as hi + lo)
+# and each tap's product is scaled in fp32 on the CUDA cores instead of folded into a rounded factor.
+
+
+def cost_rows(s: ConvShape, rank: int, es: int, tile: tuple, precise: bool = False) -> Cost:
+    rows, bw, _bc, br, _bo = tile[:5]
+    oh, ow = s.out_size
+    sh = s.stride2[0]
+    kw = s.kernel[1]
+    cin_g, cout_g = s.cin // s.groups, s.cout // s.groups
+    bands, strips = _cdiv(oh, rows), _cdiv(ow, bw)
+    programs = s.batch * bands * strips * s.groups
+    input_rows = rows * sh + 3 - sh
+    # Masked columns of the last strip and rows of the last band still run on the tensor cores.
+    first = programs * input_rows * bw * kw * cin_g * br
+    out = programs * rows * bw * br * cout_g * (2 if precise else 1)
+    taps = programs * input_rows * bw * kw * br if precise else 0
+    l2 = s.rows_kernel_factor_bytes(rank, rows, bw, es)
+    return Cost(2 * (first + out), s.minimal_bytes(es) + _factor_bytes(s, rank, es), l2_bytes=l2,
+                simt_flops=2 * taps, programs=programs, tile=tile)
+
+
+def cost_taps(s: ConvShape, rank: int, es: int, tile: tuple, precise: bool = False, folded: bool = False) -> Cost:
+    """``folded``: the kernel reads pre-folded per-tap weights (Tucker-2): no per-rank tap scaling on the CUDA
+    cores, and kh*kw*Cin/G x R weights instead of the CP factors."""
+    bp, _bc, br, bo = tile[:4]
+    kh, kw = s.kernel
+    cin_g, cout_g = s.cin // s.groups, s.cout // s.groups
+    pixel_programs = _cdiv(s.out_pixels, bp) * s.groups
+    r_pad = _cdiv(rank, br) * br
+    o_programs = 1 if rank <= br else _cdiv(cout_g, bo)  # the sliced path recomputes stage 1 per block
+    programs = pixel_programs * o_programs
+    first = programs * bp * kh * kw * cin_g * r_pad
+    out = pixel_programs * bp * r_pad * _cdiv(cout_g, bo) * bo * (2 if precise else 1)
+    taps = programs * bp * kh * kw * r_pad if precise and not folded else 0
+    l2 = es * programs * (kh * kw * cin_g * r_pad + r_pad * min(cout_g, bo) * (_cdiv(cout_g, bo) if rank <= br else 1))
+    weights = es * s.groups * rank * (kh * kw * cin_g + cout_g) if folded else _factor_bytes(s, rank, es)
+    return Cost(2 * (first + out), s.minimal_bytes(es) + weights, l2_bytes=l2,
+                simt_flops=2 * taps, programs=programs, tile=tile)
+
+
+# What one program may expect to keep in an SM's L1 between re-reads of the same tile (an assumption of the
+# model: half the 256 KB an H100 or A100 SM shares between L1 and shared memory).
+L1_ALLOWANCE = 128 << 10
+
+
+def cost_wide(s: ConvShape, rank: int, es: int, tile: tuple, sms: int, l2_capacity: int,
+              precise: bool = False) -> Cost:
+    """Counted as the kernel runs: per band of ``ROWS`` output rows (the last one shorter), the first step
+    computes the ring's ``RING`` input rows and each later step ``STEP * stride`` new ones, each in
+    ``BLOCK_M``-pixel tiles (masked pixels still run on the tensor cores); every step computes
+    ``STEP x BLOCK_W`` output pixels per output-channel block."""
+    rows, step, bw, bm, _bc, br, bo = tile[:7]
+    (kh, kw), (sh, sw), (dh, dw) = s.kernel, s.stride2, s.dilation2
+    oh, ow = s.out_size
+    cin_g, cout_g = s.cin // s.groups, s.cout // s.groups
+    ring = (step - 1) * sh + (kh - 1) * dh + 1
+    bw_in = (bw - 1) * sw + (kw - 1) * dw + 1
+    strips = s.batch * _cdiv(ow, bw)  # (image, column strip) pairs
+    work = strips * _cdiv(oh, rows)
+
+    def tiled(pixels: int) -> int:
+        return _cdiv(pixels, bm) * bm
+
+    ring_tiles = out_steps = 0  # per (image, strip): stage-1 pixels computed, and output steps
+    for band_start in range(0, oh, rows):
+        steps = _cdiv(min(rows, oh - band_start), step)
+        ring_tiles += tiled(ring * bw_in) + (steps - 1) * tiled(step * sh * bw_in)
+        out_steps += steps
+    r_pad = _cdiv(rank, br) * br
+    o_blocks = _cdiv(cout_g, bo)
+    ring_pixels = s.groups * strips * ring_tiles
+    out_pixels = s.groups * strips * out_steps * step * bw
+    first = ring_pixels * cin_g * r_pad
+    out = out_pixels * r_pad * o_blocks * bo * (2 if precise else 1)
+    depthwise = out_pixels * o_blocks * kh * kw * r_pad  # z is rebuilt from the ring per output block
+    programs = min(work, sms) * s.groups
+    ring_bytes = 4 * rank * ring * bw_in * programs  # the rings live at once
+    scratch = 4 * rank * (ring_pixels + out_pixels * o_blocks * ring / step)  # written, and read from L2
+    factors = es * (ring_pixels // bm * cin_g * r_pad + out_pixels // (step * bw) * o_blocks * bo * r_pad)
+    # Stage 1 reads a tile's input pixels once per rank slice; past the L1 allowance the re-reads come from L2.
+    x_tile = bm * cin_g * es
+    x_reads = es * ring_pixels * cin_g * (_cdiv(rank, br) - 1) if x_tile > L1_ALLOWANCE else 0
+    hbm = s.minimal_bytes(es) + _factor_bytes(s, rank, es)
+    if ring_bytes > 0.75 * l2_capacity:  # the rings crowd L2 (x, y and factors stream through it): to HBM
+        hbm += scratch
+    return Cost(2 * (first + out), hbm, l2_bytes=scratch + factors + x_reads, simt_flops=2 * depthwise,
+                programs=programs, tile=tile)
+
+
+def _tiles(kernel: str, dtype: torch.dtype, arch: int):
+    # the kernels import triton: loaded on first use
+    from cpkernels.kernels import cp_conv2d_fused as fused
+
+    return {"rows": fused.ROWS_TILES, "taps": fused.TAPS_TILES, "wide": fused.WIDE_TILES}[kernel].tiles(dtype, arch)
+
+
+def candidate_costs(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, tf32: bool) -> dict[str, Cost]:
+    """The cost of every strategy that can run this call (float64 runs only dense and four-stage), the
+    fused kernels at their best tile."""
+    es = torch.empty((), dtype=dtype).element_size()
+    costs = {"dense": cost_dense(s, rank, es), "four-stage": cost_four_stage(s, rank, dtype)}
+    if dtype == torch.float64:
+        return costs
+
+    def best(kernel, model, tiles=None):
+        tiles = _tiles(kernel, dtype, spec.arch) if tiles is None else tiles
+        return min((model(t) for t in tiles), key=lambda c: c.seconds(spec, dtype, tf32))
+
+    # the kernels import triton: loaded on first use
+    from cpkernels.kernels.cp_conv2d_fused import rows_kernel_applies
+
+    precise = dtype != torch.float32  # as the launcher sets PRECISE
+
+    rows_tiles = [t for t in _tiles("rows", dtype, spec.arch) if t[3] >= rank]  # its window holds the whole rank
+    if rows_tiles and rows_kernel_applies(s.kernel, s.stride2, s.dilation2, rank, rank):
+        costs["fused-rows"] = best("rows", lambda t: cost_rows(s, rank, es, t, precise), rows_tiles)
+    costs["fused-taps"] = best("taps", lambda t: cost_taps(s, rank, es, t, precise))
+    costs["fused-wide"] = best("wide", lambda t: cost_wide(s, rank, es, t, spec.sms, spec.l2_bytes, precise))
+    return costs
+
+
+def tucker2_candidate_costs(s: ConvShape, rank: tuple[int, int], dtype: torch.dtype, spec: GPUSpec,
+                            tf32: bool) -> dict[str, Cost]:
+    """The cost of every :data:`TUCKER2_STRATEGIES` entry for per-group ranks ``(R_out, R_in)``."""
+    es = torch.empty((), dtype=dtype).element_size()
+    r_out, r_in = rank
+    (kh, kw), g = s.kernel, s.groups
+    cin_g = s.cin // g
+    n, (h, w) = s.batch, s.size
+    weight = s.cout * cin_g * kh * kw
+    fold = g * r_out * r_in * kh * kw * cin_g  # input factor into the core: the per-tap weights
+    costs = {"dense": Cost(2 * (s.dense_macs() + fold + weight * r_out), s.minimal_bytes(es) + 2 * weight * es,
+                           launches=3)}
+    t1, t2 = n * h * w * g * r_in, s.out_pixels * g * r_out  # the two intermediates
+    costs["three-stage"] = Cost(2 * s.tucker2_macs(rank), s.minimal_bytes(es) + 2 * es * (t1 + t2), launches=3)
+    if dtype == torch.float64:
+        return costs
+    precise = dtype != torch.float32
+    best = min((cost_taps(s, r_out, es, t, precise, folded=True) for t in _tiles("taps", dtype, spec.arch)),
+               key=lambda c: c.seconds(spec, dtype, tf32))
+    costs["fused-taps"] = Cost(best.flops + 2 * fold, best.hbm_bytes, best.l2_bytes, best.simt_flops,
+                               best.launches + 1, best.programs, best.tile)
+    return costs
+
+
+@dataclass(frozen=True)
+class GPUPlan:
+    """The choice for one call: ``chosen`` (a key of :data:`STRATEGIES`), every candidate's modeled time,
+    and the measured ones when the measured mode decided."""
+    gpu: str
+    chosen: str
+    modeled_us: dict = field(default_factory=dict)
+    measured_us: Optional[dict] = None
+
+    def as_dict(self) -> dict:
+        out = {"gpu": self.gpu, "chosen": self.chosen, "modeled_us": self.modeled_us}
+        if self.measured_us is not None:
+            out["measured_us"] = self.measured_us
+        return out
+
+
+def model_plan(s: ConvShape, rank, dtype: torch.dtype, spec: GPUSpec, tf32: bool = True) -> GPUPlan:
+    """The model's choice: the candidate with the least modeled time. ``rank``: an int (CP) or a pair
+    ``(R_out, R_in)`` (Tucker-2)."""
+    tucker2 = isinstance(rank, tuple)
+    costs = (tucker2_candidate_costs if tucker2 else candidate_costs)(s, rank, dtype, spec, tf32)
+    modeled = {k: round(c.seconds(spec, dtype, tf32) * 1e6, 2) for k, c in costs.items()}
+    return GPUPlan(spec.name, min(modeled, key=modeled.get), modeled)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-call choice (what backend="auto" on a CUDA tensor follows)
+# --------------------------------------------------------------------------------------------------
+_CACHE: dict[tuple, GPUPlan] = {}
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def measuring() -> bool:
+    return MEASURE if MEASURE is not None else gpu_plan_mode() == "measure"
+
+
+def call_key(x: torch.Tensor, rank: int, groups: int, cout: int, kernel_size, stride, padding, dilation,
+             tf32: bool) -> tuple:
+    """Everything that changes the choice."""
+    return (x.device, tuple(x.shape), groups, rank, cout, tuple(kernel_size), tuple(stride), tuple(padding),
+            tuple(dilation), x.dtype, is_channels_last(x), tf32, measuring())
+
+
+def shape_of_call(x: torch.Tensor, groups: int, cout: int, kernel_size, stride, padding, dilation) -> ConvShape:
+    """The cost model's shape of a call; ``padding`` is ``(top, bottom, left, right)`` (the model takes the
+    mean per axis: asymmetric padding changes the output by at most one row or column)."""
+    n, cin, h, w = x.shape
+    pad = ((padding[0] + padding[1]) // 2, (padding[2] + padding[3]) // 2)
+    return ConvShape(n, cin, cout, (h, w), tuple(kernel_size), tuple(stride), pad, groups, tuple(dilation))
+
+
+def choose(x: torch.Tensor, rank, groups: int, cout: int, kernel_size, stride, padding, dilation,
+           run: Optional[Callable[[str], torch.Tensor]] = None, spec: Optional[GPUSpec] = None) -> GPUPlan:
+    """The plan for one call, cached per :func:`call_key`. ``rank``: an int for a CP layer, a pair
+    ``(R_out, R_in)`` for a Tucker-2 layer (:data:`TUCKER2_STRATEGIES`). ``run(strategy)`` computes the
+    call with one strategy; the measured mode needs it."""
+    tf32 = torch.backends.cudnn.allow_tf32  # fp32 inputs, and the fp32 four stages of bf16 inputs, follow it
+    key = call_key(x, rank, groups, cout, kernel_size, stride, padding, dilation, tf32)
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return cached
+    if spec is None:
+        spec = spec_for_device(x.device) if x.device.type == "cuda" else GPUS["h100"]
+    shape = shape_of_call(x, groups, cout, kernel_size, stride, padding, dilation)
+    planned = model_plan(shape, rank, x.dtype, spec, tf32)
+    if measuring() and run is not None:
+        reference = "three-stage" if isinstance(rank, tuple) else "four-stage"
+        measured = measure(run, tuple(planned.modeled_us), x.dtype, reference=reference)
+        planned = GPUPlan(planned.gpu, min(measured, key=measured.get), planned.modeled_us, measured)
+    _CACHE[key] = planned
+    return planned
+
+
+def per_pixel(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, tf32: bool = True) -> dict:
+    """MACs, HBM bytes and modeled nanoseconds per output pixel of each candidate (docs/kernel.md)."""
+    px = s.out_pixels
+    out = {}
+    for k, c in candidate_costs(s, rank, dtype, spec, tf32).items():
+        out[k] = {"macs": round(c.flops / 2 / px), "hbm_bytes": round(c.hbm_bytes / px, 1),
+                  "ns": round(c.seconds(spec, dtype, tf32) / px * 1e9, 3), "tile": c.tile}
+    return out
+
+
+__all__ = ["GPUS", "GPUPlan", "GPUSpec", "STRATEGIES", "TUCKER2_STRATEGIES", "choose", "gpu_spec", "model_plan",
+           "measure"]

@@ -1,0 +1,34 @@
+"""Measured choices, shared by the CPU and the GPU plans: run every candidate once, check that it computes
+what a reference computes, time it, and let the caller keep the fastest (``torch.backends.cudnn.benchmark``
+does the same for cuDNN's algorithms). A candidate that disagrees is an error, never a silent pick.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+
+from cpkernels.core.timing import median_seconds
+
+# Largest difference from the reference, relative to its largest |value|, that a candidate may show before
+# it is refused: fp32 loose enough for TF32 on a GPU.
+AGREEMENT = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-9}
+
+
+def measure(run: Callable[[str], torch.Tensor], candidates: tuple[str, ...], dtype: torch.dtype,
+            timer: Optional[Callable[[Callable], float]] = None, reference: str = "four-stage") -> dict[str, float]:
+    """Median microseconds of every candidate, after checking each against ``run(reference)``. ``timer``
+    gets ``partial(run, candidate)`` and returns seconds."""
+    expected = run(reference).float()
+    timer = timer or partial(median_seconds, cuda=expected.is_cuda)
+    scale = max(expected.abs().max().item(), 1e-6) if expected.numel() else 1.0
+    times = {}
+    for strategy in candidates:
+        y = run(strategy)  # also the warm-up: first-touch page faults and one-off set-up fall outside the timing
+        diff = (y.float() - expected).abs().max().item() if y.numel() else 0.0
+        if not diff <= AGREEMENT[dtype] * scale:
+            raise RuntimeError(f"{strategy} differs from the {reference} path by {diff:.3g} "
+                               f"(scale {scale:.3g}); not choosing it")
+        times[strategy] = round(timer(partial(run, strategy)) * 1e6, 2)
+    return times

@@ -1,0 +1,129 @@
+"""The ONNX Runtime plan: how the CP layers of a model are written into an ONNX file, by timing.
+
+A CP layer can be written in three forms:
+
+- ``"merged"``: 1x1, one kh x kw depthwise, 1x1 convs;
+- ``"two"``: 1x1, kh x 1 and 1 x kw depthwise, 1x1 convs;
+- ``"dense"``: one conv of the reconstructed weight, where the CP form cannot win in this runtime.
+
+First every ``CPConv2d`` the example inputs reach is timed alone in each form, in ONNX Runtime (CPU
+provider, all graph optimisations, the given thread count) on the input it gets there, and the fastest
+form per layer makes the ``"per-layer"`` candidate. Then the whole model is timed with every layer
+``"merged"``, every layer ``"two"``, every layer ``"dense"``, and ``"per-layer"``; the fastest whole
+model wins. Timing whole models matters: ONNX Runtime keeps consecutive convs in its blocked NCHWc
+layout without reordering between them, which a layer timed alone does not show, and on a 2-core AVX2
+machine the per-layer choice alone ran a ResNet-18 at 0.25 of its parameters 1.5x slower than all
+``"merged"``. Neither depthwise form won everywhere (bench/onnx_speed.py), and with every layer dense
+the result is never slower than the dense model, as measured.
+
+A Tucker-2 layer (``TuckerConv2d``) has one factored form, its three convs (written for ``"merged"`` and
+``"two"`` alike), and ``"dense"``; it takes part in the same candidates.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import time
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cpkernels.compression.calibration import _Hooks
+from cpkernels.compression.convs import set_submodule
+from cpkernels.modules.cp import CPConv2d
+from cpkernels.modules.tucker2 import TuckerConv2d
+from cpkernels.ops.onnx_form import depthwise_merged
+
+FORMS = ("merged", "two", "dense")
+
+
+class _Form(nn.Module):
+    """One CP layer in one form, for timing."""
+    def __init__(self, layer: nn.Module, form: str) -> None:
+        super().__init__()
+        self.layer = layer.to_conv2d() if form == "dense" else layer
+        self.form = form
+
+    def forward(self, x):
+        with depthwise_merged(self.form != "two"):
+            return self.layer(x)
+
+
+def ort_ms(model, x: torch.Tensor, threads: int, repeats: int) -> float:
+    """Median milliseconds of one ONNX Runtime run of ``model`` (a path or the serialised bytes) on ``x``,
+    after a warm-up run (CPU provider, all graph optimisations, ``intra_op_num_threads=threads``)."""
+    # the export extra is optional: imported on first use
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                   providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def time_form(layer: nn.Module, form: str, x: torch.Tensor, threads: int, repeats: int) -> float:
+    """Median milliseconds of ``layer`` in ``form`` in ONNX Runtime on ``x``."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice: it is only a probe here
+        # The legacy exporter: a probe a tenth of the time of the torch.export-based one, same convs.
+        torch.onnx.export(_Form(layer, form).eval(), (x,), buffer, dynamo=False, opset_version=18)
+    return ort_ms(buffer.getvalue(), x, threads, repeats)
+
+
+CANDIDATES = ("merged", "two", "dense", "per-layer")
+
+
+def with_forms(model: nn.Module, forms: dict[str, str]) -> nn.Module:
+    """A copy of ``model`` in eval mode whose CP layers are written in the given forms when exported."""
+    copied = copy.deepcopy(model).eval()
+    for name, form in forms.items():
+        set_submodule(copied, name, _Form(copied.get_submodule(name), form))
+    return copied
+
+
+def _model_ms(model: nn.Module, example_inputs, threads: int, repeats: int) -> float:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, tuple(example_inputs), buffer, dynamo=False, opset_version=18)
+    return ort_ms(buffer.getvalue(), example_inputs[0], threads, repeats)
+
+
+def plan_onnx_forms(model: nn.Module, example_inputs: Sequence[torch.Tensor], threads: int = 0,
+                    repeats: int = 5) -> dict:
+    """``{"chosen": candidate, "forms": {name: form}, "ms": {candidate: ms}, "layers": {name: {form: ms}}}``
+    for the CP layers reached by ``example_inputs`` (float32 CPU tensors, one input for the timing).
+    ``threads=0`` lets ONNX Runtime choose, as a default session does. ``model`` is not modified."""
+    inputs: dict[str, torch.Tensor] = {}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (CPConv2d, TuckerConv2d))}
+
+    def hook(name):
+        def record(module, args, output):
+            inputs.setdefault(name, args[0].detach().clone())
+        return record
+
+    with _Hooks(model, layers, hook):  # eval mode, no grad; hooks removed and training flags restored after
+        model(*example_inputs)
+    per_layer = {}
+    for name, x in inputs.items():
+        layer = copy.deepcopy(layers[name]).eval()
+        forms = FORMS if isinstance(layer, CPConv2d) else ("merged", "dense")  # Tucker-2: "two" is "merged"
+        per_layer[name] = {form: time_form(layer, form, x, threads, repeats) for form in forms}
+    candidates = {form: {name: form for name in inputs} for form in FORMS}
+    candidates["per-layer"] = {name: min(ms, key=ms.get) for name, ms in per_layer.items()}
+    ms = {c: _model_ms(with_forms(model, forms), example_inputs, threads, repeats) for c, forms in candidates.items()}
+    chosen = min(ms, key=ms.get)
+    return {"chosen": chosen, "forms": candidates[chosen], "ms": ms, "layers": per_layer}
