@@ -204,7 +204,7 @@ def decompose_conv(
     if target_error is not None:
         if rank is not None:
             raise ValueError("give either rank or target_error, not both")
-        factors = _search_rank(weight, float(target_error), groups, compute_dtype, options)
+        factors = _search_target_error(weight, float(target_error), groups, compute_dtype, options)
         return factors.to(weight.dtype)
     if rank is None:
         raise ValueError("decompose_conv needs a rank (int or fraction) or a target_error")
@@ -234,7 +234,7 @@ def strongest_terms(factors: CPFactors, rank: int) -> CPFactors:
 SEARCH_FP32_ABOVE = 1e-2  # target errors from here up are searched in float32
 
 
-def _search_rank(weight: Tensor, target_error: float, groups: int, compute_dtype, options) -> CPFactors:
+def _search_target_error(weight: Tensor, target_error: float, groups: int, compute_dtype, options) -> CPFactors:
     """Smallest rank whose relative error is <= target_error: doubling, then bisection.
 
     Doubling gives every trial rank the full iteration budget from the requested start. Targets of

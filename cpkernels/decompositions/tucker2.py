@@ -211,7 +211,7 @@ def decompose_tucker2(
             raise ValueError("give either rank or target_error, not both")
         if not (target_error > 0.0) or math.isnan(target_error):
             raise ValueError(f"target_error must be > 0, got {target_error}")
-        return _search_ranks(weight, float(target_error), **run).to(weight.dtype)
+        return _search_target_error(weight, float(target_error), **run).to(weight.dtype)
     if rank is None:
         raise ValueError("decompose_tucker2 needs a rank (a pair, an int or a fraction) or a target_error")
     ranks = resolve_tucker2_rank(rank, shape, groups)
@@ -243,7 +243,7 @@ def largest_proportional_ranks(cost: Callable[[tuple[int, int]], float], budget:
     return best
 
 
-def _search_ranks(weight: Tensor, target_error: float, *, groups: int, **run) -> Tucker2Factors:
+def _search_target_error(weight: Tensor, target_error: float, *, groups: int, **run) -> Tucker2Factors:
     """Bisection on the proportional split for the smallest ranks meeting the target (every answer measured;
     the full ranks are exact, so one always does)."""
     cout_g, cin_g = weight.shape[0] // groups, weight.shape[1]

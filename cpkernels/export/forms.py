@@ -1,4 +1,4 @@
-"""The ONNX Runtime plan: how the CP layers of a model are written into an ONNX file, by timing.
+"""The ONNX Runtime plan: how the factored layers of a model (CP, Tucker-2) are written into an ONNX file, by timing.
 
 A CP layer can be written in three forms:
 
@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import copy
 import io
-import time
 import warnings
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from cpkernels.compression.calibration import _Hooks
 from cpkernels.compression.convs import set_submodule
-from cpkernels.modules.cp import CPConv2d
-from cpkernels.modules.tucker2 import TuckerConv2d
+from cpkernels.compression.families import FAMILIES, family_of_layer
+from cpkernels.core.timing import median_seconds
 from cpkernels.ops.onnx_form import depthwise_merged
 
 FORMS = ("merged", "two", "dense")
@@ -64,13 +62,7 @@ def ort_ms(model, x: torch.Tensor, threads: int, repeats: int) -> float:
     session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                    providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x.numpy()}
-    session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_seconds(lambda: session.run(None, feed), repeats)
 
 
 def time_form(layer: nn.Module, form: str, x: torch.Tensor, threads: int, repeats: int) -> float:
@@ -87,7 +79,7 @@ CANDIDATES = ("merged", "two", "dense", "per-layer")
 
 
 def with_forms(model: nn.Module, forms: dict[str, str]) -> nn.Module:
-    """A copy of ``model`` in eval mode whose CP layers are written in the given forms when exported."""
+    """A copy of ``model`` in eval mode whose factored layers are written in the given forms when exported."""
     copied = copy.deepcopy(model).eval()
     for name, form in forms.items():
         set_submodule(copied, name, _Form(copied.get_submodule(name), form))
@@ -105,10 +97,11 @@ def _model_ms(model: nn.Module, example_inputs, threads: int, repeats: int) -> f
 def plan_onnx_forms(model: nn.Module, example_inputs: Sequence[torch.Tensor], threads: int = 0,
                     repeats: int = 5) -> dict:
     """``{"chosen": candidate, "forms": {name: form}, "ms": {candidate: ms}, "layers": {name: {form: ms}}}``
-    for the CP layers reached by ``example_inputs`` (float32 CPU tensors, one input for the timing).
+    for the factored layers reached by ``example_inputs`` (float32 CPU tensors, one input for the timing).
     ``threads=0`` lets ONNX Runtime choose, as a default session does. ``model`` is not modified."""
     inputs: dict[str, torch.Tensor] = {}
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (CPConv2d, TuckerConv2d))}
+    factored = tuple(f.module for f in FAMILIES.values())
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, factored)}
 
     def hook(name):
         def record(module, args, output):
@@ -120,7 +113,7 @@ def plan_onnx_forms(model: nn.Module, example_inputs: Sequence[torch.Tensor], th
     per_layer = {}
     for name, x in inputs.items():
         layer = copy.deepcopy(layers[name]).eval()
-        forms = FORMS if isinstance(layer, CPConv2d) else ("merged", "dense")  # Tucker-2: "two" is "merged"
+        forms = family_of_layer(layer).onnx_forms
         per_layer[name] = {form: time_form(layer, form, x, threads, repeats) for form in forms}
     candidates = {form: {name: form for name in inputs} for form in FORMS}
     candidates["per-layer"] = {name: min(ms, key=ms.get) for name, ms in per_layer.items()}

@@ -56,21 +56,10 @@ def new_output(shape: tuple[int, ...], x: Tensor) -> Tensor:
     return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=conv_args.memory_format_of(x))
 
 
-def cp_conv2d_fused(
-    x: Tensor,
-    input_factor: Tensor,
-    vertical_factor: Tensor,
-    horizontal_factor: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    *,
-    out: Optional[Tensor] = None,
-    force_int64: bool = False,
-    kernel: Optional[str] = None,
-) -> Tensor:
+def cp_conv2d_fused(x: Tensor, input_factor: Tensor, vertical_factor: Tensor, horizontal_factor: Tensor,
+                    output_factor: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                    dilation: Sequence[int], *, out: Optional[Tensor] = None, force_int64: bool = False,
+                    kernel: Optional[str] = None) -> Tensor:
     """Launch the fused kernel on a 4-D ``x``; ``padding`` is ``(top, bottom, left, right)`` zeros.
 
     Arguments follow :func:`cpkernels.ops.reference.cp_conv2d_reference`. The output has ``x``'s dtype
@@ -160,19 +149,9 @@ def _launch_taps(args, strides, flags, dims, stride, padding, dilation, use_int6
     )
 
 
-def taps_conv2d_fused(
-    x: Tensor,
-    tap_weights: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    *,
-    out: Optional[Tensor] = None,
-    force_int64: bool = False,
-) -> Tensor:
+def taps_conv2d_fused(x: Tensor, tap_weights: Tensor, output_factor: Tensor, bias: Optional[Tensor],
+                      kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                      dilation: Sequence[int], *, out: Optional[Tensor] = None, force_int64: bool = False) -> Tensor:
     """The taps kernel on pre-folded per-tap weights: ``z = sum_t shift_t(x) @ T_t``, ``y = z @ A^T + bias``.
 
     ``tap_weights`` ``[G, kh*kw, Cin/G, R]`` (tap ``i*kw + j``) in ``x``'s dtype, ``output_factor``

@@ -1,13 +1,9 @@
 """``CPConv2d``: a drop-in ``nn.Conv2d`` whose weight is held as CP factors."""
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 from torch import Tensor, nn
 
-from cpkernels.core import conv_args
-from cpkernels.decompositions.cp import RankSpec, decompose_conv, resolve_rank
+from cpkernels.decompositions.cp import decompose_conv, resolve_rank
 from cpkernels.factors import CPFactors
 from cpkernels.modules.factored import FactoredConv2d
 from cpkernels.ops.cp_conv2d import cp_conv2d
@@ -29,34 +25,13 @@ class CPConv2d(FactoredConv2d):
     Build one from a trained conv with :meth:`from_conv`.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: conv_args.IntPair,
-        rank: RankSpec,
-        stride: conv_args.IntPair = 1,
-        padding: conv_args.Padding = 0,
-        dilation: conv_args.IntPair = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        weight_shape = self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                                       padding_mode, backend)
-        self.rank = resolve_rank(rank, weight_shape, groups)
-        kw = dict(device=device, dtype=dtype)
-        r, g = self.rank, groups
-        self.output_factor = nn.Parameter(torch.empty(g, out_channels // g, r, **kw))
-        self.input_factor = nn.Parameter(torch.empty(g, in_channels // g, r, **kw))
-        self.vertical_factor = nn.Parameter(torch.empty(g, self.kernel_size[0], r, **kw))
-        self.horizontal_factor = nn.Parameter(torch.empty(g, self.kernel_size[1], r, **kw))
-        self._init_bias(bias, device, dtype)
-        self.reset_parameters()
+    resolve_rank = staticmethod(resolve_rank)
+    decompose = staticmethod(decompose_conv)
+
+    def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        r, g, (kh, kw) = self.rank, self.groups, self.kernel_size
+        return {"output_factor": (g, self.out_channels // g, r), "input_factor": (g, self.in_channels // g, r),
+                "vertical_factor": (g, kh, r), "horizontal_factor": (g, kw, r)}
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -75,41 +50,6 @@ class CPConv2d(FactoredConv2d):
         for f in (self.output_factor, self.input_factor, self.vertical_factor, self.horizontal_factor):
             nn.init.normal_(f, 0.0, std)
         self._reset_bias()
-
-    # ---------------------------------------------------------------------------------------------
-    @classmethod
-    def from_conv(
-        cls,
-        conv: nn.Conv2d,
-        rank: Optional[RankSpec] = None,
-        *,
-        target_error: Optional[float] = None,
-        backend: str = "auto",
-        **decompose_kwargs,
-    ) -> "CPConv2d":
-        """A CPConv2d approximating ``conv``: its hyperparameters, bias, device and dtype; ``conv`` is untouched.
-
-        Args:
-            conv: exactly an ``nn.Conv2d`` (not a subclass, a transposed or a lazy conv).
-            rank: an ``int``, or a ``float`` in (0, 1] (fraction of the dense parameters).
-            target_error: instead of ``rank``: the smallest rank with relative weight error <= this.
-            backend: the new module's backend.
-            decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, tol,
-                random_state, l2_reg, ...).
-        """
-        cls._check_conv(conv)
-        factors = decompose_conv(
-            conv.weight.detach(), rank, groups=conv.groups, target_error=target_error, **decompose_kwargs
-        )
-        return cls.from_factors(
-            factors,
-            bias=None if conv.bias is None else conv.bias.detach(),
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            padding_mode=conv.padding_mode,
-            backend=backend,
-        )
 
     # ---------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -12,12 +12,44 @@ from cpkernels.ops.frontend import BACKENDS
 
 
 class FactoredConv2d(nn.Module):
-    """What every factored conv shares with ``nn.Conv2d``: its arguments and attributes, the bias, the
-    backend switch, ``to_conv2d``, ``extra_repr`` and the checks of ``from_conv``. Subclasses hold the
-    factors and define ``factors``, ``forward`` and ``to_dense_weight``."""
+    """What every factored conv shares with ``nn.Conv2d``: its constructor arguments and attributes, the bias,
+    the backend switch, ``from_conv``, ``from_factors``, ``to_conv2d`` and ``extra_repr``. A subclass names its
+    rank policy (``resolve_rank``), its decomposition (``decompose``) and the shapes of its factor parameters
+    (``factor_shapes``), and defines ``factors``, ``reset_parameters`` and ``forward``."""
 
     __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels",
                      "kernel_size", "rank"]
+    resolve_rank: Callable  # (rank policy, dense weight shape, groups) -> the rank
+    decompose: Callable  # (weight, rank, *, groups, target_error, **kwargs) -> factors
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: conv_args.IntPair,
+        rank,
+        stride: conv_args.IntPair = 1,
+        padding: conv_args.Padding = 0,
+        dilation: conv_args.IntPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        weight_shape = self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                       padding_mode, backend)
+        self.rank = type(self).resolve_rank(rank, weight_shape, groups)
+        for name, shape in self.factor_shapes().items():  # registered in this order, the bias after them
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+        self._init_bias(bias, device, dtype)
+        self.reset_parameters()
+
+    def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The factor parameters' names and shapes at ``self.rank``."""
+        raise NotImplementedError
 
     def _init_conv(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
                    backend) -> tuple[int, int, int, int]:
@@ -86,6 +118,27 @@ class FactoredConv2d(nn.Module):
             else:
                 reason = "only nn.Conv2d is supported"
             raise TypeError(f"{cls.__name__}.from_conv expects exactly nn.Conv2d, got {kind}: {reason}")
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank=None, *, target_error: Optional[float] = None, backend: str = "auto",
+                  **decompose_kwargs) -> "FactoredConv2d":
+        """A layer approximating ``conv``: its hyperparameters, bias, device and dtype; ``conv`` is untouched.
+
+        Args:
+            conv: exactly an ``nn.Conv2d`` (not a subclass, a transposed or a lazy conv).
+            rank: the class's rank (CP: an int; Tucker-2: a pair ``(R_out, R_in)`` or an int for both), or a
+                float in (0, 1]: that fraction of the dense parameters.
+            target_error: instead of ``rank``: the smallest rank with relative weight error <= this.
+            backend: the new module's backend.
+            decompose_kwargs: passed to the class's decomposition (:func:`cpkernels.decompose_conv`: init,
+                n_iter_max, tol, random_state, l2_reg, input_covariance, ...; :func:`cpkernels.decompose_tucker2`:
+                n_iter_max, tol, input_covariance, method).
+        """
+        cls._check_conv(conv)
+        factors = cls.decompose(conv.weight.detach(), rank, groups=conv.groups, target_error=target_error,
+                                **decompose_kwargs)
+        return cls.from_factors(factors, None if conv.bias is None else conv.bias.detach(), conv.stride,
+                                conv.padding, conv.dilation, conv.padding_mode, backend)
 
     @classmethod
     def from_factors(

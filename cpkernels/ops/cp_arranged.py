@@ -102,17 +102,9 @@ def _pointwise_to_pixel_major(x: Tensor, input_factor: Tensor) -> Tensor:
     return t.view(n, h, w, r).permute(0, 3, 1, 2)
 
 
-def cp_conv2d_cpu(
-    x: Tensor,
-    input_factor: Tensor,
-    vertical_factor: Tensor,
-    horizontal_factor: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
+def cp_conv2d_cpu(x: Tensor, input_factor: Tensor, vertical_factor: Tensor, horizontal_factor: Tensor,
+                  output_factor: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int]) -> Tensor:
     """CP conv of a 4-D ``x`` on the CPU; ``padding`` is ``(top, bottom, left, right)`` zero padding. The
     CPU plan picks dense or the staged arrangement (:func:`cpkernels.dispatch.cpu.choose`)."""
     if x.dtype in (torch.float16, torch.bfloat16):
@@ -141,18 +133,9 @@ def cp_conv2d_cpu(
     return cp_conv2d_arranged(how, x, *factors, stride, padding, dilation)
 
 
-def cp_conv2d_arranged(
-    how: cpu_dispatch.Plan,
-    x: Tensor,
-    input_factor: Tensor,
-    vertical_factor: Tensor,
-    horizontal_factor: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
+def cp_conv2d_arranged(how: cpu_dispatch.Plan, x: Tensor, input_factor: Tensor, vertical_factor: Tensor,
+                       horizontal_factor: Tensor, output_factor: Tensor, bias: Optional[Tensor],
+                       stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
     """The CP conv of a 4-D fp32/fp64 ``x`` computed the way ``how`` says."""
     groups, _, rank = input_factor.shape
     pt, pb, pl, pr = padding

@@ -55,18 +55,9 @@ def _fused(x, input_factor, vertical_factor, horizontal_factor, output_factor, b
 # The custom op
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("cpkernels::cp_conv2d", mutates_args=())
-def _cp_conv2d_op(
-    x: Tensor,
-    input_factor: Tensor,
-    vertical_factor: Tensor,
-    horizontal_factor: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    impl: str,
-) -> Tensor:
+def _cp_conv2d_op(x: Tensor, input_factor: Tensor, vertical_factor: Tensor, horizontal_factor: Tensor,
+                  output_factor: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
+                  dilation: list[int], impl: str) -> Tensor:
     """CP conv of a 4-D ``x``; ``padding`` is ``(top, bottom, left, right)`` zero padding."""
     refuse_onnx_export("cp_conv2d")
     args = (x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding, dilation)
@@ -129,16 +120,9 @@ CP_OP = FactoredOp(
 # --------------------------------------------------------------------------------------------------
 # The public function
 # --------------------------------------------------------------------------------------------------
-def cp_conv2d(
-    x: Tensor,
-    factors: CPFactors,
-    bias: Optional[Tensor] = None,
-    stride: conv_args.IntPair = 1,
-    padding: conv_args.Padding = 0,
-    dilation: conv_args.IntPair = 1,
-    padding_mode: str = "zeros",
-    backend: str = "auto",
-) -> Tensor:
+def cp_conv2d(x: Tensor, factors: CPFactors, bias: Optional[Tensor] = None, stride: conv_args.IntPair = 1,
+              padding: conv_args.Padding = 0, dilation: conv_args.IntPair = 1, padding_mode: str = "zeros",
+              backend: str = "auto") -> Tensor:
     """2-D convolution with a CP-factored weight; same semantics as ``F.conv2d`` with ``factors.to_dense()``.
 
     Args:

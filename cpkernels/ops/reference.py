@@ -70,17 +70,9 @@ def reused_dense_weight(build: Callable[[], Tensor], *factors: Tensor) -> Tensor
     return weight
 
 
-def cp_conv2d_dense_weight(
-    x: Tensor,
-    input_factor: Tensor,
-    vertical_factor: Tensor,
-    horizontal_factor: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
+def cp_conv2d_dense_weight(x: Tensor, input_factor: Tensor, vertical_factor: Tensor, horizontal_factor: Tensor,
+                           output_factor: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                           padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
     """The same function as one dense conv of the reconstructed weight: where CP saves too little to
     win (the CPU and GPU plans decide). Without autograd the weight is reused while the factors stay as
     they are (:func:`reused_dense_weight`)."""
@@ -99,17 +91,9 @@ def _split_padding(lo: int, hi: int) -> tuple[tuple[int, int], int]:
     return (lo, hi), 0
 
 
-def cp_conv2d_reference(
-    x: Tensor,
-    input_factor: Tensor,
-    vertical_factor: Tensor,
-    horizontal_factor: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
+def cp_conv2d_reference(x: Tensor, input_factor: Tensor, vertical_factor: Tensor, horizontal_factor: Tensor,
+                        output_factor: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
     """Four-stage CP conv of a 4-D ``x``; see the module docstring for the argument conventions."""
     groups, _, rank = input_factor.shape
     w_in, w_vert, w_horz, w_out = stage_weights(input_factor, vertical_factor, horizontal_factor, output_factor)
@@ -143,17 +127,9 @@ def upcast_16bit(*tensors):
     return [t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
 
 
-def cp_conv2d_reference_fp32(
-    x: Tensor,
-    input_factor: Tensor,
-    vertical_factor: Tensor,
-    horizontal_factor: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
+def cp_conv2d_reference_fp32(x: Tensor, input_factor: Tensor, vertical_factor: Tensor, horizontal_factor: Tensor,
+                             output_factor: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                             padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
     """The four stages with fp32 intermediates for 16-bit inputs, the output rounded once: the GPU
     plan's ``four-stage`` strategy. Trained layers' terms cancel (16x on the digits CNN of the tests,
     40-80x on VGG-16), and 16-bit intermediates put the four stages at 4x the dense conv's error there.
@@ -169,19 +145,20 @@ def cp_conv2d_reference_fp32(
         return cp_conv2d_reference(*up, stride, padding, dilation).to(x.dtype)
 
 
-def cp_conv2d_reference_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    input_factor: Tensor,
-    vertical_factor: Tensor,
-    horizontal_factor: Tensor,
-    output_factor: Tensor,
-    has_bias: bool,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    needs_grad: Sequence[bool],
-) -> tuple[Optional[Tensor], ...]:
+def stage_backward(grad: Tensor, inp: Tensor, weight: Tensor, groups: int, needs: Sequence[bool], stride=(1, 1),
+                   padding=(0, 0), dilation=(1, 1), bias_size: Optional[int] = None):
+    """``(grad input, grad weight, grad bias)`` of one stage ``F.conv2d(inp, weight, bias, stride, padding,
+    dilation, groups)``, by ``aten.convolution_backward``, which traces under ``torch.compile`` and
+    ``torch.export`` as the custom ops' backward (``torch.autograd.grad`` would not); ``needs`` says which."""
+    return torch.ops.aten.convolution_backward.default(
+        grad, inp, weight, None if bias_size is None else [bias_size], list(stride), list(padding), list(dilation),
+        False, [0, 0], groups, list(needs))
+
+
+def cp_conv2d_reference_backward(grad_y: Tensor, x: Tensor, input_factor: Tensor, vertical_factor: Tensor,
+                                 horizontal_factor: Tensor, output_factor: Tensor, has_bias: bool,
+                                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                                 needs_grad: Sequence[bool]) -> tuple[Optional[Tensor], ...]:
     """Gradients of :func:`cp_conv2d_reference` for ``(x, input, vertical, horizontal, output, bias)``.
 
     Written with ``aten.convolution_backward`` rather than ``torch.autograd.grad`` so that it traces
@@ -195,7 +172,6 @@ def cp_conv2d_reference_backward(
     pad_v, ph = _split_padding(pt, pb)
     pad_h, pw = _split_padding(pl, pr)
     need_x, need_in, need_v, need_h, need_out, need_b = needs_grad
-    conv_bwd = torch.ops.aten.convolution_backward.default
 
     # Forward again, keeping what each stage's backward needs.
     t1 = F.conv2d(x, w_in, None, 1, 0, 1, groups)
@@ -204,28 +180,19 @@ def cp_conv2d_reference_backward(
     t2p = F.pad(t2, pad_h) if pad_h != (0, 0) else t2
     t3 = F.conv2d(t2p, w_horz, None, (1, sw), (0, pw), (1, dw), gr)
 
-    bias_sizes = [w_out.shape[0]] if has_bias else None
-    g_t3, g_w_out, g_bias = conv_bwd(
-        grad_y, t3, w_out, bias_sizes, [1, 1], [0, 0], [1, 1], False, [0, 0], groups,
-        [True, need_out, has_bias and need_b],
-    )
+    g_t3, g_w_out, g_bias = stage_backward(grad_y, t3, w_out, groups, [True, need_out, has_bias and need_b],
+                                           bias_size=w_out.shape[0] if has_bias else None)
     need_t2 = need_x or need_in or need_v
-    g_t2p, g_w_horz, _ = conv_bwd(
-        g_t3, t2p, w_horz, None, [1, sw], [0, pw], [1, dw], False, [0, 0], gr, [need_t2, need_h, False]
-    )
+    g_t2p, g_w_horz, _ = stage_backward(g_t3, t2p, w_horz, gr, [need_t2, need_h, False], (1, sw), (0, pw), (1, dw))
     g_t1p = g_w_vert = None
     if need_t2:
         g_t2 = g_t2p[..., pad_h[0]:pad_h[0] + t2.shape[3]] if pad_h != (0, 0) else g_t2p
-        need_t1 = need_x or need_in
-        g_t1p, g_w_vert, _ = conv_bwd(
-            g_t2, t1p, w_vert, None, [sh, 1], [ph, 0], [dh, 1], False, [0, 0], gr, [need_t1, need_v, False]
-        )
+        g_t1p, g_w_vert, _ = stage_backward(g_t2, t1p, w_vert, gr, [need_x or need_in, need_v, False], (sh, 1),
+                                            (ph, 0), (dh, 1))
     g_x = g_w_in = None
     if g_t1p is not None:
         g_t1 = g_t1p[:, :, pad_v[0]:pad_v[0] + t1.shape[2]] if pad_v != (0, 0) else g_t1p
-        g_x, g_w_in, _ = conv_bwd(
-            g_t1, x, w_in, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [need_x, need_in, False]
-        )
+        g_x, g_w_in, _ = stage_backward(g_t1, x, w_in, groups, [need_x, need_in, False])
 
     cin_g = input_factor.shape[1]
     kh, kw = vertical_factor.shape[1], horizontal_factor.shape[1]

@@ -17,16 +17,9 @@ from cpkernels.ops.tucker2_reference import (_core_padding, tucker2_conv2d_dense
                                              tucker2_stage_weights)
 
 
-def tucker2_conv2d_cpu(
-    x: Tensor,
-    input_factor: Tensor,
-    core: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
+def tucker2_conv2d_cpu(x: Tensor, input_factor: Tensor, core: Tensor, output_factor: Tensor,
+                       bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                       dilation: Sequence[int]) -> Tensor:
     """The three stages arranged for the CPU (see :mod:`cpkernels.ops.cp_arranged` for what profiling showed):
     16-bit inputs in fp32 with one rounding of the output; the dense conv where the CPU plan finds it
     faster (:func:`cpkernels.dispatch.cpu.choose`); NCHW pointwise stages as batched GEMMs; channels_last as

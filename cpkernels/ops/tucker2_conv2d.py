@@ -45,17 +45,9 @@ def _fused(x, input_factor, core, output_factor, bias, stride, padding, dilation
 
 
 @torch.library.custom_op("cpkernels::tucker2_conv2d", mutates_args=())
-def _tucker2_conv2d_op(
-    x: Tensor,
-    input_factor: Tensor,
-    core: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    impl: str,
-) -> Tensor:
+def _tucker2_conv2d_op(x: Tensor, input_factor: Tensor, core: Tensor, output_factor: Tensor,
+                       bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                       impl: str) -> Tensor:
     """Tucker-2 conv of a 4-D ``x``; ``padding`` is ``(top, bottom, left, right)`` zero padding."""
     refuse_onnx_export("tucker2_conv2d")
     args = (x, input_factor, core, output_factor, bias, stride, padding, dilation)
@@ -109,16 +101,9 @@ TUCKER2_OP = FactoredOp(
 )
 
 
-def tucker2_conv2d(
-    x: Tensor,
-    factors: Tucker2Factors,
-    bias: Optional[Tensor] = None,
-    stride: conv_args.IntPair = 1,
-    padding: conv_args.Padding = 0,
-    dilation: conv_args.IntPair = 1,
-    padding_mode: str = "zeros",
-    backend: str = "auto",
-) -> Tensor:
+def tucker2_conv2d(x: Tensor, factors: Tucker2Factors, bias: Optional[Tensor] = None,
+                   stride: conv_args.IntPair = 1, padding: conv_args.Padding = 0, dilation: conv_args.IntPair = 1,
+                   padding_mode: str = "zeros", backend: str = "auto") -> Tensor:
     """2-D convolution with a Tucker-2 weight; the same semantics as ``F.conv2d`` with ``factors.to_dense()``.
 
     Arguments as :func:`cpkernels.cp_conv2d`, with :class:`cpkernels.Tucker2Factors`. ``backend``:

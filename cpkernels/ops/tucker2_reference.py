@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from cpkernels.factors import Tucker2Factors
-from cpkernels.ops.reference import reused_dense_weight
+from cpkernels.ops.reference import reused_dense_weight, stage_backward
 
 
 def tucker2_stage_weights(input_factor: Tensor, core: Tensor, output_factor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -39,16 +39,9 @@ def _core_padding(padding: Sequence[int]) -> tuple[Optional[tuple[int, int, int,
     return (pl, pr, pt, pb), (0, 0)
 
 
-def tucker2_conv2d_reference(
-    x: Tensor,
-    input_factor: Tensor,
-    core: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
+def tucker2_conv2d_reference(x: Tensor, input_factor: Tensor, core: Tensor, output_factor: Tensor,
+                             bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                             dilation: Sequence[int]) -> Tensor:
     """Three-stage Tucker-2 conv of a 4-D ``x``."""
     groups = input_factor.shape[0]
     w_in, w_core, w_out = tucker2_stage_weights(input_factor, core, output_factor)
@@ -66,16 +59,9 @@ def tucker2_conv2d_reference(
     return y.contiguous()
 
 
-def tucker2_conv2d_dense_weight(
-    x: Tensor,
-    input_factor: Tensor,
-    core: Tensor,
-    output_factor: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
+def tucker2_conv2d_dense_weight(x: Tensor, input_factor: Tensor, core: Tensor, output_factor: Tensor,
+                                bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                                dilation: Sequence[int]) -> Tensor:
     """One dense conv of the reconstructed weight, where the stages save too little (the plans decide); the
     weight is reused without autograd as for CP (:func:`cpkernels.ops.reference.reused_dense_weight`)."""
     weight = reused_dense_weight(lambda: Tucker2Factors(output_factor, core, input_factor).to_dense(),
@@ -86,18 +72,10 @@ def tucker2_conv2d_dense_weight(
     return F.conv2d(x, weight, bias, stride, sym, dilation, input_factor.shape[0])
 
 
-def tucker2_conv2d_reference_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    input_factor: Tensor,
-    core: Tensor,
-    output_factor: Tensor,
-    has_bias: bool,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    needs_grad: Sequence[bool],
-) -> tuple[Optional[Tensor], ...]:
+def tucker2_conv2d_reference_backward(grad_y: Tensor, x: Tensor, input_factor: Tensor, core: Tensor,
+                                      output_factor: Tensor, has_bias: bool, stride: Sequence[int],
+                                      padding: Sequence[int], dilation: Sequence[int], needs_grad: Sequence[bool]
+                                      ) -> tuple[Optional[Tensor], ...]:
     """Gradients of :func:`tucker2_conv2d_reference` for ``(x, input, core, output, bias)``, written with
     ``aten.convolution_backward`` so that they trace as the custom op's backward (the intermediates
     are recomputed)."""
@@ -105,29 +83,22 @@ def tucker2_conv2d_reference_backward(
     w_in, w_core, w_out = tucker2_stage_weights(input_factor, core, output_factor)
     explicit, sym = _core_padding(padding)
     need_x, need_in, need_core, need_out, need_b = needs_grad
-    conv_bwd = torch.ops.aten.convolution_backward.default
 
     t1 = F.conv2d(x, w_in, None, 1, 0, 1, groups)
     t1p = F.pad(t1, explicit) if explicit is not None else t1
     t2 = F.conv2d(t1p, w_core, None, stride, sym, dilation, groups)
 
-    g_t2, g_w_out, g_bias = conv_bwd(
-        grad_y, t2, w_out, [w_out.shape[0]] if has_bias else None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups,
-        [True, need_out, has_bias and need_b],
-    )
+    g_t2, g_w_out, g_bias = stage_backward(grad_y, t2, w_out, groups, [True, need_out, has_bias and need_b],
+                                           bias_size=w_out.shape[0] if has_bias else None)
     need_t1 = need_x or need_in
-    g_t1p, g_w_core, _ = conv_bwd(
-        g_t2, t1p, w_core, None, list(stride), list(sym), list(dilation), False, [0, 0], groups, [need_t1, need_core, False]
-    )
+    g_t1p, g_w_core, _ = stage_backward(g_t2, t1p, w_core, groups, [need_t1, need_core, False], stride, sym, dilation)
     g_x = g_w_in = None
     if need_t1:
         g_t1 = g_t1p
         if explicit is not None:
             pl, _, pt, _ = explicit
             g_t1 = g_t1p[:, :, pt:pt + t1.shape[2], pl:pl + t1.shape[3]]
-        g_x, g_w_in, _ = conv_bwd(
-            g_t1, x, w_in, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [need_x, need_in, False]
-        )
+        g_x, g_w_in, _ = stage_backward(g_t1, x, w_in, groups, [need_x, need_in, False])
     return (
         g_x if need_x else None,
         g_w_in.reshape(groups, r_in, cin_g).transpose(1, 2) if need_in and g_w_in is not None else None,

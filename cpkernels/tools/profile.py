@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from cpkernels.compression.families import family_of_rank
 from cpkernels.core import conv_args
 from cpkernels.core.cost import ConvShape
 from cpkernels.core.timing import time_median
 from cpkernels.dispatch import cpu as cpu_dispatch
 from cpkernels.dispatch import gpu as gpu_plans
-from cpkernels.modules.cp import CPConv2d
 from cpkernels.modules.tucker2 import TuckerConv2d
 from cpkernels.ops.reference import cp_conv2d_reference
 from cpkernels.ops.tucker2_reference import tucker2_conv2d_reference
@@ -89,12 +89,11 @@ def build_cases(
     kw = dict(stride=shape.stride, padding=shape.padding, dilation=shape.dilation, groups=shape.groups, device=device,
               dtype=dtype)
     dense = nn.Conv2d(shape.cin, shape.cout, shape.kernel, **kw)
-    tucker2 = isinstance(rank, tuple)
-    cls = TuckerConv2d if tucker2 else CPConv2d
+    family = family_of_rank(rank)
+    cls = family.module
     # Random factors: timings do not depend on their values, and ALS would dominate a benchmark run.
     cp = cls(shape.cin, shape.cout, shape.kernel, rank, **kw)
-    staged_macs = shape.tucker2_macs(rank) if tucker2 else shape.cp_macs(rank)
-    fused_macs = shape.tucker2_fused_macs(rank) if tucker2 else shape.fused_kernel_macs(rank)
+    staged_macs, fused_macs = family.macs(shape, rank), family.fused_macs(shape, rank)
     x0 = torch.randn(shape.batch, shape.cin, *shape.size, device=device, dtype=dtype)
     cases = []
     for layout in layouts:
@@ -325,7 +324,7 @@ def main(argv=None) -> int:
         print_gpu_plan(plan)
         if args.json:
             with open(args.json, "w") as f:
-                strategies = gpu_plans.TUCKER2_STRATEGIES if args.tucker2 else gpu_plans.STRATEGIES
+                strategies = family_of_rank(rank).gpu_strategies
                 json.dump({"shape": asdict(shape), "rank": rank, "dtype": args.dtype, "layout": args.layout,
                            "gpu_plan": plan, "strategies": strategies}, f, indent=1)
             print(f"JSON written to {args.json}")

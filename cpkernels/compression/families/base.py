@@ -22,6 +22,7 @@ class Family:
     factors: type  # its factors class (a :class:`cpkernels.factors.FactoredWeight`)
     gpu_strategies: dict  # the GPU plan's strategies for it (:mod:`cpkernels.dispatch.gpu`)
     decompose_options: Optional[tuple[str, ...]] = None  # the decompose_kwargs it takes; None: all of them
+    onnx_forms: tuple[str, ...] = ("merged", "dense")  # the forms export_onnx may write it in (export.forms)
 
     # --- ranks -------------------------------------------------------------------------------------------
     def owns(self, rank) -> bool:
@@ -48,6 +49,10 @@ class Family:
         raise NotImplementedError
 
     def params(self, conv: nn.Conv2d, rank) -> int:
+        raise NotImplementedError
+
+    def fused_macs(self, shape: ConvShape, rank) -> int:
+        """The MACs the fused kernel issues for this family's layer (the profiler's roofline)."""
         raise NotImplementedError
 
     # --- layers ------------------------------------------------------------------------------------------

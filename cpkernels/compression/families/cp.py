@@ -40,6 +40,7 @@ class CPFamily(Family):
     module = CPConv2d
     factors = CPFactors
     gpu_strategies = STRATEGIES
+    onnx_forms = ("merged", "two", "dense")  # the depthwise stage as one kh x kw conv, or kh x 1 then 1 x kw
 
     def owns(self, rank) -> bool:
         return isinstance(rank, int) and not isinstance(rank, bool)
@@ -55,6 +56,9 @@ class CPFamily(Family):
 
     def params(self, conv: nn.Conv2d, rank: int) -> int:
         return rank * params_per_rank(conv.out_channels, conv.in_channels, conv.kernel_size, conv.groups)
+
+    def fused_macs(self, shape: ConvShape, rank: int) -> int:
+        return shape.fused_kernel_macs(rank)
 
     def diagnostics(self, factors: CPFactors) -> dict:
         return {"degeneracy": degeneracy(factors), "cancellation": factors.cancellation()}

@@ -22,6 +22,7 @@ class Tucker2Family(Family):
     factors = Tucker2Factors
     gpu_strategies = TUCKER2_STRATEGIES
     decompose_options = ("n_iter_max", "random_state", "input_covariance")  # the others are CP's ALS settings
+    onnx_forms = ("merged", "dense")  # one factored form, its three convs ("two" would be the same file)
 
     def owns(self, rank) -> bool:
         return isinstance(rank, (tuple, list)) and len(rank) == 2
@@ -45,6 +46,9 @@ class Tucker2Family(Family):
 
     def params(self, conv: nn.Conv2d, rank) -> int:
         return tucker2_params(conv.out_channels, conv.in_channels, conv.kernel_size, conv.groups, tuple(rank))
+
+    def fused_macs(self, shape: ConvShape, rank) -> int:
+        return shape.tucker2_fused_macs(tuple(rank))
 
     def ladder(self, conv: nn.Conv2d, dense: float, cost: Callable, multiple: int, fractions: Sequence[float],
                max_rank: float) -> list[tuple[int, int]]:
