@@ -17,7 +17,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "matplotlib", "tqdm", "scikit-learn", "onnx", "onnxruntime",
-                 "onnxscript"],
+                 "onnxscript", "h5py", "scikit-image"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "export": ["onnx", "onnxruntime", "onnxscript"],
     },
