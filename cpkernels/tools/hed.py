@@ -217,8 +217,8 @@ def calibration_photo(name: str) -> np.ndarray:
 
 def judging_photo(name: str) -> np.ndarray:
     """One of :data:`JUDGING_PHOTOS` from scikit-learn's ``load_sample_images()``, ``[427, 640, 3]`` uint8 RGB."""
-    from sklearn.datasets import \
-        load_sample_images  # optional: the judging photos only
+    # optional: the judging photos only
+    from sklearn.datasets import load_sample_images
 
     if name not in JUDGING_PHOTOS:
         raise ValueError(f"judging photos are {JUDGING_PHOTOS}, got {name!r}")
