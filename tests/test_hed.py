@@ -281,6 +281,10 @@ def test_demo_writes_its_figure_and_prints_its_table(tmp_path, one_thread):
 def test_demo_refuses_bad_settings_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="runs"):
         demo.run(str(tmp_path / "x.png"), runs=0)
+    with pytest.raises(ValueError, match="budget"):
+        demo.run(str(tmp_path / "x.png"), budget=1.5)
+    with pytest.raises(ValueError, match="calibration_photos"):
+        demo.run(str(tmp_path / "x.png"), calibration_photos=("china",))  # a judging photo: refused
     with pytest.raises(FileNotFoundError, match="no folder"):
         demo.run(str(tmp_path / "absent" / "x.png"))
 

@@ -108,6 +108,11 @@ def run(out: str = "hed_demo.png", *, budget: float = DEFAULTS["budget"], size: 
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if judge_photo not in hed.JUDGING_PHOTOS:
         raise ValueError(f"judge_photo must be one of {hed.JUDGING_PHOTOS}, got {judge_photo!r}")
+    unknown = [name for name in calibration_photos if name not in hed.CALIBRATION_PHOTOS]
+    if unknown or not calibration_photos:
+        raise ValueError(f"calibration_photos must name some of {hed.CALIBRATION_PHOTOS}, got {calibration_photos!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"cannot write {out!r}: no folder {out_dir!r}")
