@@ -4,22 +4,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cpkernels.cli import main as cli_main
+from cpkernels.tools.demo import main as demo_main
+from cpkernels.tools.profile import main as profile_main
+
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["profile"]:
-        from cpkernels.tools.profile import main as profile_main
-
         return profile_main(argv[1:])
     if argv[:1] == ["demo"]:
         # Its own options (--out, --digits for the small digits CNN, ...): cpkernels demo --help
-        from cpkernels.tools.demo import main as demo_main
-
         return demo_main(argv[1:])
     if argv[:1] in (["plan"], ["compress"], ["export"]):
-        from cpkernels.cli import main as commands_main
-
-        return commands_main(argv)
+        return cli_main(argv)
     parser = argparse.ArgumentParser(prog="cpkernels", description="CP-decomposed convolutions.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="compress HED's trained VGG-16, compare its edge maps and CPU time with the dense one "

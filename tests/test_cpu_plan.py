@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from cpkernels import cp_conv2d, tucker2_conv2d
-from cpkernels.ops import cp_arranged as cpu_ops
-from cpkernels.ops import tucker2_reference
 from cpkernels.dispatch import cpu as cpu_dispatch
 from cpkernels.dispatch import measured as measured_mod
+from cpkernels.ops import cp_arranged as cpu_ops
+from cpkernels.ops import tucker2_arranged
 
 from .oracle import assert_matches_oracle, oracle_conv2d, random_factors, random_tucker2
 
@@ -116,7 +116,7 @@ def test_measured_mode_picks_dense_where_cp_cannot_win(measured):
 @pytest.mark.parametrize("winner", [pytest.param("dense-weight", id="dense"), pytest.param("stages", id="staged")])
 def test_measured_mode_for_tucker2(monkeypatch, measured, winner):
     favouring(monkeypatch, winner)
-    dense_calls = spy(monkeypatch, tucker2_reference, "tucker2_conv2d_dense_weight")
+    dense_calls = spy(monkeypatch, tucker2_arranged, "tucker2_conv2d_dense_weight")
     factors = random_tucker2(12, 10, (3, 3), (6, 5))
     bias = torch.randn(12)
     x = torch.randn(2, 10, 9, 11)

@@ -113,7 +113,7 @@ def test_auto_writes_the_fastest_whole_model(fastest, forms, convs, tmp_path, mo
     whole model is fastest as ``fastest``."""
     import json
 
-    from cpkernels.export.onnx import forms as onnx_plans
+    from cpkernels.export import forms as onnx_plans
 
     clock = {3: {"merged": 2.0, "two": 3.0, "dense": 1.0}, 16: {"merged": 2.0, "two": 1.0, "dense": 3.0}}
     candidates = {"merged": ("merged", "merged"), "two": ("two", "two"), "dense": ("dense", "dense"),

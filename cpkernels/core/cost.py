@@ -4,7 +4,8 @@ must move, and the bytes its programs re-read from the GPU's caches. The per-cal
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 from cpkernels.core import conv_args
 
@@ -27,6 +28,7 @@ class ConvShape:
     padding: int | tuple[int, int] | tuple[int, int, int, int] = 1
     groups: int = 1
     dilation: int | tuple[int, int] = 1
+    output: Optional[tuple[int, int]] = field(default=None, repr=False)  # the output H, W if the caller has it
 
     @property
     def stride2(self) -> tuple[int, int]:
@@ -55,6 +57,8 @@ class ConvShape:
 
     @property
     def out_size(self) -> tuple[int, int]:
+        if self.output is not None:
+            return tuple(self.output)
         return conv_args.output_size(self.size, self.kernel, self.stride2, self.padding4, self.dilation2)
 
     @property
@@ -66,17 +70,20 @@ class ConvShape:
         kh, kw = self.kernel
         return self.out_pixels * self.cout * (self.cin // self.groups) * kh * kw
 
-    def cp_macs(self, rank: int) -> int:
-        """MACs of the four-stage CP layer (per group rank R): Cin->R, kh x 1, 1 x kw, R->Cout."""
+    def cp_macs(self, rank: int, merged_depthwise: bool = False) -> int:
+        """MACs of the four-stage CP layer (per group rank R): Cin->R, kh x 1, 1 x kw, R->Cout;
+        ``merged_depthwise``: the two depthwise stages as one kh x kw depthwise conv (the CPU path)."""
         kh, kw = self.kernel
         g = self.groups
         oh, ow = self.out_size
         h, w = self.size
         stage1 = self.batch * h * w * (self.cin // g) * rank * g
-        stage2 = self.batch * oh * w * kh * rank * g  # at the vertical stride, before the horizontal one
-        stage3 = self.out_pixels * kw * rank * g
+        if merged_depthwise:
+            depthwise = self.out_pixels * kh * kw * rank * g
+        else:  # the vertical stage at the vertical stride, before the horizontal one
+            depthwise = self.batch * oh * w * kh * rank * g + self.out_pixels * kw * rank * g
         stage4 = self.out_pixels * rank * (self.cout // g) * g
-        return stage1 + stage2 + stage3 + stage4
+        return stage1 + depthwise + stage4
 
     def tucker2_macs(self, rank: tuple[int, int]) -> int:
         """MACs of the three-stage Tucker-2 layer (per-group ranks ``(R_out, R_in)``)."""
@@ -107,6 +114,14 @@ class ConvShape:
         else:
             first = cin_g * ((rows - 1) * sh + (kh - 1) * self.dilation2[0] + 1) / rows
         return int(self.out_pixels * rank * self.groups * (first + cout_g))
+
+    def staged_bytes(self, element_size: int, rank_in: int, rank_out: int) -> int:
+        """Bytes the staged forms move as separate passes: X read, Y written, and each intermediate written and
+        read once, ``G * rank_in`` channels at the input's size and ``G * rank_out`` at the output's."""
+        h, w = self.size
+        x_px = self.batch * h * w
+        return element_size * (x_px * self.cin + 2 * x_px * self.groups * rank_in
+                               + 2 * self.out_pixels * self.groups * rank_out + self.out_pixels * self.cout)
 
     def minimal_bytes(self, element_size: int) -> int:
         """Read X once and write Y once: the floor for any implementation (weights are negligible)."""

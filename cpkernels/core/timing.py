@@ -29,6 +29,11 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, cuda: bool = Fals
     return sorted(samples)[len(samples) // 2]
 
 
+def cuda_median_seconds(fn: Callable[[], object]) -> float:
+    """:func:`median_seconds` with CUDA events."""
+    return median_seconds(fn, cuda=True)
+
+
 def time_median(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int = 10) -> float:
     """Median seconds of ``fn(x)`` under ``torch.inference_mode()``, on ``x``'s device."""
     with torch.inference_mode():

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from cpkernels.core.conv_args import is_channels_last
+from cpkernels.core.cost import ConvShape
 from cpkernels.core.switches import cpu_plan_mode
 from cpkernels.dispatch.measured import measure
 
@@ -82,17 +83,18 @@ def dense_is_cheaper(x: Tensor, rank: int, groups: int, cout: int, kernel_size, 
     (batch 8, 2-core x86); the same MAC ratio with smaller intermediates (256->256 stride 2 @28^2 at
     R = 320) ran 1.1-1.5x faster than dense and stays CP.
     """
-    n, cin, h, w = x.shape
-    (kh, kw), (oh, ow) = kernel_size, out_size
-    es = x.element_size()
-    x_px, y_px = n * h * w, n * oh * ow
-    dense_macs = y_px * cout * (cin // groups) * kh * kw
+    shape = _shape_of(x, groups, cout, kernel_size, out_size)
+    dense_macs = shape.dense_macs()
     if dense_macs < DENSE_MIN_MACS:
         return False
-    gr = groups * rank
-    cp_macs = x_px * cin * rank + y_px * gr * kh * kw + y_px * rank * cout
-    cp_bytes = es * (x_px * cin + 2 * x_px * gr + 2 * y_px * gr + y_px * cout)
-    return _dense_wins(dense_macs, es * (x_px * cin + y_px * cout), cp_macs, cp_bytes)
+    es = x.element_size()
+    return _dense_wins(dense_macs, shape.minimal_bytes(es), shape.cp_macs(rank, merged_depthwise=True),
+                       shape.staged_bytes(es, rank, rank))
+
+
+def _shape_of(x: Tensor, groups: int, cout: int, kernel_size, out_size) -> ConvShape:
+    n, cin, h, w = x.shape
+    return ConvShape(n, cin, cout, (h, w), tuple(kernel_size), groups=groups, output=tuple(out_size))
 
 
 def _dense_wins(dense_macs: int, dense_bytes: int, staged_macs: int, staged_bytes: int) -> bool:
@@ -104,17 +106,13 @@ def tucker2_dense_is_cheaper(x: Tensor, rank: tuple[int, int], groups: int, cout
     """:func:`dense_is_cheaper` for the three Tucker-2 stages (per-group ranks ``(R_out, R_in)``): the same
     rule, with the core conv's MACs and the two intermediates (G R_in at the input's size, G R_out at the
     output's)."""
-    n, cin, h, w = x.shape
-    (kh, kw), (oh, ow) = kernel_size, out_size
-    r_out, r_in = rank
-    es = x.element_size()
-    x_px, y_px = n * h * w, n * oh * ow
-    dense_macs = y_px * cout * (cin // groups) * kh * kw
+    shape = _shape_of(x, groups, cout, kernel_size, out_size)
+    dense_macs = shape.dense_macs()
     if dense_macs < DENSE_MIN_MACS:
         return False
-    staged_macs = x_px * cin * r_in + y_px * groups * r_out * r_in * kh * kw + y_px * r_out * cout
-    staged_bytes = es * (x_px * cin + 2 * x_px * groups * r_in + 2 * y_px * groups * r_out + y_px * cout)
-    return _dense_wins(dense_macs, es * (x_px * cin + y_px * cout), staged_macs, staged_bytes)
+    es = x.element_size()
+    r_out, r_in = rank
+    return _dense_wins(dense_macs, shape.minimal_bytes(es), shape.tucker2_macs(rank), shape.staged_bytes(es, r_in, r_out))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from cpkernels.core.timing import median_seconds
+from cpkernels.core.timing import cuda_median_seconds, median_seconds
 
 # Largest difference from the reference, relative to its largest |value|, that a candidate may show before
 # it is refused: fp32 loose enough for TF32 on a GPU.
@@ -21,7 +21,7 @@ def measure(run: Callable[[str], torch.Tensor], candidates: tuple[str, ...], dty
     """Median microseconds of every candidate, after checking each against ``run(reference)``. ``timer``
     gets ``partial(run, candidate)`` and returns seconds."""
     expected = run(reference).float()
-    timer = timer or partial(median_seconds, cuda=expected.is_cuda)
+    timer = timer or (cuda_median_seconds if expected.is_cuda else median_seconds)
     scale = max(expected.abs().max().item(), 1e-6) if expected.numel() else 1.0
     times = {}
     for strategy in candidates:
