@@ -17,10 +17,10 @@ import os
 import torch
 
 from cpkernels import apply_structure
+from cpkernels.core.timing import time_median
 from cpkernels.dispatch import cpu as cpu_dispatch
 from cpkernels.tools.profile import environment
 
-from cpkernels.core.timing import time_median
 from .onnx_speed import FRACTIONS, NETWORKS, cp_structure, network_arguments
 from .report import save_results
 

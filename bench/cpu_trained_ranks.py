@@ -17,13 +17,13 @@ import os
 
 import torch
 
-from cpkernels.tools.layers import LAYERS
 from cpkernels.core import conv_args
+from cpkernels.core.timing import time_median
 from cpkernels.dispatch import cpu as cpu_dispatch
+from cpkernels.tools.layers import LAYERS
 from cpkernels.tools.profile import build_cases, environment
 
 
-from cpkernels.core.timing import time_median
 def plan_of(case, shape, rank) -> str:
     layer = case.fn
     pad = conv_args.explicit_padding(layer.padding, layer.kernel_size, layer.dilation)

@@ -22,11 +22,11 @@ import os
 
 import torch
 
+from cpkernels.core.timing import time_median
 from cpkernels.tools.layers import LAYERS_BY_NAME, ROOFLINE_LAYERS
 from cpkernels.tools.profile import DTYPES, build_cases, environment, measure_peaks
 
 
-from cpkernels.core.timing import time_median
 def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_per_s: float,
                 also_taps: bool = False, graph: bool = False) -> list[dict]:
     """Dense, reference and fused rows for one layer and rank; ``also_taps`` adds the fused layer forced

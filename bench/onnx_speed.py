@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from cpkernels import apply_structure, export_onnx, resolve_rank
+from cpkernels.compression.convs import filter_reason
+from cpkernels.core.timing import time_median
 from cpkernels.export.forms import ort_ms
 from cpkernels.tools.profile import environment
 
@@ -74,11 +76,9 @@ NETWORKS = {"resnet18": resnet18, "vgg16": vgg16}
 
 def cp_structure(model: nn.Module, fraction: float, rank_multiple: int) -> dict[str, int]:
     """``compress_model(rank=fraction)``'s ranks (rounded up), for the convs it would compress."""
-    from cpkernels.compression.compress import _skip_reason
-
     structure = {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and _skip_reason(name, m, None, None, None, None, None, 1, False) is None:
+        if isinstance(m, nn.Conv2d) and filter_reason(name, m, None, None, None, 1, False) is None:
             r = resolve_rank(fraction, tuple(m.weight.shape), m.groups)
             structure[name] = -(-r // rank_multiple) * rank_multiple
     return structure
@@ -88,8 +88,6 @@ def cp_structure(model: nn.Module, fraction: float, rank_multiple: int) -> dict[
 # Timing
 # --------------------------------------------------------------------------------------------------
 def eager_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    from cpkernels.core.timing import time_median
-
     return 1e3 * time_median(model, x, repeats)
 
 

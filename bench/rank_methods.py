@@ -16,7 +16,8 @@ import copy
 import torch
 
 from cpkernels import compress_model, plan_ranks
-from cpkernels.compression.compress import conv_input_sizes, rank_for_mac_fraction
+from cpkernels.compression.compress import rank_for_mac_fraction
+from cpkernels.compression.convs import conv_input_sizes
 from cpkernels.tools.digits import accuracy, output_change, train, trained_cnn
 from cpkernels.tools.profile import environment
 

@@ -20,16 +20,17 @@ import copy
 import torch
 from torch import nn
 
-from cpkernels import compress_model, decompose_conv, plan_ranks
-from cpkernels.decompositions import tucker2 as decompose_tucker2
+from cpkernels import compress_model, decompose_conv, decompose_tucker2, plan_ranks
 from cpkernels.compression.calibration import _Hooks
-from cpkernels.compression.compress import _conv_shape, rank_for_mac_fraction
+from cpkernels.compression.compress import rank_for_mac_fraction
+from cpkernels.compression.convs import conv_shape
+from cpkernels.compression.families import family_of_rank
+from cpkernels.core.timing import time_median
 from cpkernels.decompositions.tucker2 import largest_proportional_ranks
 from cpkernels.tools.digits import accuracy, output_change, train, trained_cnn
 from cpkernels.tools.layers import LAYERS_BY_NAME
 from cpkernels.tools.profile import build_cases, environment
 
-from cpkernels.core.timing import time_median
 from .report import save_results
 
 FRACTIONS = (0.5, 0.25, 0.125)
@@ -50,11 +51,11 @@ def layer_errors(model: nn.Module, x: torch.Tensor) -> list[dict]:
     rows = []
     for name, conv in convs.items():
         x_in = inputs[name]
-        shape = _conv_shape(conv, tuple(x_in.shape[-2:]))
+        shape = conv_shape(conv, tuple(x_in.shape[-2:]))
         with torch.no_grad():
             y = conv(x_in)
         for fraction in FRACTIONS:
-            r = rank_for_mac_fraction(conv, fraction, shape.in_hw)
+            r = rank_for_mac_fraction(conv, fraction, shape.size)
             pair = largest_proportional_ranks(shape.tucker2_macs, shape.cp_macs(r), conv.out_channels // conv.groups,
                                               conv.in_channels // conv.groups) or (1, 1)
             for kind, f in (("cp", decompose_conv(conv.weight.detach(), r)),
@@ -63,7 +64,7 @@ def layer_errors(model: nn.Module, x: torch.Tensor) -> list[dict]:
                     y_hat = nn.functional.conv2d(x_in, f.to_dense(), conv.bias, conv.stride, conv.padding)
                 rows.append({"layer": name, "shape": list(conv.weight.shape), "fraction": fraction,
                              "decomposition": kind, "rank": list(pair) if kind == "tucker2" else r,
-                             "macs_kept": round(shape.macs(pair if kind == "tucker2" else r) / shape.dense_macs(), 4),
+                             "macs_kept": round(family_of_rank(f.rank).macs(shape, f.rank) / shape.dense_macs(), 4),
                              "weight_error": round(f.relative_error(conv.weight), 4),
                              "output_error": round(float((y_hat - y).norm() / y.norm()), 4)})
     return rows

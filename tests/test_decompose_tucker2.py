@@ -5,8 +5,7 @@ import warnings
 import pytest
 import torch
 
-from cpkernels import Tucker2Factors
-from cpkernels.decompositions import tucker2 as decompose_tucker2
+from cpkernels import Tucker2Factors, decompose_tucker2
 from cpkernels.decompositions.tucker2 import rank_for_fraction, resolve_tucker2_rank
 from cpkernels.factors import tucker2_params
 
