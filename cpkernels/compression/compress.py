@@ -1,4 +1,5 @@
-"""Model surgery: replace a network's ``nn.Conv2d`` layers by ``CPConv2d``, with a report of what it cost.
+"""Model surgery: replace a network's ``nn.Conv2d`` layers by factored ones (each family's layer: ``CPConv2d``,
+``TuckerConv2d``), with a report of what it cost.
 
     model_cp, report = cpkernels.compress_model(model, rank=0.25, input_size=(1, 3, 224, 224))
     print(report)
