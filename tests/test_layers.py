@@ -198,3 +198,21 @@ def test_the_checker_finds_the_library_importing_a_tool():
 @pytest.mark.parametrize("module", LAYERS)
 def test_every_layer_exists(module):
     assert module in package_sources()
+
+
+def test_importing_the_package_has_no_side_effects():
+    """In a fresh interpreter: no optional dependency is imported and no global torch switch moves."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch\n"
+        "flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,\n"
+        "                 torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),\n"
+        "                 torch.get_default_dtype(), torch.is_grad_enabled())\n"
+        "before = flags()\n"
+        "import cpkernels\n"
+        f"print(before == flags(), sorted(m for m in {LAZY[:-1]!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "[]"], out
