@@ -2,6 +2,7 @@
 
 - :mod:`cpkernels.compression.convs`: the walk over a model's convs (names, input sizes, filters, replacing);
 - :mod:`cpkernels.compression.families`: one object per decomposition family, which the passes ask;
+- :mod:`cpkernels.compression.batchnorm`: BatchNorm folding into the convs it follows, before decomposition;
 - :mod:`cpkernels.compression.calibration`: statistics of calibration batches (input second moments, sensitivities);
 - :mod:`cpkernels.compression.compress`: ``compress_model``, ``CompressionReport``, ``apply_structure``;
 - :mod:`cpkernels.compression.vbmf`: EVBMF rank estimates;

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 from torch import nn
 from tqdm.auto import tqdm
 
+from cpkernels.compression.batchnorm import fold_batchnorm as fold_batchnorm_into_convs
 from cpkernels.compression.convs import conv_input_sizes, conv_shape, convs_of, filter_reason, replace_everywhere
 from cpkernels.compression.families import FAMILIES, families_for, family_of_layer, family_of_rank
 from cpkernels.compression.families.base import Family
@@ -145,6 +146,7 @@ def compress_model(
     progress: Optional[bool] = None,
     rank_multiple: int = 1,
     decomposition: str = "cp",
+    fold_batchnorm: bool = False,
     **decompose_kwargs,
 ) -> tuple[nn.Module, CompressionReport]:
     """Replace the ``nn.Conv2d`` layers of ``model`` by ``CPConv2d`` (or ``TuckerConv2d``).
@@ -172,6 +174,10 @@ def compress_model(
             both, or a parameter fraction split in proportion to the channel counts); or ``"auto"``, per layer
             the one with the lower weight error at the same parameter fraction (or, for ``target_error``, the
             one meeting it with fewer MACs). A pair in a per-layer rank dict makes that layer Tucker-2.
+        fold_batchnorm: first fold every BatchNorm2d that follows a conv (and that only it feeds) into it, the
+            BatchNorm left as an ``nn.Identity`` (:func:`cpkernels.compression.batchnorm.fold_batchnorm`): the
+            decomposition then minimises the error that reaches the next layer. The model must be in eval
+            mode. A plan made with ``fold_batchnorm=True`` folds whatever this says.
         decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, random_state, ...);
             Tucker-2 takes ``n_iter_max``, ``random_state`` and ``input_covariance`` of them.
 
@@ -189,12 +195,14 @@ def compress_model(
     if isinstance(rank, RankPlan):
         if rank_multiple != 1:
             raise ValueError("a RankPlan has its ranks already: give rank_multiple to plan_ranks instead")
-        return _apply_plan(model, rank, inplace, backend)
+        return _apply_plan(model, rank, inplace, backend, fold_batchnorm or rank.fold_batchnorm)
     if rank is None and target_error is None:
         rank = DEFAULT_RANK
     if target_error is not None and rank is not None and not isinstance(rank, Mapping):
         raise ValueError("give either rank or target_error, not both (a per-layer rank dict may go with it)")
-    if not inplace:
+    if fold_batchnorm:
+        model, _ = fold_batchnorm_into_convs(model, inplace=inplace)  # refused in training mode, before any work
+    elif not inplace:
         model = copy.deepcopy(model)
     sizes = conv_input_sizes(model, input_size, example_inputs)
     convs = list(convs_of(model))
@@ -250,10 +258,14 @@ def _best_layer(conv, candidates: dict, target, multiple, backend, shape, decomp
                                       else m.factors.num_params))
 
 
-def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str) -> tuple[nn.Module, CompressionReport]:
+def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
+                fold_batchnorm: bool) -> tuple[nn.Module, CompressionReport]:
     """``compress_model(model, plan)``: the plan's ranks, with the factors it decomposed when it has them
     (a plan read from JSON has none: those layers are decomposed at the planned rank)."""
     plan.check_model(model)
+    if fold_batchnorm:
+        model, _ = fold_batchnorm_into_convs(model, inplace=inplace)
+        inplace = True
     if plan.method == "data" and any(r["rank"] is not None and r["name"] not in plan.factors for r in plan.rows):
         warnings.warn("this plan holds no factors (a plan read from JSON): its layers are decomposed at the planned "
                       "ranks by weight-only CP, not with its calibration statistics; plan and compress in one "

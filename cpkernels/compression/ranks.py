@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cpkernels.compression.batchnorm import fold_batchnorm as fold_batchnorm_into_convs
 from cpkernels.compression.calibration import _Hooks, as_batches, input_statistics, output_sensitivity, shrink
 from cpkernels.compression.convs import conv_input_sizes, conv_shape, convs_of, filter_reason
 from cpkernels.compression.families import DECOMPOSITIONS, families_for, family_of_rank
@@ -53,6 +54,7 @@ class RankPlan:
     rows: list[dict] = field(default_factory=list)
     factors: dict[str, Union[CPFactors, Tucker2Factors]] = field(default_factory=dict, repr=False)  # not in the JSON
     decomposition: str = "cp"
+    fold_batchnorm: bool = False  # planned on the model with its BatchNorms folded: compress_model folds them too
 
     @property
     def totals(self) -> dict:
@@ -96,7 +98,7 @@ class RankPlan:
 
     def to_json(self) -> str:
         return json.dumps({"metric": self.metric, "method": self.method, "budget": self.budget,
-                           "decomposition": self.decomposition,
+                           "decomposition": self.decomposition, "fold_batchnorm": self.fold_batchnorm,
                            "rows": [{**r, "shape": list(r["shape"])} for r in self.rows]}, indent=1)
 
     @classmethod
@@ -105,7 +107,8 @@ class RankPlan:
         rows = [{**r, "shape": tuple(r["shape"]),
                  "rank": None if r["rank"] is None else family_of_rank(r["rank"]).normalise(r["rank"])}
                 for r in data["rows"]]
-        return cls(data["metric"], data["method"], data["budget"], rows, decomposition=data.get("decomposition", "cp"))
+        return cls(data["metric"], data["method"], data["budget"], rows, decomposition=data.get("decomposition", "cp"),
+                   fold_batchnorm=data.get("fold_batchnorm", False))
 
     def check_model(self, model: nn.Module) -> None:
         """A plan applies only to a model with the same convs under the same names."""
@@ -172,6 +175,7 @@ def plan_ranks(
     n_iter_max: int = 30,
     random_state: int = 0,
     decomposition: str = "cp",
+    fold_batchnorm: bool = False,
     **decompose_kwargs,
 ) -> RankPlan:
     """Ranks for every conv of ``model`` so that the considered convs keep at most ``budget`` of their
@@ -211,9 +215,14 @@ def plan_ranks(
             ladders offered to the knapsack together, so each layer gets whichever rung serves the budget
             best, and the plan's summed error is never above the better of the two alone. Each row says
             which was chosen.
+        fold_batchnorm: plan on the model with every BatchNorm2d that follows a conv (and only it feeds) folded
+            into that conv (as :func:`cpkernels.compress_model` folds it); the model must be in eval mode and is
+            not modified. The plan records it, so ``compress_model(model, plan)`` folds the same pairs.
     """
     _check_arguments(budget, metric, method, rank_multiple, shrinkage, max_rank, decomposition, calibration)
     families = families_for(decomposition)
+    if fold_batchnorm:  # planned on a folded copy; the plan remembers, so compress_model folds the same pairs
+        model, _ = fold_batchnorm_into_convs(model)
     batches, example_inputs = _calibration_batches(method, calibration, input_size, example_inputs)
     if metric in ("macs", "latency") and input_size is None and example_inputs is None:
         raise ValueError(f"metric={metric!r} needs input_size or example_inputs (a conv's cost depends on its input)")
@@ -222,7 +231,7 @@ def plan_ranks(
              else next(iter(example_inputs)).shape[0] if example_inputs is not None else None)
     options = dict(method="als", init="svd", n_iter_max=n_iter_max, tol=1e-8, random_state=random_state,
                    l2_reg=0.0, **decompose_kwargs)
-    plan = RankPlan(metric, method, float(budget), decomposition=decomposition)
+    plan = RankPlan(metric, method, float(budget), decomposition=decomposition, fold_batchnorm=fold_batchnorm)
 
     layers = _select_convs(plan, model, sizes, metric, include, exclude, predicate, min_channels, skip_first)
     for layer in layers:
