@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from cpkernels.compression.compress import apply_structure, compress_model
-from cpkernels.compression.ranks import METHODS, METRICS, RankPlan, plan_ranks
+from cpkernels.compression.families import DECOMPOSITIONS
+from cpkernels.compression.ranks import BUDGET_OVER, METHODS, METRICS, RankPlan, plan_ranks
 from cpkernels.export.onnx import export_onnx
 
 
@@ -78,7 +79,11 @@ def _ints(text: str) -> tuple[int, ...]:
 def add_plan_arguments(parser: argparse.ArgumentParser, budget_required: bool) -> None:
     parser.add_argument("model", help="module:function, file.py:function, or a torch.save(model) file")
     parser.add_argument("--budget", type=float, required=budget_required,
-                        help="fraction in (0, 1] of the metric that may remain over the convs considered")
+                        help="fraction in (0, 1] of the metric of all the model's convs that may remain")
+    parser.add_argument("--budget-over", choices=BUDGET_OVER, default="network",
+                        help="what --budget is a fraction of: every conv (network) or the convs considered")
+    parser.add_argument("--decomposition", choices=DECOMPOSITIONS, default="cp",
+                        help="the factored form: auto factors 1x1 convs by SVD and picks CP or Tucker-2 per kxk conv")
     parser.add_argument("--metric", choices=METRICS, default="macs")
     parser.add_argument("--method", choices=METHODS, default="weight")
     parser.add_argument("--input-size", type=_ints, help="input shape for one forward pass, e.g. 1,3,224,224")
@@ -97,7 +102,8 @@ def make_plan(args):
     try:
         plan = plan_ranks(model, args.budget, metric=args.metric, method=args.method, calibration=calibration,
                           input_size=args.input_size, include=args.include, exclude=args.exclude,
-                          skip_first=args.skip_first, rank_multiple=args.rank_multiple, random_state=args.seed)
+                          skip_first=args.skip_first, rank_multiple=args.rank_multiple, random_state=args.seed,
+                          budget_over=args.budget_over, decomposition=args.decomposition)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"cpkernels plan: {error}") from error
     return model, plan

@@ -1,4 +1,5 @@
-"""The factors of a (possibly grouped) conv weight: CP (below) and Tucker-2 (:class:`Tucker2Factors`).
+"""The factors of a (possibly grouped) conv weight: CP (below), Tucker-2 (:class:`Tucker2Factors`) and the
+truncated SVD of a 1x1 conv (:class:`SVDFactors`).
 
 A conv weight ``W[Cout, Cin/G, kh, kw]`` with ``G`` groups is approximated group by group::
 
@@ -248,6 +249,50 @@ class Tucker2Factors(FactoredWeight):
         t = torch.einsum("gcb,gabij->gijca", self.input.to(dtype), self.core.to(dtype))
         return t.reshape(g, kh * kw, self.input.shape[1], r_out).to(self.dtype)
 
+
+
+@dataclass(frozen=True, repr=False)
+class SVDFactors(FactoredWeight):
+    """A low-rank 1x1 conv weight, per group: ``W[g*Cog + o, c, 0, 0] ~= sum_r output[g, o, r] * input[g, c, r]``
+    (a truncated SVD, its singular values split evenly between the two factors).
+
+    Attributes:
+        output: ``(G, Cout/G, R)``, the second 1x1 conv (R -> Cout).
+        input: ``(G, Cin/G, R)``, the first 1x1 conv (Cin -> R).
+    """
+
+    output: Tensor
+    input: Tensor
+
+    def __post_init__(self) -> None:
+        o, i = self.output, self.input
+        if not (o.dim() == i.dim() == 3 and o.shape[0] == i.shape[0] and o.shape[2] == i.shape[2]):
+            raise ValueError("SVDFactors expects output (G, Cout/G, R) and input (G, Cin/G, R), got shapes "
+                             f"{[tuple(f.shape) for f in self.as_tuple()]}")
+        if not (o.dtype == i.dtype and o.device == i.device):
+            raise ValueError("both SVD factors must share one dtype and one device")
+
+    def as_tuple(self) -> tuple[Tensor, Tensor]:
+        return (self.output, self.input)
+
+    @property
+    def rank(self) -> int:
+        return self.output.shape[2]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (1, 1)
+
+    def to_dense(self) -> Tensor:
+        """The reconstructed weight ``[Cout, Cin/G, 1, 1]`` (differentiable; 16-bit factors combined in fp32)."""
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        w = torch.bmm(self.output.to(dtype), self.input.to(dtype).transpose(1, 2))  # [G, Co, Ci]
+        return w.reshape(self.out_channels, self.input.shape[1], 1, 1).to(self.dtype)
+
+
+def svd_params(out_channels: int, in_channels: int, rank: int) -> int:
+    """Values held by SVD factors of per-group rank ``rank``: one column of each factor per rank and group."""
+    return rank * (out_channels + in_channels)
 
 
 def tucker2_params(out_channels: int, in_channels: int, kernel_size: tuple[int, int], groups: int,

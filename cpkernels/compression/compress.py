@@ -1,5 +1,5 @@
 """Model surgery: replace a network's ``nn.Conv2d`` layers by factored ones (each family's layer: ``CPConv2d``,
-``TuckerConv2d``), with a report of what it cost.
+``TuckerConv2d``, ``SVDConv2d`` for 1x1 convs), with a report of what it cost.
 
     model_cp, report = cpkernels.compress_model(model, rank=0.25, input_size=(1, 3, 224, 224))
     print(report)
@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from cpkernels.compression.batchnorm import fold_batchnorm as fold_batchnorm_into_convs
 from cpkernels.compression.convs import conv_input_sizes, conv_shape, convs_of, filter_reason, replace_everywhere
-from cpkernels.compression.families import FAMILIES, families_for, family_of_layer, family_of_rank
+from cpkernels.compression.families import (FAMILIES, applicable, families_for, family_for, family_named,
+                                            family_of_layer, not_applicable_reason)
 from cpkernels.compression.families.base import Family
 from cpkernels.compression.ranks import RankPlan
 from cpkernels.decompositions.cp import RankSpec
@@ -90,7 +91,7 @@ class CompressionReport:
         for r in self.rows:
             params = f"{num(r['params_before'])} -> {num(r['params_after'])}"
             macs = "-" if r["macs_before"] is None else f"{num(r['macs_before'])} -> {num(r['macs_after'])}"
-            rank = "-" if r["rank"] is None else family_of_rank(r["rank"]).rank_text(r["rank"])
+            rank = "-" if r["rank"] is None else family_named(r["decomposition"]).rank_text(r["rank"])
             lines.append((r["name"], "x".join(map(str, r["shape"])), r["decomposition"] or "-", rank, params, macs,
                           num(r["weight_error"], ".3f"), num(r["degeneracy"], ".1f"), num(r["cancellation"], ".1f"),
                           num(r["seconds"], ".2f"),
@@ -149,7 +150,7 @@ def compress_model(
     fold_batchnorm: bool = False,
     **decompose_kwargs,
 ) -> tuple[nn.Module, CompressionReport]:
-    """Replace the ``nn.Conv2d`` layers of ``model`` by ``CPConv2d`` (or ``TuckerConv2d``).
+    """Replace the ``nn.Conv2d`` layers of ``model`` by ``CPConv2d`` (or ``TuckerConv2d``, ``SVDConv2d``).
 
     Args:
         model: any module; it is left untouched unless ``inplace=True``.
@@ -171,27 +172,31 @@ def compress_model(
         rank_multiple: round every rank (given, or found for ``target_error``) up to a multiple of this;
             ONNX Runtime's blocked CPU convs want channel counts in multiples of 4 or 8 (see README).
         decomposition: ``"cp"``; ``"tucker2"`` (``TuckerConv2d``: a rank is a pair ``(R_out, R_in)``, an int for
-            both, or a parameter fraction split in proportion to the channel counts); or ``"auto"``, per layer
-            the one with the lower weight error at the same parameter fraction (or, for ``target_error``, the
-            one meeting it with fewer MACs). A pair in a per-layer rank dict makes that layer Tucker-2.
+            both, or a parameter fraction split in proportion to the channel counts); ``"svd"`` (``SVDConv2d``,
+            the truncated SVD, for the 1x1 convs only); or ``"auto"``, per layer the family that factors it
+            (the SVD on a 1x1 conv; CP or Tucker-2 on a kh x kw conv, the one with the lower weight error at
+            the same parameter fraction or, for ``target_error``, the one meeting it with fewer MACs). A pair
+            in a per-layer rank dict makes that layer Tucker-2; an int in it for a 1x1 conv makes it SVD.
         fold_batchnorm: first fold every BatchNorm2d that follows a conv (and that only it feeds) into it, the
             BatchNorm left as an ``nn.Identity`` (:func:`cpkernels.compression.batchnorm.fold_batchnorm`): the
             decomposition then minimises the error that reaches the next layer. The model must be in eval
             mode. A plan made with ``fold_batchnorm=True`` folds whatever this says.
         decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, random_state, ...);
-            Tucker-2 takes ``n_iter_max``, ``random_state`` and ``input_covariance`` of them.
+            Tucker-2 takes ``n_iter_max``, ``random_state`` and ``input_covariance`` of them, the SVD
+            ``input_covariance``.
 
     Returns:
         The compressed model (same device and dtype) and a :class:`CompressionReport`.
-        Depthwise and 1x1 convs, layers under ``min_channels`` and layers where CP would not save MACs
-        are skipped, each with its reason. A conv shared by several parents is replaced once.
+        Depthwise convs, convs no family of ``decomposition`` factors (1x1 convs are the ``"svd"`` family's:
+        ``decomposition="cp"`` or ``"tucker2"`` leaves them dense), layers under ``min_channels`` and layers
+        where the factored form would not save MACs are skipped, each with its reason. A conv shared by several parents is replaced once.
     """
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
     families = families_for(decomposition)
     if decomposition == "auto" and isinstance(rank, int) and not isinstance(rank, bool):
-        raise ValueError("decomposition='auto' compares CP and Tucker-2 at one parameter fraction or target error: "
-                         "give rank as a float in (0, 1] or target_error, not an int")
+        raise ValueError("decomposition='auto' compares the families of each conv at one parameter fraction or "
+                         "target error: give rank as a float in (0, 1] or target_error, not an int")
     if isinstance(rank, RankPlan):
         if rank_multiple != 1:
             raise ValueError("a RankPlan has its ranks already: give rank_multiple to plan_ranks instead")
@@ -216,7 +221,8 @@ def compress_model(
         reason = filter_reason(name, conv, include, exclude, predicate, min_channels, skip_first and i == 0)
         candidates = {}
         if reason is None:
-            candidates, reason = _candidates(conv, layer_rank, target, families, rank_multiple, in_hw)
+            candidates, reason = _candidates(conv, layer_rank, target, families, rank_multiple, in_hw,
+                                             named=isinstance(rank, Mapping) and name in rank)
         row = layer_row(name, conv, shape, reason)
         if reason is None:
             start = time.perf_counter()
@@ -231,13 +237,22 @@ def compress_model(
     return model, report
 
 
-def _candidates(conv: nn.Conv2d, layer_rank, target, families, multiple: int, in_hw) -> tuple[dict, Optional[str]]:
+def _candidates(conv: nn.Conv2d, layer_rank, target, families, multiple: int, in_hw,
+                named: bool = False) -> tuple[dict, Optional[str]]:
     """``({family: rank, or None for a target error}, None)`` of the candidate forms that save MACs, or
-    ``({}, why none is tried)``. A rank that only one family has (a Tucker-2 pair) picks that family."""
+    ``({}, why none is tried)``. Only the families that factor the conv are candidates. A rank that only one
+    family has on this conv (a Tucker-2 pair; an int given for this layer by name) picks that family."""
     if layer_rank is None and target is None:
         return {}, "no rank given for this layer"
-    if layer_rank is not None and not isinstance(layer_rank, numbers.Real):
-        families = (family_of_rank(layer_rank),)
+    typed = layer_rank is not None and not isinstance(layer_rank, float)
+    if typed and (named or not isinstance(layer_rank, numbers.Real)):
+        try:
+            families = (family_for(conv, layer_rank),)
+        except TypeError as error:
+            return {}, str(error)
+    elif not applicable(families, conv):
+        return {}, not_applicable_reason(families, conv)
+    families = applicable(families, conv)
     candidates = {f: None if layer_rank is None else f.round_up(f.resolve(layer_rank, conv), conv, multiple)
                   for f in families}
     saving = {f: r for f, r in candidates.items() if r is None or saves_macs(f, conv, r, in_hw)}
@@ -277,11 +292,12 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
     for planned in plan.rows:
         conv = model.get_submodule(planned["name"])
         row = layer_row(planned["name"], conv, None, planned["reason"])
-        if plan.metric == "macs" and planned["considered"]:
+        # A whole-network plan holds every conv's dense MACs; an older one only the considered convs'.
+        if plan.metric == "macs" and (planned["considered"] or plan.budget_over == "network"):
             row.update(macs_before=planned["cost_before"], macs_after=planned["cost_before"])
         if planned["rank"] is not None:
             start = time.perf_counter()
-            family = family_of_rank(planned["rank"])
+            family = family_named(planned["decomposition"])
             factors = plan.factors.get(planned["name"])
             layer = (family.module.from_conv(conv, family.normalise(planned["rank"]), backend=backend)
                      if factors is None else family.from_factors(factors, conv, backend))
@@ -297,7 +313,8 @@ def apply_structure(model: nn.Module, structure: Union[CompressionReport, Mappin
     """Give ``model`` the structure of a compression (in place), so a saved ``state_dict`` loads.
 
     ``structure`` is a :class:`CompressionReport` or its ``.structure`` dict ``{name: rank}``: an int rank
-    makes a ``CPConv2d``, a pair ``(R_out, R_in)`` (or a 2-list, as JSON keeps it) a ``TuckerConv2d``. The
+    makes a ``CPConv2d`` (an ``SVDConv2d`` on a 1x1 conv), a pair ``(R_out, R_in)`` (or a 2-list, as JSON keeps
+    it) a ``TuckerConv2d``. The
     new layers take each conv's hyperparameters, device and dtype; their factors are left to
     ``load_state_dict``.
     """
@@ -311,6 +328,6 @@ def apply_structure(model: nn.Module, structure: Union[CompressionReport, Mappin
             continue
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"{name} is a {type(conv).__name__}, not an nn.Conv2d")
-        family = family_of_rank(rank)
+        family = family_for(conv, rank)
         replace_everywhere(model, names_of[id(conv)], family.empty_layer(conv, family.normalise(rank)))
     return model

@@ -73,7 +73,8 @@ def filter_reason(name: str, conv: nn.Module, include: Optional[Sequence[str]], 
                   predicate: Optional[Callable[[str, nn.Module], bool]], min_channels: int,
                   first: bool) -> Optional[str]:
     """Why the user's filters leave this conv dense, or None when they let it through. What no family can
-    factor is refused here too: a conv that is not exactly ``nn.Conv2d``, a depthwise conv, a 1x1 conv."""
+    factor is refused here too: a conv that is not exactly ``nn.Conv2d``, a depthwise conv. (Which family
+    factors a conv the passes ask the families: a 1x1 conv is the SVD family's.)"""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not exactly nn.Conv2d"
     if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
@@ -86,8 +87,6 @@ def filter_reason(name: str, conv: nn.Module, include: Optional[Sequence[str]], 
         return "first conv (skip_first)"
     if conv.in_channels // conv.groups == 1:
         return "depthwise (one input channel per group)"
-    if conv.kernel_size == (1, 1):
-        return "1x1 conv: CP gains nothing over a pointwise conv"
     if min(conv.in_channels, conv.out_channels) < min_channels:
         return f"fewer than min_channels={min_channels} channels"
     return None

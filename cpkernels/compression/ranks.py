@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from cpkernels.compression.batchnorm import fold_batchnorm as fold_batchnorm_into_convs
 from cpkernels.compression.calibration import _Hooks, as_batches, input_statistics, output_sensitivity, shrink
 from cpkernels.compression.convs import conv_input_sizes, conv_shape, convs_of, filter_reason
-from cpkernels.compression.families import DECOMPOSITIONS, families_for, family_of_rank
+from cpkernels.compression.families import (DECOMPOSITIONS, applicable, families_for, family_for, family_named,
+                                            not_applicable_reason)
 from cpkernels.compression.families.cp import EXACT
 from cpkernels.compression.knapsack import knapsack, scale_to_budget
 from cpkernels.core.timing import time_median
@@ -32,6 +33,9 @@ from cpkernels.decompositions.whitening import input_whitening, whiten_input_mod
 from cpkernels.factors import CPFactors, Tucker2Factors
 
 METRICS = ("macs", "params", "latency")
+# What a budget is a fraction of: every conv of the model (those left dense at their full cost), or only the
+# convs the planner considers (the meaning before whole-network budgets).
+BUDGET_OVER = ("network", "considered")
 METHODS = ("weight", "data", "vbmf")
 SHRINKAGE = 0.8  # method="data": weight of the identity in the shrunk input covariance (see README)
 # Candidate ranks: these fractions of each layer's dense cost.
@@ -45,8 +49,10 @@ class RankPlan:
     (counted in the budget), ``error`` (the method's relative error at that rank: the output's for
     ``"data"``, the weight's otherwise), ``weight_error``, ``sensitivity`` (``"data"``: the network
     output's relative change per unit of relative error in this conv's output; 1 otherwise),
-    ``cost_before``, ``cost_after`` in ``metric`` units (microseconds for latency; 0 for convs not
-    considered), and for ``"vbmf"`` the layer's unscaled estimate ``vbmf_rank``."""
+    ``cost_before``, ``cost_after`` in ``metric`` units (microseconds for latency; a conv not considered keeps
+    its dense cost, 0 where the example inputs do not reach it), and for ``"vbmf"`` the layer's unscaled
+    estimate ``vbmf_rank``. ``budget_over``: what ``budget`` is a fraction of, ``"network"`` (every conv) or
+    ``"considered"``."""
 
     metric: str
     method: str
@@ -55,13 +61,22 @@ class RankPlan:
     factors: dict[str, Union[CPFactors, Tucker2Factors]] = field(default_factory=dict, repr=False)  # not in the JSON
     decomposition: str = "cp"
     fold_batchnorm: bool = False  # planned on the model with its BatchNorms folded: compress_model folds them too
+    budget_over: str = "network"
 
     @property
     def totals(self) -> dict:
+        """``cost_before``, ``cost_after`` and ``fraction`` over what the budget counts (``budget_over``), the
+        fractions of both (``network_fraction``, ``considered_fraction``), and the considered convs' summed error."""
         considered = [r for r in self.rows if r["considered"]]
-        before = sum(r["cost_before"] for r in considered)
-        after = sum(r["cost_after"] for r in considered)
-        return {"cost_before": before, "cost_after": after, "fraction": after / before if before else 1.0,
+
+        def fraction(rows):
+            before = sum(r["cost_before"] for r in rows)
+            return before, sum(r["cost_after"] for r in rows), (sum(r["cost_after"] for r in rows) / before
+                                                                if before else 1.0)
+
+        counted = fraction(self.rows if self.budget_over == "network" else considered)
+        return {"cost_before": counted[0], "cost_after": counted[1], "fraction": counted[2],
+                "network_fraction": fraction(self.rows)[2], "considered_fraction": fraction(considered)[2],
                 "error_sum": sum(r["error"] for r in considered)}
 
     @property
@@ -84,13 +99,14 @@ class RankPlan:
             if data:
                 errors += ("-" if dense else f"{r['weight_error']:.3f}",
                            f"{r['sensitivity']:.2f}" if r["considered"] else "-")
-            rank = "-" if dense else family_of_rank(r["rank"]).rank_text(r["rank"])
+            rank = "-" if dense else family_named(r["decomposition"]).rank_text(r["rank"])
             lines.append((r["name"], "x".join(map(str, r["shape"])), rank,
-                          num(r["cost_before"]) if r["considered"] else "-",
-                          num(r["cost_after"]) if r["considered"] else "-", *errors, r["reason"] or ""))
+                          num(r["cost_before"]), num(r["cost_after"]), *errors, r["reason"] or ""))
         t = self.totals
         lines.append(("total", "", "", num(t["cost_before"]), num(t["cost_after"]), f"{t['error_sum']:.3f}",
-                      *(("", "") if data else ()), f"{t['fraction']:.3f} of {self.metric} (budget {self.budget})"))
+                      *(("", "") if data else ()),
+                      f"{t['network_fraction']:.3f} of the network's {self.metric}, {t['considered_fraction']:.3f} "
+                      f"of the convs considered (budget {self.budget} of the {self.budget_over})"))
         widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
         fmt = "  ".join(f"{{:{w}}}" for w in widths)
         rows = [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*x) for x in lines]
@@ -99,16 +115,18 @@ class RankPlan:
     def to_json(self) -> str:
         return json.dumps({"metric": self.metric, "method": self.method, "budget": self.budget,
                            "decomposition": self.decomposition, "fold_batchnorm": self.fold_batchnorm,
+                           "budget_over": self.budget_over, "totals": self.totals,
                            "rows": [{**r, "shape": list(r["shape"])} for r in self.rows]}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "RankPlan":
         data = json.loads(text)
         rows = [{**r, "shape": tuple(r["shape"]),
-                 "rank": None if r["rank"] is None else family_of_rank(r["rank"]).normalise(r["rank"])}
+                 "rank": None if r["rank"] is None else family_named(r["decomposition"]).normalise(r["rank"])}
                 for r in data["rows"]]
+        # A plan written before whole-network budgets counted its budget over the convs it considered.
         return cls(data["metric"], data["method"], data["budget"], rows, decomposition=data.get("decomposition", "cp"),
-                   fold_batchnorm=data.get("fold_batchnorm", False))
+                   fold_batchnorm=data.get("fold_batchnorm", False), budget_over=data.get("budget_over", "considered"))
 
     def check_model(self, model: nn.Module) -> None:
         """A plan applies only to a model with the same convs under the same names."""
@@ -135,7 +153,7 @@ def latency_us(conv: nn.Conv2d, input_shape: tuple, rank) -> float:
            conv.bias is not None, tuple(input_shape), rank, str(p.device), p.dtype)
     if key not in _LATENCY_US:
         x = torch.randn(input_shape, device=p.device, dtype=p.dtype)
-        layer = conv if rank is None else family_of_rank(rank).empty_layer(conv, rank)
+        layer = conv if rank is None else family_for(conv, rank).empty_layer(conv, rank)
         _LATENCY_US[key] = _time_layer(layer, x)
     return _LATENCY_US[key]
 
@@ -176,13 +194,19 @@ def plan_ranks(
     random_state: int = 0,
     decomposition: str = "cp",
     fold_batchnorm: bool = False,
+    budget_over: str = "network",
     **decompose_kwargs,
 ) -> RankPlan:
-    """Ranks for every conv of ``model`` so that the considered convs keep at most ``budget`` of their
-    ``metric``, with the least summed error. ``model`` is not modified.
+    """Ranks for every conv of ``model`` so that its convs keep at most ``budget`` of their ``metric``, with the
+    least summed error. ``model`` is not modified.
 
     Args:
-        budget: the fraction in (0, 1] of the metric, over the convs considered, that may remain.
+        budget: the fraction in (0, 1] of the metric of all the model's convs that may remain; convs left dense
+            (by a filter, or because no family factors them) count at their full cost. A budget that not even
+            every considered conv at its cheapest candidate meets is refused before any decomposition, the
+            smallest reachable fraction in the message.
+        budget_over: ``"network"`` (the above) or ``"considered"``: a fraction of the considered convs' metric
+            alone (what ``budget`` meant before).
         metric: ``"macs"`` (needs ``input_size``, ``example_inputs`` or ``calibration``), ``"params"``, or
             ``"latency"``: every candidate timed on the model's device and dtype with the backend that
             will run it (cached per shape); a conv whose CP form is not faster than it stays dense.
@@ -211,15 +235,19 @@ def plan_ranks(
         n_iter_max, random_state, decompose_kwargs: for the decompositions (each rung warm-starts
             from the one above, so a small budget suffices).
         decomposition: ``"cp"``, ``"tucker2"`` (ladder rungs are Tucker-2 rank pairs on the proportional split;
-            with ``"vbmf"``, each mode's EVBMF rank, both scaled by the common factor), or ``"auto"``: both
-            ladders offered to the knapsack together, so each layer gets whichever rung serves the budget
-            best, and the plan's summed error is never above the better of the two alone. Each row says
-            which was chosen.
+            with ``"vbmf"``, each mode's EVBMF rank, both scaled by the common factor), ``"svd"`` (the 1x1 convs
+            alone, truncated SVDs: one SVD per layer gives every rung), or ``"auto"``: every family that
+            factors a conv offers its ladder to the knapsack (the SVD on a 1x1 conv, CP and Tucker-2 on a
+            kh x kw conv), so each layer gets whichever rung serves the budget best, and the plan's summed
+            error is never above the better of CP and Tucker-2 alone. Each row says which was chosen. A conv
+            no family of ``decomposition`` factors (a 1x1 conv under ``"cp"``) stays dense.
         fold_batchnorm: plan on the model with every BatchNorm2d that follows a conv (and only it feeds) folded
             into that conv (as :func:`cpkernels.compress_model` folds it); the model must be in eval mode and is
             not modified. The plan records it, so ``compress_model(model, plan)`` folds the same pairs.
     """
     _check_arguments(budget, metric, method, rank_multiple, shrinkage, max_rank, decomposition, calibration)
+    if budget_over not in BUDGET_OVER:
+        raise ValueError(f"budget_over must be one of {BUDGET_OVER}, got {budget_over!r}")
     families = families_for(decomposition)
     if fold_batchnorm:  # planned on a folded copy; the plan remembers, so compress_model folds the same pairs
         model, _ = fold_batchnorm_into_convs(model)
@@ -231,17 +259,23 @@ def plan_ranks(
              else next(iter(example_inputs)).shape[0] if example_inputs is not None else None)
     options = dict(method="als", init="svd", n_iter_max=n_iter_max, tol=1e-8, random_state=random_state,
                    l2_reg=0.0, **decompose_kwargs)
-    plan = RankPlan(metric, method, float(budget), decomposition=decomposition, fold_batchnorm=fold_batchnorm)
+    plan = RankPlan(metric, method, float(budget), decomposition=decomposition, fold_batchnorm=fold_batchnorm,
+                    budget_over=budget_over)
 
-    layers = _select_convs(plan, model, sizes, metric, include, exclude, predicate, min_channels, skip_first)
+    layers = _select_convs(plan, model, sizes, metric, include, exclude, predicate, min_channels, skip_first,
+                           families)
     for layer in layers:
         _measure_costs(layer, sizes.get(id(layer.conv)), batch, metric,
-                       () if method == "vbmf" else families, rank_multiple, ladder, max_rank)
+                       () if method == "vbmf" else applicable(families, layer.conv), rank_multiple, ladder, max_rank)
+    _dense_costs(plan, model, sizes, batch, metric)
     if not layers:
         return plan
-    capacity = budget * sum(layer.row["cost_before"] for layer in layers)
-    if method != "vbmf":
-        _refuse_unreachable(layers, budget, capacity, metric)
+    considered = sum(layer.row["cost_before"] for layer in layers)
+    fixed = sum(r["cost_before"] for r in plan.rows if not r["considered"])  # what the budget cannot touch
+    whole = considered + fixed if budget_over == "network" else considered
+    capacity = budget * whole - (fixed if budget_over == "network" else 0)
+    _refuse_unreachable(layers, budget, capacity, whole, fixed if budget_over == "network" else 0, metric,
+                        budget_over, method == "vbmf")
     if method == "data":
         _whiten_for_calibration(model, layers, batches, shrinkage)
     for layer in tqdm(layers, desc="planning", unit="layer", disable=None if progress is None else not progress):
@@ -303,11 +337,14 @@ def _input_sizes(model, input_size, example_inputs, batches) -> dict[int, tuple[
             raise ValueError(f"the model cannot run {what}: {error}") from error
 
 
-def _select_convs(plan, model, sizes, metric, include, exclude, predicate, min_channels, skip_first) -> list[_Layer]:
+def _select_convs(plan, model, sizes, metric, include, exclude, predicate, min_channels, skip_first,
+                  families) -> list[_Layer]:
     """A row per conv of the model in the plan; the convs considered, before any work."""
     layers = []
     for i, (name, conv, _) in enumerate(convs_of(model)):
         reason = filter_reason(name, conv, include, exclude, predicate, min_channels, skip_first and i == 0)
+        if reason is None and not applicable(families, conv):
+            reason = not_applicable_reason(families, conv)
         if reason is None and metric != "params" and id(conv) not in sizes:
             reason = "not reached by the example inputs"
         row = {"name": name, "shape": tuple(conv.weight.shape), "decomposition": None, "rank": None, "error": 0.0,
@@ -326,13 +363,13 @@ def _measure_costs(layer: _Layer, in_hw, batch, metric, families, rank_multiple,
         ladder_dense = conv.weight.numel()
 
         def ladder_cost(r):
-            return family_of_rank(r).params(conv, r)
+            return family_for(conv, r).params(conv, r)
     else:
         shape = conv_shape(conv, in_hw)
         ladder_dense = shape.dense_macs()
 
         def ladder_cost(r):
-            return family_of_rank(r).macs(shape, r)
+            return family_for(conv, r).macs(shape, r)
     if metric == "latency":
         call = (batch, conv.in_channels, *in_hw)
         dense = latency_us(conv, call, None)
@@ -351,16 +388,42 @@ def _measure_costs(layer: _Layer, in_hw, batch, metric, families, rank_multiple,
             layer.row["reason"] = f"dense: no candidate rank runs faster than dense on {conv.weight.device.type}"
 
 
-def _refuse_unreachable(layers: list[_Layer], budget, capacity, metric) -> None:
-    """A budget that not even every layer's cheapest candidate meets is refused before any decomposition."""
-    least = sum(min([x.row["cost_before"]] + [x.cost(r) for r in x.ranks]) for x in layers)
-    if least > capacity:
-        stuck = [x.row["name"] for x in layers if not x.ranks]
+def _dense_costs(plan: RankPlan, model, sizes, batch, metric) -> None:
+    """The dense cost of every conv not considered, which a whole-network budget counts in full (0 for a conv the
+    example inputs do not reach: it costs nothing in that forward)."""
+    convs = {name: conv for name, conv, _ in convs_of(model)}
+    for row in plan.rows:
+        if row["considered"]:
+            continue
+        conv, in_hw = convs[row["name"]], sizes.get(id(convs[row["name"]]))
+        if metric == "params":
+            cost = conv.weight.numel()
+        elif in_hw is None:
+            cost = 0
+        elif metric == "macs":
+            cost = conv_shape(conv, in_hw).dense_macs()
+        else:
+            cost = latency_us(conv, (batch, conv.in_channels, *in_hw), None)
+        row.update(cost_before=cost, cost_after=cost)
+
+
+def _refuse_unreachable(layers: list[_Layer], budget, capacity, whole, fixed, metric, budget_over,
+                        vbmf: bool) -> None:
+    """A budget that not even every layer's cheapest candidate meets (for ``"vbmf"``, which has no candidates
+    yet: that the convs left dense alone exceed) is refused before any decomposition."""
+    least = sum(x.row["cost_before"] if vbmf else min([x.row["cost_before"]] + [x.cost(r) for r in x.ranks])
+                for x in layers)
+    if (capacity < 0) if vbmf else (least > capacity):
+        stuck = [] if vbmf else [x.row["name"] for x in layers if not x.ranks]
+        of = "of the whole network's" if budget_over == "network" else "of the considered convs'"
+        reachable = (fixed if vbmf else least + fixed) / whole
         raise ValueError(
-            f"no choice of ranks fits budget {budget}: the cheapest candidates keep "
-            f"{least / (capacity / budget):.3f} of the {metric}"
+            f"no choice of ranks fits budget {budget}: the smallest reachable fraction is {reachable:.3f} "
+            f"{of} {metric}"
+            + (f" (the convs left dense keep {fixed / whole:.3f} of it)" if fixed else "")
             + (f"; {len(stuck)} conv(s) have no candidate faster than dense here ({', '.join(stuck[:5])})"
-               if stuck else "; add smaller fractions to the ladder or raise the budget"))
+               if stuck else "; add smaller fractions to the ladder, let more convs be factored (decomposition='auto' "
+               "factors 1x1 convs too) or raise the budget"))
 
 
 def _whiten_for_calibration(model, layers: list[_Layer], batches, shrinkage) -> None:
@@ -380,7 +443,7 @@ def _build_ladder(layer: _Layer, families, rank_multiple, options) -> None:
     """Every family's rungs of the layer, errors measured on the target, factors un-whitened."""
     if layer.target is None:
         layer.target = layer.conv.weight.detach()
-    for family in families:
+    for family in applicable(families, layer.conv):  # their ranks' types differ on any one conv
         ranks = [r for r in layer.ranks if family.owns(r)]
         layer.rungs += family.rungs(layer.target, layer.conv.groups, ranks, layer.cost, layer.row["cost_before"],
                                     rank_multiple, options)
@@ -411,6 +474,6 @@ def _fill_rows(plan: RankPlan, layers: list[_Layer], picks: list[int]) -> None:
             continue
         c, e, r, f = x.rungs[k - 1]
         f = f.to(x.conv.weight.dtype)
-        x.row.update(decomposition=family_of_rank(r).name, rank=r, error=e,
+        x.row.update(decomposition=family_for(x.conv, r).name, rank=r, error=e,
                      weight_error=f.relative_error(x.conv.weight), cost_after=c)
         plan.factors[x.row["name"]] = f

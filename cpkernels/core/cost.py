@@ -93,6 +93,11 @@ class ConvShape:
         return (self.batch * h * w * self.cin * r_in + self.out_pixels * self.groups * r_out * r_in * kh * kw
                 + self.out_pixels * r_out * self.cout)
 
+    def svd_macs(self, rank: int) -> int:
+        """MACs of the two-stage low-rank 1x1 layer (per-group rank R): Cin->R at the output's pixels (the first
+        1x1 conv carries the stride), then R->Cout."""
+        return self.out_pixels * rank * (self.cin + self.cout)
+
     def tucker2_fused_macs(self, rank: tuple[int, int]) -> int:
         """MACs of the taps kernel on folded tap weights: kh*kw*Cin/G into R_out per pixel, then R_out -> Cout."""
         kh, kw = self.kernel

@@ -52,6 +52,16 @@ TUCKER2_STRATEGIES = {
                   "at each call), implicit GEMM over kh*kw*Cin into R_out, then the output GEMM from registers",
 }
 
+# The strategies for a low-rank 1x1 layer (cpkernels.SVDConv2d): two GEMMs are what cuBLAS runs best, so no
+# kernel of this package joins them.
+SVD_STRATEGIES = {
+    "dense": "F.conv2d (cuDNN) of the 1x1 weight reconstructed from the two factors at each call",
+    "two-stage": "the reference path: two 1x1 convs (GEMMs), Cin -> R with the stride, R -> Cout with the bias; "
+                 "one intermediate through HBM",
+}
+# The reference each family's measured plan checks its candidates against.
+REFERENCE_STRATEGY = {"cp": "four-stage", "tucker2": "three-stage", "svd": "two-stage"}
+
 # Overridden by tests and users: True times the candidates (see the module docstring).
 MEASURE: Optional[bool] = None
 
@@ -315,6 +325,27 @@ def tucker2_candidate_costs(s: ConvShape, rank: tuple[int, int], dtype: torch.dt
     return costs
 
 
+def svd_candidate_costs(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, tf32: bool) -> dict[str, Cost]:
+    """The cost of every :data:`SVD_STRATEGIES` entry for per-group rank R of a 1x1 layer."""
+    es = torch.empty((), dtype=dtype).element_size()
+    weight = s.cout * (s.cin // s.groups)
+    return {"dense": Cost(2 * (s.dense_macs() + weight * rank), s.minimal_bytes(es) + 2 * weight * es, launches=2),
+            "two-stage": Cost(2 * s.svd_macs(rank), s.minimal_bytes(es) + 2 * es * s.out_pixels * s.groups * rank,
+                              launches=2)}
+
+
+# Each family's candidate costs; a call's family is named by its op, or told by its rank's type (a pair: Tucker-2).
+CANDIDATE_COSTS = {"cp": candidate_costs, "tucker2": tucker2_candidate_costs, "svd": svd_candidate_costs}
+
+
+def _family(rank, family: Optional[str]) -> str:
+    if family is None:
+        return "tucker2" if isinstance(rank, tuple) else "cp"
+    if family not in CANDIDATE_COSTS:
+        raise ValueError(f"family must be one of {tuple(CANDIDATE_COSTS)}, got {family!r}")
+    return family
+
+
 @dataclass(frozen=True)
 class GPUPlan:
     """The choice for one call: ``chosen`` (a key of :data:`STRATEGIES`), every candidate's modeled time,
@@ -331,11 +362,11 @@ class GPUPlan:
         return out
 
 
-def model_plan(s: ConvShape, rank, dtype: torch.dtype, spec: GPUSpec, tf32: bool = True) -> GPUPlan:
-    """The model's choice: the candidate with the least modeled time. ``rank``: an int (CP) or a pair
-    ``(R_out, R_in)`` (Tucker-2)."""
-    tucker2 = isinstance(rank, tuple)
-    costs = (tucker2_candidate_costs if tucker2 else candidate_costs)(s, rank, dtype, spec, tf32)
+def model_plan(s: ConvShape, rank, dtype: torch.dtype, spec: GPUSpec, tf32: bool = True,
+               family: Optional[str] = None) -> GPUPlan:
+    """The model's choice: the candidate with the least modeled time. ``rank``: an int (CP, or the SVD family's
+    with ``family="svd"``) or a pair ``(R_out, R_in)`` (Tucker-2)."""
+    costs = CANDIDATE_COSTS[_family(rank, family)](s, rank, dtype, spec, tf32)
     modeled = {k: round(c.seconds(spec, dtype, tf32) * 1e6, 2) for k, c in costs.items()}
     return GPUPlan(spec.name, min(modeled, key=modeled.get), modeled)
 
@@ -355,10 +386,10 @@ def measuring() -> bool:
 
 
 def call_key(x: torch.Tensor, rank: int, groups: int, cout: int, kernel_size, stride, padding, dilation,
-             tf32: bool) -> tuple:
+             tf32: bool, family: Optional[str] = None) -> tuple:
     """Everything that changes the choice."""
     return (x.device, tuple(x.shape), groups, rank, cout, tuple(kernel_size), tuple(stride), tuple(padding),
-            tuple(dilation), x.dtype, is_channels_last(x), tf32, measuring())
+            tuple(dilation), x.dtype, is_channels_last(x), tf32, measuring(), _family(rank, family))
 
 
 def shape_of_call(x: torch.Tensor, groups: int, cout: int, kernel_size, stride, padding, dilation) -> ConvShape:
@@ -370,22 +401,24 @@ def shape_of_call(x: torch.Tensor, groups: int, cout: int, kernel_size, stride, 
 
 
 def choose(x: torch.Tensor, rank, groups: int, cout: int, kernel_size, stride, padding, dilation,
-           run: Optional[Callable[[str], torch.Tensor]] = None, spec: Optional[GPUSpec] = None) -> GPUPlan:
+           run: Optional[Callable[[str], torch.Tensor]] = None, spec: Optional[GPUSpec] = None,
+           family: Optional[str] = None) -> GPUPlan:
     """The plan for one call, cached per :func:`call_key`. ``rank``: an int for a CP layer, a pair
-    ``(R_out, R_in)`` for a Tucker-2 layer (:data:`TUCKER2_STRATEGIES`). ``run(strategy)`` computes the
-    call with one strategy; the measured mode needs it."""
+    ``(R_out, R_in)`` for a Tucker-2 layer (:data:`TUCKER2_STRATEGIES`); ``family="svd"`` for a low-rank 1x1
+    layer's int rank (:data:`SVD_STRATEGIES`). ``run(strategy)`` computes the call with one strategy; the
+    measured mode needs it."""
+    family = _family(rank, family)
     tf32 = torch.backends.cudnn.allow_tf32  # fp32 inputs, and the fp32 four stages of bf16 inputs, follow it
-    key = call_key(x, rank, groups, cout, kernel_size, stride, padding, dilation, tf32)
+    key = call_key(x, rank, groups, cout, kernel_size, stride, padding, dilation, tf32, family)
     cached = _CACHE.get(key)
     if cached is not None:
         return cached
     if spec is None:
         spec = spec_for_device(x.device) if x.device.type == "cuda" else GPUS["h100"]
     shape = shape_of_call(x, groups, cout, kernel_size, stride, padding, dilation)
-    planned = model_plan(shape, rank, x.dtype, spec, tf32)
+    planned = model_plan(shape, rank, x.dtype, spec, tf32, family)
     if measuring() and run is not None:
-        reference = "three-stage" if isinstance(rank, tuple) else "four-stage"
-        measured = measure(run, tuple(planned.modeled_us), x.dtype, reference=reference)
+        measured = measure(run, tuple(planned.modeled_us), x.dtype, reference=REFERENCE_STRATEGY[family])
         planned = GPUPlan(planned.gpu, min(measured, key=measured.get), planned.modeled_us, measured)
     _CACHE[key] = planned
     return planned
@@ -401,5 +434,5 @@ def per_pixel(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, tf32: 
     return out
 
 
-__all__ = ["GPUS", "GPUPlan", "GPUSpec", "STRATEGIES", "TUCKER2_STRATEGIES", "choose", "gpu_spec", "model_plan",
+__all__ = ["GPUS", "GPUPlan", "GPUSpec", "STRATEGIES", "SVD_STRATEGIES", "TUCKER2_STRATEGIES", "choose", "gpu_spec", "model_plan",
            "measure"]

@@ -33,6 +33,7 @@ class FactoredOp:
     impls: dict  # implementation name -> eager PyTorch implementation
     strategy_impls: dict  # the GPU plan's strategy -> implementation name
     onnx_form: Callable  # (x, factors, bias, stride, padding, dilation, padding_mode): standard convs
+    plan_family: Optional[str] = None  # the GPU plan's family where the rank's type does not tell it (svd)
 
 
 def exporting_to_onnx() -> bool:
@@ -202,7 +203,7 @@ def planned_impl(op: FactoredOp, tensors: list, stride, pad, dilation, measure: 
             return op.custom_op(*tensors, list(stride), list(pad), list(dilation), op.strategy_impls[strategy])
 
     chosen = gpu.choose(tensors[0], rank, groups, cout, kernel_size, stride, pad, dilation,
-                        run=run if measure else None)
+                        run=run if measure else None, family=op.plan_family)
     return op.strategy_impls[chosen.chosen]
 
 

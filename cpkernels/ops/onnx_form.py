@@ -1,4 +1,5 @@
-"""The CP conv as the standard convs an ONNX runtime knows: what ``CPConv2d`` runs while it is exported.
+"""The CP conv as the standard convs an ONNX runtime knows: what ``CPConv2d`` runs while it is exported (and
+below it, the Tucker-2 and low-rank 1x1 layers' Conv forms).
 
     x --[one Pad, only for a non-zero padding mode or uneven zero padding]-->
       --Conv 1x1 (Cin->R, group G)--> --Conv kh x kw depthwise (group G*R)--> --Conv 1x1 (R->Cout, group G) + bias--> y
@@ -19,6 +20,7 @@ from torch import Tensor
 from cpkernels.core import conv_args
 from cpkernels.factors import CPFactors
 from cpkernels.ops.reference import stage_weights
+from cpkernels.ops.svd_reference import svd_stage_weights
 from cpkernels.ops.tucker2_reference import tucker2_stage_weights
 
 # Two depthwise stages or one: set for the length of an export by :func:`depthwise_merged`. One merged
@@ -89,4 +91,22 @@ def tucker2_conv2d_onnx_form(
     w_in, w_core, w_out = tucker2_stage_weights(factors.input, factors.core, factors.output)
     t = F.conv2d(x, w_in, None, 1, 0, 1, groups)  # [N, G*R_in, H, W]
     t = F.conv2d(t, w_core, None, stride, (pt, pl), dilation, groups)  # [N, G*R_out, OH, OW]
+    return F.conv2d(t, w_out, bias, 1, 0, 1, groups)
+
+
+def svd_conv2d_onnx_form(
+    x: Tensor,
+    factors,
+    bias: Optional[Tensor],
+    stride: tuple[int, int],
+    padding: conv_args.Padding,
+    dilation: tuple[int, int],
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """The same function as :func:`cpkernels.svd_conv2d` as two standard 1x1 Convs (Cin -> R with the stride,
+    R -> Cout with the bias), plus one Pad for a non-zero padding mode or uneven zero padding."""
+    groups = factors.groups
+    x, (pt, pl) = _padded_input(x, padding, factors.kernel_size, dilation, padding_mode)
+    w_in, w_out = svd_stage_weights(factors.input, factors.output)
+    t = F.conv2d(x, w_in, None, stride, (pt, pl), dilation, groups)  # [N, G*R, OH, OW]
     return F.conv2d(t, w_out, bias, 1, 0, 1, groups)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from cpkernels.compression.families import family_of_rank
+from cpkernels.compression.families import family_for
 from cpkernels.core import conv_args
 from cpkernels.core.cost import ConvShape
 from cpkernels.core.timing import time_median
@@ -89,7 +89,7 @@ def build_cases(
     kw = dict(stride=shape.stride, padding=shape.padding, dilation=shape.dilation, groups=shape.groups, device=device,
               dtype=dtype)
     dense = nn.Conv2d(shape.cin, shape.cout, shape.kernel, **kw)
-    family = family_of_rank(rank)
+    family = family_for(dense, rank)  # an int rank of a 1x1 layer is an SVDConv2d
     cls = family.module
     # Random factors: timings do not depend on their values, and ALS would dominate a benchmark run.
     cp = cls(shape.cin, shape.cout, shape.kernel, rank, **kw)
@@ -259,7 +259,14 @@ def _gpu(text: str) -> gpu_plans.GPUSpec:
 
 def gpu_plan(shape: ConvShape, rank, dtype: torch.dtype, spec: gpu_plans.GPUSpec) -> dict:
     """The GPU plan of the layer on ``spec`` (TF32 on for fp32, PyTorch's default for convolutions)."""
-    return gpu_plans.model_plan(shape, rank, dtype, spec, tf32=True).as_dict()
+    family = family_for(_Kernel(shape.kernel), rank).name
+    return gpu_plans.model_plan(shape, rank, dtype, spec, tf32=True, family=family).as_dict()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernel:
+    """What the families ask of a conv to tell whose a rank is: its kernel size."""
+    kernel_size: tuple[int, int]
 
 
 def print_gpu_plan(plan: dict) -> None:
@@ -324,7 +331,7 @@ def main(argv=None) -> int:
         print_gpu_plan(plan)
         if args.json:
             with open(args.json, "w") as f:
-                strategies = family_of_rank(rank).gpu_strategies
+                strategies = family_for(_Kernel(shape.kernel), rank).gpu_strategies
                 json.dump({"shape": asdict(shape), "rank": rank, "dtype": args.dtype, "layout": args.layout,
                            "gpu_plan": plan, "strategies": strategies}, f, indent=1)
             print(f"JSON written to {args.json}")

@@ -25,6 +25,12 @@ class Family:
     onnx_forms: tuple[str, ...] = ("merged", "dense")  # the forms export_onnx may write it in (export.forms)
 
     # --- ranks -------------------------------------------------------------------------------------------
+    def applies_to(self, conv: nn.Module) -> bool:
+        """Whether this family factors ``conv`` (anything with ``kernel_size``): by default every kh x kw conv
+        with kh*kw > 1; a 1x1 conv is the SVD family's."""
+        kh, kw = conv.kernel_size
+        return kh * kw > 1
+
     def owns(self, rank) -> bool:
         """Whether ``rank`` (as a plan, a report or JSON holds it) is one of this family's ranks."""
         raise NotImplementedError
