@@ -13,7 +13,7 @@ holds this):
 6. ``cpkernels.ops``: the functional ops (one front end for every family), their reference, CPU and ONNX forms;
 7. ``cpkernels.modules``: the ``nn.Module`` layers (``CPConv2d``, ``TuckerConv2d``, ``SVDConv2d``);
 8. ``cpkernels.compression``: model passes (the decomposition families, ``compress_model``, ``plan_ranks``,
-   calibration);
+   calibration, ``compensate``, ``distill``);
 9. ``cpkernels.export``: ``export_onnx``;
 10. ``cpkernels.cli``: ``cpkernels plan | compress | export``.
 
@@ -21,7 +21,9 @@ On top, never imported by the library: ``cpkernels.tools`` (the profiler, the be
 ahead-of-time compile report, the trained networks and the demos) and the entry point ``cpkernels.__main__``.
 Importing the package touches no GPU, sets no global flag and imports neither triton nor tensorly.
 """
+from cpkernels.compression.compensate import CompensationReport, compensate
 from cpkernels.compression.compress import CompressionReport, apply_structure, compress_model
+from cpkernels.compression.distill import DistillReport, distill
 from cpkernels.compression.ranks import RankPlan, plan_ranks
 from cpkernels.decompositions.cp import decompose_conv, resolve_rank
 from cpkernels.decompositions.svd import decompose_svd
@@ -36,8 +38,8 @@ from cpkernels.ops import cp_conv2d, svd_conv2d, tucker2_conv2d
 __version__ = "0.1.0"
 
 __all__ = [
-    "SVDConv2d", "SVDFactors", "decompose_svd", "svd_conv2d",
-    "CPConv2d", "CPFactors", "CompressionReport", "RankPlan", "Tucker2Factors", "TuckerConv2d", "apply_structure",
-    "compress_model", "cp_conv2d", "decompose_conv", "decompose_tucker2", "export_onnx", "plan_ranks", "resolve_rank",
-    "tucker2_conv2d", "__version__",
+    "CPConv2d", "CPFactors", "CompensationReport", "CompressionReport", "DistillReport", "RankPlan", "SVDConv2d",
+    "SVDFactors", "Tucker2Factors", "TuckerConv2d", "apply_structure", "compensate", "compress_model", "cp_conv2d",
+    "decompose_conv", "decompose_svd", "decompose_tucker2", "distill", "export_onnx", "plan_ranks", "resolve_rank",
+    "svd_conv2d", "tucker2_conv2d", "__version__",
 ]

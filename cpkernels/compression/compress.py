@@ -21,6 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cpkernels.compression.batchnorm import fold_batchnorm as fold_batchnorm_into_convs
+from cpkernels.compression.calibration import as_batches
+from cpkernels.compression.compensate import CompensationReport
+from cpkernels.compression.compensate import compensate as compensate_model
 from cpkernels.compression.convs import conv_input_sizes, conv_shape, convs_of, filter_reason, replace_everywhere
 from cpkernels.compression.families import (FAMILIES, applicable, families_for, family_for, family_named,
                                             family_of_layer, not_applicable_reason)
@@ -59,6 +62,8 @@ class CompressionReport:
     """One row per ``nn.Conv2d`` of the model (compressed or skipped), and their totals."""
 
     rows: list[dict] = field(default_factory=list)
+    # compress_model(..., compensate=True): what the sequential error compensation did, per layer
+    compensation: Optional[CompensationReport] = None
 
     @property
     def totals(self) -> dict:
@@ -148,6 +153,8 @@ def compress_model(
     rank_multiple: int = 1,
     decomposition: str = "cp",
     fold_batchnorm: bool = False,
+    compensate: bool = False,
+    calibration: Optional[Iterable] = None,
     **decompose_kwargs,
 ) -> tuple[nn.Module, CompressionReport]:
     """Replace the ``nn.Conv2d`` layers of ``model`` by ``CPConv2d`` (or ``TuckerConv2d``, ``SVDConv2d``).
@@ -181,6 +188,10 @@ def compress_model(
             BatchNorm left as an ``nn.Identity`` (:func:`cpkernels.compression.batchnorm.fold_batchnorm`): the
             decomposition then minimises the error that reaches the next layer. The model must be in eval
             mode. A plan made with ``fold_batchnorm=True`` folds whatever this says.
+        compensate: then refit every factored layer, front to back, to reproduce the dense conv's output from the
+            input the compressed network gives it, on ``calibration`` (:func:`cpkernels.compensate`; its report is
+            ``report.compensation``).
+        calibration: input batches for ``compensate`` (at least two: some are held out to choose the ridge).
         decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, random_state, ...);
             Tucker-2 takes ``n_iter_max``, ``random_state`` and ``input_covariance`` of them, the SVD
             ``input_covariance``.
@@ -191,6 +202,25 @@ def compress_model(
         ``decomposition="cp"`` or ``"tucker2"`` leaves them dense), layers under ``min_channels`` and layers
         where the factored form would not save MACs are skipped, each with its reason. A conv shared by several parents is replaced once.
     """
+    if compensate:  # checked before any work: the batches, and a dense copy for the targets when in place
+        if calibration is None:
+            raise ValueError("compensate=True needs calibration: an iterable of input batches")
+        batches = as_batches(calibration)
+        if len(batches) < 2:
+            raise ValueError("compensate=True needs at least 2 calibration batches (some are held out to choose "
+                             f"the ridge), got {len(batches)}")
+        dense = copy.deepcopy(model) if inplace else model
+        compressed, report = compress_model(
+            model, rank, target_error=target_error, include=include, exclude=exclude, predicate=predicate,
+            min_channels=min_channels, skip_first=skip_first, inplace=inplace, input_size=input_size,
+            example_inputs=example_inputs, backend=backend, progress=progress, rank_multiple=rank_multiple,
+            decomposition=decomposition, fold_batchnorm=fold_batchnorm, **decompose_kwargs)
+        folded = fold_batchnorm or (isinstance(rank, RankPlan) and rank.fold_batchnorm)
+        compressed, report.compensation = compensate_model(compressed, dense, batches, fold_batchnorm=folded,
+                                                           inplace=True, progress=progress)
+        return compressed, report
+    if calibration is not None:
+        raise ValueError("calibration is for compensate=True (plan_ranks takes its own)")
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
     families = families_for(decomposition)

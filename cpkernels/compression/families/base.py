@@ -19,6 +19,9 @@ class Family:
 
     name: str  # as ``decomposition=`` names it, and as the report and the plan JSON record it
     module: type  # its nn.Module: ``from_conv``, ``from_factors`` and ``nn.Conv2d``'s constructor arguments
+    # its functional op, ``op(x, factors, bias, stride, padding, dilation, padding_mode, backend)``; every family's
+    # factors end in ``output (G, Cout/G, R)``, a 1x1 conv of the rank-R intermediate (compensation refits it)
+    op: Callable
     factors: type  # its factors class (a :class:`cpkernels.factors.FactoredWeight`)
     gpu_strategies: dict  # the GPU plan's strategies for it (:mod:`cpkernels.dispatch.gpu`)
     decompose_options: Optional[tuple[str, ...]] = None  # the decompose_kwargs it takes; None: all of them

@@ -15,6 +15,7 @@ from cpkernels.decompositions.cp import _decompose_at_rank, resolve_rank, strong
 from cpkernels.dispatch.gpu import STRATEGIES
 from cpkernels.factors import CPFactors, params_per_rank
 from cpkernels.modules.cp import CPConv2d
+from cpkernels.ops.cp_conv2d import cp_conv2d
 
 # The ladder's ALS runs in float32 on layers of at least this many weights (errors are measured in
 # float64): it halves the time where time goes. Smaller layers cost little and keep float64, in which
@@ -38,6 +39,7 @@ def degeneracy(factors: CPFactors) -> float:
 class CPFamily(Family):
     name = "cp"
     module = CPConv2d
+    op = staticmethod(cp_conv2d)
     factors = CPFactors
     gpu_strategies = STRATEGIES
     onnx_forms = ("merged", "two", "dense")  # the depthwise stage as one kh x kw conv, or kh x 1 then 1 x kw

@@ -14,11 +14,13 @@ from cpkernels.decompositions.tucker2 import _decompose_at_rank, largest_proport
 from cpkernels.dispatch.gpu import TUCKER2_STRATEGIES
 from cpkernels.factors import Tucker2Factors, tucker2_params
 from cpkernels.modules.tucker2 import TuckerConv2d
+from cpkernels.ops.tucker2_conv2d import tucker2_conv2d
 
 
 class Tucker2Family(Family):
     name = "tucker2"
     module = TuckerConv2d
+    op = staticmethod(tucker2_conv2d)
     factors = Tucker2Factors
     gpu_strategies = TUCKER2_STRATEGIES
     decompose_options = ("n_iter_max", "random_state", "input_covariance")  # the others are CP's ALS settings

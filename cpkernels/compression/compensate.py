@@ -1,0 +1,291 @@
+"""Sequential error compensation: each factored layer refitted, front to back, so that it maps the input it
+receives in the compressed network to the output its dense conv gives in the dense network.
+
+    compensated, report = compensate(compressed, dense, calibration)
+    print(report)          # per layer: pixels, unknowns, ridge, error before and after, held-out check
+
+Every family ends in the same last stage: a 1x1 conv of the rank-R intermediate ``z`` (``output (G, Cout/G, R)``)
+plus the bias. With the layers before it already compensated, the layer's input ``x^`` is what the compressed
+network gives it, and ``z = intermediate(x^)``; the target ``y`` is the dense network's output of the same conv.
+The output factor and the bias then have a closed form, ridge least squares toward the current factors:
+
+    [A b] = argmin sum_pixels ||A z + b - y||^2 + lam ||A - A0||^2
+
+accumulated as ``(R+1) x (R+1)`` and ``Cout x (R+1)`` sums per group over the calibration pixels, so memory does not
+grow with the data (Zhang et al., TPAMI 2016, "asymmetric reconstruction", for the output side).
+
+Overfitting is the danger: a refit on one photo and its mirror lowers every layer's calibration error and can
+lower an unseen photo's quality. So the last calibration batches are held out: the ridge is chosen on them, and a
+refit that does not lower their error is refused (the layer keeps its factors, and the report says so).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cpkernels.compression import batchnorm
+from cpkernels.compression.calibration import as_batches
+from cpkernels.compression.families import family_of_layer
+from cpkernels.modules.factored import FactoredConv2d
+
+# Ridges to try, as multiples of the intermediate's mean energy per channel (trace(Gzz) / R over the pixels): a
+# scale-free grid from nearly plain least squares to nearly "keep the factors".
+RIDGES = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+HOLDOUT = 0.25
+
+
+class _Stop(Exception):
+    """Raised by a hook once it has what it needs: the rest of the forward pass is not run."""
+
+
+@dataclass
+class _Sums:
+    """Per group, over pixels: ``zz = sum z~ z~^T`` and ``yz = sum y z~^T`` with ``z~ = [z; 1]``, and ``yy = sum ||y||^2``."""
+
+    zz: Tensor  # [G, R+1, R+1]
+    yz: Tensor  # [G, Cout/G, R+1]
+    yy: float = 0.0
+    pixels: int = 0
+
+    @classmethod
+    def zeros(cls, groups: int, out_per_group: int, rank: int, device) -> "_Sums":
+        return cls(torch.zeros(groups, rank + 1, rank + 1, dtype=torch.float64, device=device),
+                   torch.zeros(groups, out_per_group, rank + 1, dtype=torch.float64, device=device))
+
+    def add(self, z: Tensor, y: Tensor) -> None:
+        g, rank1 = self.zz.shape[:2]
+        n = z.shape[0]
+        z = z.to(torch.float64).reshape(n, g, rank1 - 1, -1).permute(1, 2, 0, 3).reshape(g, rank1 - 1, -1)
+        y = y.to(torch.float64).reshape(n, g, self.yz.shape[1], -1).permute(1, 2, 0, 3).reshape(g, self.yz.shape[1], -1)
+        z = torch.cat([z, torch.ones_like(z[:, :1])], 1)  # [G, R+1, P]: the bias's column
+        self.zz += z @ z.transpose(1, 2)  # [G, R+1, P] @ [G, P, R+1] -> [G, R+1, R+1]
+        self.yz += y @ z.transpose(1, 2)  # [G, Cout/G, P] @ [G, P, R+1] -> [G, Cout/G, R+1]
+        self.yy += float(y.pow(2).sum())
+        self.pixels += z.shape[-1]
+
+    def __add__(self, other: "_Sums") -> "_Sums":
+        return _Sums(self.zz + other.zz, self.yz + other.yz, self.yy + other.yy, self.pixels + other.pixels)
+
+    def error(self, w: Tensor) -> float:
+        """``sum ||W z~ - y||^2 / sum ||y||^2`` for ``w = [A b]`` ``[G, Cout/G, R+1]``, from the sums alone."""
+        # ||Wz - y||^2 = tr(W zz W^T) - 2 tr(W yz^T) + yy
+        quadratic = (w @ self.zz * w).sum() - 2 * (w * self.yz).sum()
+        return max(float(quadratic) + self.yy, 0.0) / max(self.yy, 1e-300)
+
+    def solve(self, w0: Tensor, ridge: float, bias: bool) -> Tensor:
+        """The ridge solution toward ``w0`` on A (never on the bias): ``W (zz + lam D) = yz + lam D w0``, D the
+        identity on A's columns and 0 on the bias's. Without a bias its column is left out and stays zero."""
+        rank = self.zz.shape[-1] - 1
+        k = rank + 1 if bias else rank
+        zz, yz = self.zz[:, :k, :k], self.yz[:, :, :k]
+        scale = float(torch.diagonal(zz[:, :rank, :rank], dim1=1, dim2=2).sum()) / (rank * zz.shape[0])
+        d = torch.zeros(k, dtype=torch.float64, device=zz.device)
+        d[:rank] = 1.0
+        lam = ridge * max(scale, 1e-300)
+        lhs = zz + lam * torch.diag_embed(d)
+        rhs = yz + lam * w0[:, :, :k] * d
+        # zz is symmetric: W lhs = rhs  <=>  lhs W^T = rhs^T
+        w = torch.linalg.solve(lhs, rhs.transpose(1, 2)).transpose(1, 2)
+        return w if bias else torch.cat([w, torch.zeros_like(w[:, :, :1])], 2)
+
+
+@dataclass
+class CompensationReport:
+    """One row per factored layer, in forward order: its calibration pixels and unknowns, the ridge chosen, the
+    relative output error ``||layer(x^) - y||^2 / ||y||^2`` on all calibration batches before and after, the same on
+    the held-out batches (after: of the refit on the other batches alone), and whether the refit was kept."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        header = ("layer", "pixels", "unknowns", "ridge", "error before", "error after", "held-out before",
+                  "held-out after", "refit")
+        lines = [header]
+        for r in self.rows:
+            lines.append((r["name"], f"{r['pixels']:,}", f"{r['unknowns']:,}",
+                          "" if r["ridge"] is None else f"{r['ridge']:g}", f"{r['error_before']:.4f}",
+                          f"{r['error_after']:.4f}", f"{r['holdout_before']:.4f}", f"{r['holdout_after']:.4f}",
+                          "kept" if r["refit"] else f"refused: {r['reason']}"))
+        widths = [max(len(line[k]) for line in lines) for k in range(len(header))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def intermediate(layer: FactoredConv2d, x: Tensor) -> Tensor:
+    """The layer's rank-R intermediate ``[N, G*R, H', W']`` on input ``x``: everything but the last 1x1 stage, run as
+    the layer itself with an identity output factor and no bias (an exact copy through that stage)."""
+    family = family_of_layer(layer)
+    factors = layer.factors.detach()
+    g, _, rank = factors.output.shape
+    eye = torch.eye(rank, dtype=factors.output.dtype, device=factors.output.device).expand(g, rank, rank)
+    return family.op(x, dataclasses.replace(factors, output=eye.contiguous()), None, layer.stride, layer.padding,
+                     layer.dilation, layer.padding_mode, "reference")
+
+
+def _capture(model: nn.Module, name: str, batch: tuple, want: str) -> Tensor:
+    """The input (``want="input"``) or output of module ``name`` when ``model`` runs ``batch``; the rest of the
+    forward pass is skipped."""
+    kept = {}
+
+    def hook(module, args, output):
+        kept["value"] = args[0] if want == "input" else output
+        raise _Stop
+
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        model(*batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "value" not in kept:
+        raise ValueError(f"module {name!r} did not run on the calibration batch")
+    return kept["value"]
+
+
+def _forward_order(model: nn.Module, names: list[str], batch: tuple) -> list[str]:
+    order, handles = [], []
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_hook(
+            lambda m, a, o, name=name: order.append(name) if name not in order else None))
+    try:
+        model(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [n for n in names if n not in order]  # layers that never ran stay last (and are refused)
+
+
+def _check_pairs(compressed: nn.Module, dense: nn.Module, names: list[str]) -> None:
+    dense_modules = dict(dense.named_modules())
+    for name in names:
+        layer, conv = compressed.get_submodule(name), dense_modules.get(name)
+        if not isinstance(conv, nn.Conv2d) or tuple(conv.weight.shape) != layer.factors.weight_shape:
+            raise ValueError(f"the compressed model's {name!r} ({type(layer).__name__}, weight "
+                             f"{list(layer.factors.weight_shape)}) has no conv of that name and shape in the dense "
+                             f"model ({type(conv).__name__ if conv is not None else 'nothing'} there): is it the "
+                             "model this one was compressed from?")
+
+
+def compensate(
+    compressed: nn.Module,
+    dense: nn.Module,
+    calibration: Iterable,
+    *,
+    holdout: float = HOLDOUT,
+    ridges: Sequence[float] = RIDGES,
+    fold_batchnorm: bool = False,
+    inplace: bool = False,
+    progress: Optional[bool] = None,
+) -> tuple[nn.Module, CompensationReport]:
+    """Refit every factored layer of ``compressed``, in forward order, to reproduce ``dense``'s output of the same
+    conv from the input the compressed network gives it.
+
+    Args:
+        compressed: a model from :func:`cpkernels.compress_model` (its factored layers keep their convs' names).
+        dense: the model it was compressed from; never modified.
+        calibration: input batches (tensors, or tuples of the model's positional inputs), at least two: the last
+            ``holdout`` of them (at least one) are held out to choose the ridge and to refuse a refit that does not
+            generalise. Keep a photo and its mirror together (they share one batch or sit side by side at the end).
+        holdout: the fraction of the batches held out, in (0, 1).
+        ridges: the ridges tried, as multiples of the intermediate's mean energy per channel.
+        fold_batchnorm: the dense model's BatchNorms folded into its convs first, as ``compress_model(...,
+            fold_batchnorm=True)`` folded them (the targets are then the folded convs' outputs).
+        inplace: refit ``compressed`` itself; by default a copy is refitted and ``compressed`` is left as it was.
+        progress: a progress bar over the layers (None: only on a terminal).
+
+    Runs under ``torch.no_grad`` in eval mode (training flags restored), one calibration batch at a time, on the
+    models' device: memory is one batch's activations plus the per-layer sums. Returns the compensated model and a
+    :class:`CompensationReport`.
+    """
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
+        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
+    if not ridges or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 for r in ridges):
+        raise ValueError(f"ridges must be positive numbers, got {ridges!r}")
+    if calibration is None:
+        raise ValueError("compensate needs calibration: an iterable of input batches")
+    batches = as_batches(calibration)
+    if len(batches) < 2:
+        raise ValueError(f"compensate needs at least 2 calibration batches (it holds some out to choose the ridge), "
+                         f"got {len(batches)}")
+    names = [n for n, m in compressed.named_modules() if isinstance(m, FactoredConv2d)]
+    _check_pairs(compressed, dense, names)
+    held = max(1, round(holdout * len(batches)))
+
+    model = compressed if inplace else copy.deepcopy(compressed)
+    target = batchnorm.fold_batchnorm(dense)[0] if fold_batchnorm else dense
+    flags = {m: m.training for m in (*model.modules(), *dense.modules())}
+    report = CompensationReport()
+    try:
+        model.eval()
+        target.eval()
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            batches = [tuple(a.to(device) for a in b) for b in batches]
+            fit, check = batches[:-held], batches[-held:]
+            order = _forward_order(model, names, batches[0])
+            for name in tqdm(order, desc="compensating", unit="layer",
+                             disable=None if progress is None else not progress):
+                report.rows.append(_compensate_layer(model, target, name, fit, check, ridges))
+    finally:
+        for m, training in flags.items():
+            m.training = training
+    return model, report
+
+
+def _layer_sums(model, target, name, batches, layer) -> _Sums:
+    g, cout_g, rank = layer.factors.output.shape
+    sums = _Sums.zeros(g, cout_g, rank, layer.factors.output.device)
+    for batch in batches:
+        y = _capture(target, name, batch, "output")
+        z = intermediate(layer, _capture(model, name, batch, "input"))
+        sums.add(z, y)
+    return sums
+
+
+def _compensate_layer(model, target, name, fit, check, ridges) -> dict:
+    layer = model.get_submodule(name)
+    output = layer.factors.output
+    bias = layer.bias
+    g, cout_g, rank = output.shape
+    w0 = torch.cat([output.detach().to(torch.float64),
+                    (torch.zeros(g, cout_g, 1, dtype=torch.float64, device=output.device) if bias is None
+                     else bias.detach().to(torch.float64).reshape(g, cout_g, 1))], 2)
+    fit_sums, check_sums = _layer_sums(model, target, name, fit, layer), _layer_sums(model, target, name, check, layer)
+    every = fit_sums + check_sums
+    row = {"name": name, "pixels": every.pixels, "unknowns": g * cout_g * (rank + (bias is not None)), "ridge": None,
+           "error_before": every.error(w0), "holdout_before": check_sums.error(w0), "refit": False, "reason": ""}
+    row.update(error_after=row["error_before"], holdout_after=row["holdout_before"])
+    candidates = []
+    for ridge in ridges:
+        try:
+            held_out = check_sums.error(fit_sums.solve(w0, ridge, bias is not None))
+        except RuntimeError:  # torch.linalg.solve on a singular system: that ridge is too small
+            continue
+        if math.isfinite(held_out):
+            candidates.append((held_out, ridge))
+    if not candidates:
+        row["reason"] = "every solve was singular"
+        return row
+    held_out, ridge = min(candidates)
+    if held_out >= row["holdout_before"]:
+        row["reason"] = "it does not lower the held-out batches' error"
+        return row
+    w = every.solve(w0, ridge, bias is not None)
+    error = every.error(w)
+    if not error < row["error_before"]:  # the ridge solve cannot be worse in exact arithmetic; rounding can
+        row["reason"] = "it does not lower the calibration error"
+        return row
+    with torch.no_grad():
+        output.copy_(w[:, :, :rank].to(output.dtype))
+        if bias is not None:
+            bias.copy_(w[:, :, rank].reshape(-1).to(bias.dtype))
+    # held-out: the error of the refit on the other batches alone, the honest measure of what it generalises
+    row.update(ridge=ridge, error_after=error, holdout_after=held_out, refit=True)
+    return row
