@@ -17,8 +17,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "matplotlib", "tqdm", "scikit-learn", "onnx", "onnxruntime",
-                 "onnxscript", "h5py", "scikit-image"],
-        "bench": ["pytest-benchmark", "matplotlib"],
+                 "onnxscript", "h5py", "scikit-image", "torch-pruning==1.6.1"],
+        # the HED benchmarks: the photos (scikit-image, scikit-learn), the weights (h5py), the alternatives
+        "bench": ["pytest-benchmark", "matplotlib", "scikit-learn", "scikit-image", "h5py", "onnx", "onnxruntime",
+                  "onnxscript", "torch-pruning==1.6.1"],
         "export": ["onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={"console_scripts": ["cpkernels=cpkernels.__main__:main"]},

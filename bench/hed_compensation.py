@@ -1,0 +1,125 @@
+"""What sequential error compensation and label-free distillation recover on HED at deep budgets.
+
+    python -m bench.hed_compensation --out bench/results/cpu-intel-xeon-avx512-2core
+
+For each budget and family: the plan of :mod:`bench.hed_methods` (``method="data"``, cached there), then
+:func:`cpkernels.compensate` on the same calibration batches (scikit-image's five photos and their mirrors at
+208x320; the last photo and its mirror held out to choose each layer's ridge), then :func:`cpkernels.distill` on
+random crops of those photos only. Each step's edge F1 against dense on scikit-learn's two photos at 416x640 (never
+seen), and the seconds it took (compensation and distillation on ``SETTINGS["threads"]`` threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from cpkernels import compensate, distill
+from cpkernels.tools import hed
+from cpkernels.tools.profile import environment
+
+from .hed_methods import CACHE, SETTINGS, calibration_batches, compressed_hed, config_name, edge_f1s, judging_inputs
+from .report import save_results
+
+BUDGETS = (0.25, 0.125, 0.0625)
+DECOMPOSITIONS = ("cp", "tucker2", "auto")
+DISTILL = dict(steps=120, lr=1e-5, crop=(160, 160), batch=2, seed=0)
+
+
+def crops(batches: list[torch.Tensor], n: int, size, batch: int, seed: int) -> list[torch.Tensor]:
+    """``n`` batches of ``batch`` random ``size`` crops of the calibration photos (and mirrors), fixed by ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = size
+    out = []
+    for _ in range(n):
+        picks = []
+        for _ in range(batch):
+            x = batches[int(torch.randint(len(batches), (1,), generator=gen))]
+            top = int(torch.randint(x.shape[-2] - h + 1, (1,), generator=gen))
+            left = int(torch.randint(x.shape[-1] - w + 1, (1,), generator=gen))
+            picks.append(x[..., top:top + h, left:left + w])
+        out.append(torch.cat(picks))
+    return out
+
+
+def measure(budgets, decompositions, cache: str, distill_options: dict) -> list[dict]:
+    model = hed.load_hed()
+    inputs = judging_inputs()
+    with torch.no_grad():
+        dense_maps = {name: model(x) for name, x in inputs.items()}
+    batches = calibration_batches()
+    previous = torch.get_num_threads()
+    rows = []
+    try:
+        for budget in budgets:
+            for decomposition in decompositions:
+                compressed, info = compressed_hed(model, decomposition, "data", budget, cache=cache)
+                torch.set_num_threads(SETTINGS["threads"])
+                row = {"config": config_name(decomposition, "data", budget), "macs_fraction": info["macs_fraction"],
+                       "plan_s": info["plan_s"], "f1_plan": edge_f1s(compressed, dense_maps, inputs)}
+                start = time.perf_counter()
+                compensated, report = compensate(compressed, model, batches, progress=False)
+                row.update(compensate_s=time.perf_counter() - start,
+                           f1_compensated=edge_f1s(compensated, dense_maps, inputs),
+                           layers=[{k: r[k] for k in ("name", "pixels", "unknowns", "ridge", "error_before",
+                                                      "error_after", "holdout_before", "holdout_after", "refit")}
+                                   for r in report.rows])
+                print(report, flush=True)
+                o = distill_options
+                data = crops(batches, o["steps"], o["crop"], o["batch"], o["seed"])
+                result = distill(compensated, model, data, epochs=1, lr=o["lr"], progress=False)
+                row.update(distill_s=result.seconds, distill_loss=(result.first_loss, result.last_loss),
+                           f1_distilled=edge_f1s(compensated, dense_maps, inputs))
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
+                torch.set_num_threads(previous)
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
+def to_markdown(rows: list[dict], env: dict, distill_options: dict) -> str:
+    o = distill_options
+    lines = [f"# HED's VGG-16: plan, compensation, distillation ({env['device']})", "",
+             f"torch {env['torch']}, commit {env['git_commit'][:7]}. Plans: `bench.hed_methods` (method='data'). "
+             f"Compensation: calibration batches of the plan, the last photo and its mirror held out. Distillation: "
+             f"{o['steps']} steps of {o['batch']} random {o['crop'][0]}x{o['crop'][1]} crops of the calibration "
+             f"photos, Adam lr {o['lr']:g}, relative MSE on the fused output. F1: edge F1 against dense on "
+             f"scikit-learn's china / flower at {SETTINGS['size'][0]}x{SETTINGS['size'][1]}. Times on "
+             f"{SETTINGS['threads']} threads (planning on {SETTINGS['plan_threads']}), with other jobs on the machine "
+             "(see the load in hed_methods.md).", "",
+             "| family | budget | MACs kept | plan F1 | plan s | + compensation F1 | s | + distillation F1 | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def f1(d):
+        return f"{d['china']:.3f} / {d['flower']:.3f}"
+
+    for r in rows:
+        decomposition, _, budget = r["config"].split("-")
+        lines.append(f"| {decomposition} | {budget} | {r['macs_fraction']:.3f} | {f1(r['f1_plan'])} | {r['plan_s']:.0f} "
+                     f"| {f1(r['f1_compensated'])} | {r['compensate_s']:.0f} | {f1(r['f1_distilled'])} "
+                     f"| {r['distill_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--decompositions", nargs="+", default=list(DECOMPOSITIONS))
+    parser.add_argument("--cache", default=CACHE)
+    parser.add_argument("--steps", type=int, default=DISTILL["steps"])
+    parser.add_argument("--lr", type=float, default=DISTILL["lr"])
+    args = parser.parse_args(argv)
+    options = {**DISTILL, "steps": args.steps, "lr": args.lr}
+    rows = measure(args.budgets, args.decompositions, args.cache, options)
+    env = environment("cpu")
+    save_results(args.out, "hed_compensation", {"environment": env, "settings": SETTINGS, "distill": options,
+                                                "rows": rows}, to_markdown(rows, env, options))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""Smoke test of bench/hed_methods.py: two configurations end to end at a tiny size (planning, the cache, F1,
+interleaved timing, the table and the plot), on HED's real weights."""
+import json
+
+import pytest
+
+from bench import hed_methods
+from cpkernels.tools import hed
+
+pytest.importorskip("h5py", reason="HED's weights are read with h5py")
+pytest.importorskip("skimage", reason="the calibration photos ship with scikit-image")
+pytest.importorskip("sklearn", reason="the judging photos ship with scikit-learn")
+pytest.importorskip("matplotlib", reason="the plot needs matplotlib")
+try:
+    hed.hed_weights_path()
+except FileNotFoundError as error:
+    pytest.skip(str(error), allow_module_level=True)
+
+
+def test_two_configurations_end_to_end(tmp_path, monkeypatch):
+    for key, value in dict(calibration_photos=hed.CALIBRATION_PHOTOS[:1], calibration_size=(48, 64), size=(48, 64),
+                           n_iter_max=1, ladder=(0.2, 0.1), runs=1).items():
+        monkeypatch.setitem(hed_methods.SETTINGS, key, value)
+    args = ["--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--only", "cp-data-0.25", "cp-uniform-0.0625"]
+    assert hed_methods.main(args) == 0
+    data = json.loads((tmp_path / "hed_methods.json").read_text())
+    rows = {r["config"]: r for r in data["rows"]}
+    assert set(rows) == {"cp-data-0.25", "cp-uniform-0.0625"}
+    for r in rows.values():
+        assert 0 < r["macs_fraction"] <= float(r["config"].split("-")[-1]) + 1e-9
+        assert all(0 <= f <= 1 for f in r["f1"].values()) and set(r["f1"]) == set(hed.JUDGING_PHOTOS)
+        assert r["dense_ms"] > 0 and r["compressed_ms"] > 0
+    assert set(rows["cp-data-0.25"]["ranks"]) == set(hed.CONV_NAMES)
+    assert (tmp_path / "hed_methods.png").stat().st_size > 0
+    assert "| cp | data | 0.25 |" in (tmp_path / "hed_methods.md").read_text()
+    # the second run reads the cache: the same models, so the same F1
+    assert hed_methods.main(args[:4] + ["--only", "cp-data-0.25", "--no-time"]) == 0
+    again = json.loads((tmp_path / "hed_methods.json").read_text())["rows"][0]
+    assert again["f1"] == rows["cp-data-0.25"]["f1"] and again["plan_s"] == rows["cp-data-0.25"]["plan_s"]
