@@ -9,7 +9,8 @@ Dense or staged is decided in one of two ways (``CPKERNELS_CPU_PLAN``, or :data:
   arrangement, after checking both against the reference stages, and keeps the faster for that
   signature (:func:`choose`). A compressed layer then runs the faster of its two forms on the machine
   it runs on, up to timing noise; against the ``nn.Conv2d`` it replaced it also pays this package's
-  per-call Python work (README: tens of microseconds, which tells at batch 1). The cost rule below
+  per-call Python work (a layer memoises its checks and this plan per call signature, see
+  :func:`cpkernels.ops.frontend.layer_conv2d`: a few microseconds, ``bench/per_call.py``). The cost rule below
   missed layers on one machine (CP at R = C on 256->256 stride 2 @28^2 ran 0.84x dense in one run and
   1.66x in another; ResNet-18 at batch 1 ran 0.61-0.75x dense end to end), and no fixed constant fits
   every CPU.
@@ -174,6 +175,8 @@ class MeasuredPlan:
 # Overridden by tests and users: True times dense against the staged arrangement, False takes the cost rule.
 MEASURE: Optional[bool] = None
 _CACHE: dict[tuple, MeasuredPlan] = {}
+# Counts clear_cache() calls: a plan a layer memoised (cpkernels.ops.frontend.layer_conv2d) is forgotten with the cache.
+_generation = 0
 
 
 def measuring() -> bool:
@@ -188,7 +191,18 @@ def measuring() -> bool:
 
 
 def clear_cache() -> None:
+    global _generation
     _CACHE.clear()
+    _generation += 1
+
+
+def plan_state() -> tuple:
+    """What a plan depends on besides its call signature: the switches :func:`measuring` reads, and the cache's
+    generation. A plan memoised for a signature stays valid while this is unchanged; reading the switches raw
+    (not through :func:`measuring`) keeps it cheap on every call, and a changed or invalid value then goes back
+    through :func:`measuring` and its checks."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    return MEASURE, _generation, deterministic, os.environ.get("CPKERNELS_CPU_PLAN")
 
 
 def call_key(x: Tensor, rank, groups: int, cout: int, kernel_size, stride, padding, dilation, needs_grad: bool) -> tuple:

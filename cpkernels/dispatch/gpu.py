@@ -334,13 +334,12 @@ def svd_candidate_costs(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSp
                               launches=2)}
 
 
-# Each family's candidate costs; a call's family is named by its op, or told by its rank's type (a pair: Tucker-2).
+# Each family's candidate costs; a call's family is named by its op (cpkernels.ops.frontend.FactoredOp.plan_family),
+# never told by its rank's type. CP is the default of the functions below.
 CANDIDATE_COSTS = {"cp": candidate_costs, "tucker2": tucker2_candidate_costs, "svd": svd_candidate_costs}
 
 
-def _family(rank, family: Optional[str]) -> str:
-    if family is None:
-        return "tucker2" if isinstance(rank, tuple) else "cp"
+def _family(family: str) -> str:
     if family not in CANDIDATE_COSTS:
         raise ValueError(f"family must be one of {tuple(CANDIDATE_COSTS)}, got {family!r}")
     return family
@@ -363,10 +362,10 @@ class GPUPlan:
 
 
 def model_plan(s: ConvShape, rank, dtype: torch.dtype, spec: GPUSpec, tf32: bool = True,
-               family: Optional[str] = None) -> GPUPlan:
-    """The model's choice: the candidate with the least modeled time. ``rank``: an int (CP, or the SVD family's
-    with ``family="svd"``) or a pair ``(R_out, R_in)`` (Tucker-2)."""
-    costs = CANDIDATE_COSTS[_family(rank, family)](s, rank, dtype, spec, tf32)
+               family: str = "cp") -> GPUPlan:
+    """The model's choice: the candidate with the least modeled time. ``rank``: an int (CP, the default family,
+    or the SVD family's with ``family="svd"``) or a pair ``(R_out, R_in)`` with ``family="tucker2"``."""
+    costs = CANDIDATE_COSTS[_family(family)](s, rank, dtype, spec, tf32)
     modeled = {k: round(c.seconds(spec, dtype, tf32) * 1e6, 2) for k, c in costs.items()}
     return GPUPlan(spec.name, min(modeled, key=modeled.get), modeled)
 
@@ -386,10 +385,10 @@ def measuring() -> bool:
 
 
 def call_key(x: torch.Tensor, rank: int, groups: int, cout: int, kernel_size, stride, padding, dilation,
-             tf32: bool, family: Optional[str] = None) -> tuple:
+             tf32: bool, family: str = "cp") -> tuple:
     """Everything that changes the choice."""
     return (x.device, tuple(x.shape), groups, rank, cout, tuple(kernel_size), tuple(stride), tuple(padding),
-            tuple(dilation), x.dtype, is_channels_last(x), tf32, measuring(), _family(rank, family))
+            tuple(dilation), x.dtype, is_channels_last(x), tf32, measuring(), _family(family))
 
 
 def shape_of_call(x: torch.Tensor, groups: int, cout: int, kernel_size, stride, padding, dilation) -> ConvShape:
@@ -402,12 +401,12 @@ def shape_of_call(x: torch.Tensor, groups: int, cout: int, kernel_size, stride, 
 
 def choose(x: torch.Tensor, rank, groups: int, cout: int, kernel_size, stride, padding, dilation,
            run: Optional[Callable[[str], torch.Tensor]] = None, spec: Optional[GPUSpec] = None,
-           family: Optional[str] = None) -> GPUPlan:
-    """The plan for one call, cached per :func:`call_key`. ``rank``: an int for a CP layer, a pair
-    ``(R_out, R_in)`` for a Tucker-2 layer (:data:`TUCKER2_STRATEGIES`); ``family="svd"`` for a low-rank 1x1
-    layer's int rank (:data:`SVD_STRATEGIES`). ``run(strategy)`` computes the call with one strategy; the
-    measured mode needs it."""
-    family = _family(rank, family)
+           family: str = "cp") -> GPUPlan:
+    """The plan for one call, cached per :func:`call_key`. ``rank``: an int for a CP layer (the default
+    family), a pair ``(R_out, R_in)`` with ``family="tucker2"`` (:data:`TUCKER2_STRATEGIES`), an int with
+    ``family="svd"`` for a low-rank 1x1 layer (:data:`SVD_STRATEGIES`). ``run(strategy)`` computes the call with
+    one strategy; the measured mode needs it."""
+    family = _family(family)
     tf32 = torch.backends.cudnn.allow_tf32  # fp32 inputs, and the fp32 four stages of bf16 inputs, follow it
     key = call_key(x, rank, groups, cout, kernel_size, stride, padding, dilation, tf32, family)
     cached = _CACHE.get(key)

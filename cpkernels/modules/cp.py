@@ -1,12 +1,12 @@
 """``CPConv2d``: a drop-in ``nn.Conv2d`` whose weight is held as CP factors."""
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from cpkernels.decompositions.cp import decompose_conv, resolve_rank
 from cpkernels.factors import CPFactors
 from cpkernels.modules.factored import FactoredConv2d
-from cpkernels.ops.cp_conv2d import cp_conv2d
+from cpkernels.ops.cp_conv2d import CP_OP
 
 
 class CPConv2d(FactoredConv2d):
@@ -25,6 +25,7 @@ class CPConv2d(FactoredConv2d):
     Build one from a trained conv with :meth:`from_conv`.
     """
 
+    op = CP_OP
     resolve_rank = staticmethod(resolve_rank)
     decompose = staticmethod(decompose_conv)
 
@@ -50,9 +51,3 @@ class CPConv2d(FactoredConv2d):
         for f in (self.output_factor, self.input_factor, self.vertical_factor, self.horizontal_factor):
             nn.init.normal_(f, 0.0, std)
         self._reset_bias()
-
-    # ---------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        return cp_conv2d(
-            x, self.factors, self.bias, self.stride, self.padding, self.dilation, self.padding_mode, self.backend
-        )

@@ -8,17 +8,27 @@ import torch
 from torch import Tensor, nn
 
 from cpkernels.core import conv_args
-from cpkernels.ops.frontend import BACKENDS
+from cpkernels.ops.frontend import BACKENDS, FactoredOp, layer_conv2d
 
 
 class FactoredConv2d(nn.Module):
     """What every factored conv shares with ``nn.Conv2d``: its constructor arguments and attributes, the bias,
-    the backend switch, ``from_conv``, ``from_factors``, ``to_conv2d`` and ``extra_repr``. A subclass names its
-    rank policy (``resolve_rank``), its decomposition (``decompose``) and the shapes of its factor parameters
-    (``factor_shapes``), and defines ``factors``, ``reset_parameters`` and ``forward``."""
+    the backend switch, ``forward``, ``from_conv``, ``from_factors``, ``to_conv2d`` and ``extra_repr``. A subclass
+    names its op (``op``), rank policy (``resolve_rank``), its decomposition (``decompose``) and the shapes of its
+    factor parameters (``factor_shapes``, named as the op's arguments), and defines ``factors`` and
+    ``reset_parameters``.
+
+    ``forward`` memoises its argument checks, backend and CPU plan per call signature
+    (:func:`cpkernels.ops.frontend.layer_conv2d`), keyed by the identity of the parameter tensors among the rest.
+    Where a tensor changes in place of the same object the memo is cleared: ``.to()``, ``.double()``, ``.cuda()``
+    and the rest of ``_apply``, ``load_state_dict`` (its ``assign=True`` and tensor swaps included), and
+    assigning or registering a parameter. In-place updates of values (an optimizer step) change nothing it
+    memoises. Not seen: assigning a parameter's ``.data`` a tensor of another shape, dtype or device (assign a
+    new ``nn.Parameter``, or call ``.to()``, instead)."""
 
     __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels",
                      "kernel_size", "rank"]
+    op: FactoredOp  # the family's op (cpkernels.ops.frontend.FactoredOp)
     resolve_rank: Callable  # (rank policy, dense weight shape, groups) -> the rank
     decompose: Callable  # (weight, rank, *, groups, target_error, **kwargs) -> factors
 
@@ -39,6 +49,7 @@ class FactoredConv2d(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        self._call_memo: dict = {}  # call signature -> what its checks and plan came to (layer_conv2d)
         weight_shape = self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                                        padding_mode, backend)
         self.rank = type(self).resolve_rank(rank, weight_shape, groups)
@@ -50,6 +61,38 @@ class FactoredConv2d(nn.Module):
     def factor_shapes(self) -> dict[str, tuple[int, ...]]:
         """The factor parameters' names and shapes at ``self.rank``."""
         raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return layer_conv2d(self.op, self._call_memo, x, self._parameters, lambda: self.factors, self.stride,
+                            self.padding, self.dilation, self.padding_mode, self._backend)
+
+    # Where a parameter tensor may change without changing identity, or be replaced, the memo goes.
+    def _forget_calls(self) -> None:
+        memo = self.__dict__.get("_call_memo")
+        if memo:
+            memo.clear()
+
+    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        self._forget_calls()  # also what assigning a parameter attribute calls
+        super().register_parameter(name, param)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._forget_calls()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._forget_calls()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_call_memo"] = {}  # a copy or an unpickled layer works its calls out afresh
+        return state
+
+    def _replicate_for_data_parallel(self):
+        replica = super()._replicate_for_data_parallel()
+        replica._call_memo = {}
+        return replica
 
     def _init_conv(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
                    backend) -> tuple[int, int, int, int]:

@@ -1,12 +1,12 @@
 """``SVDConv2d``: a drop-in 1x1 ``nn.Conv2d`` whose weight is held as a truncated SVD."""
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from cpkernels.decompositions.svd import decompose_svd, resolve_svd_rank
 from cpkernels.factors import SVDFactors
 from cpkernels.modules.factored import FactoredConv2d
-from cpkernels.ops.svd_conv2d import svd_conv2d
+from cpkernels.ops.svd_conv2d import SVD_OP
 
 
 class SVDConv2d(FactoredConv2d):
@@ -20,6 +20,7 @@ class SVDConv2d(FactoredConv2d):
     (:func:`cpkernels.decompose_svd`).
     """
 
+    op = SVD_OP
     resolve_rank = staticmethod(resolve_svd_rank)
     decompose = staticmethod(decompose_svd)
 
@@ -42,7 +43,3 @@ class SVDConv2d(FactoredConv2d):
         for f in (self.output_factor, self.input_factor):
             nn.init.normal_(f, 0.0, std)
         self._reset_bias()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return svd_conv2d(x, self.factors, self.bias, self.stride, self.padding, self.dilation, self.padding_mode,
-                          self.backend)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from cpkernels.decompositions.tucker2 import decompose_tucker2, resolve_tucker2_rank
 from cpkernels.factors import Tucker2Factors
 from cpkernels.modules.factored import FactoredConv2d
-from cpkernels.ops.tucker2_conv2d import tucker2_conv2d
+from cpkernels.ops.tucker2_conv2d import TUCKER2_OP
 
 
 class TuckerConv2d(FactoredConv2d):
@@ -21,6 +21,7 @@ class TuckerConv2d(FactoredConv2d):
     ``input_factor (G, Cin/G, R_in)``, ``bias``. Build one from a trained conv with :meth:`from_conv`.
     """
 
+    op = TUCKER2_OP
     resolve_rank = staticmethod(resolve_tucker2_rank)
     decompose = staticmethod(decompose_tucker2)
 
@@ -44,8 +45,3 @@ class TuckerConv2d(FactoredConv2d):
         bound = 1.0 / (self._fan_in ** 0.5)
         nn.init.uniform_(self.core, -bound, bound)
         self._reset_bias()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return tucker2_conv2d(
-            x, self.factors, self.bias, self.stride, self.padding, self.dilation, self.padding_mode, self.backend
-        )

@@ -110,6 +110,19 @@ def cp_conv2d_cpu(x: Tensor, input_factor: Tensor, vertical_factor: Tensor, hori
     if x.dtype in (torch.float16, torch.bfloat16):
         up = upcast_16bit(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias)
         return cp_conv2d_cpu(*up, stride, padding, dilation).to(x.dtype)
+    how = cp_cpu_plan(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride, padding,
+                      dilation)
+    return cp_conv2d_arranged(how, x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride,
+                              padding, dilation)
+
+
+def cp_cpu_plan(x: Tensor, input_factor: Tensor, vertical_factor: Tensor, horizontal_factor: Tensor,
+                output_factor: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int]) -> Optional[cpu_dispatch.Plan]:
+    """The CPU plan's arrangement of this call (timed on a signature's first call in the measured mode), or
+    None for 16-bit ``x``, whose plan :func:`cp_conv2d_cpu` works out per call on the fp32 copies."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return None
     factors = (input_factor, vertical_factor, horizontal_factor, output_factor, bias)
     groups, _, rank = input_factor.shape
     kernel_size = (vertical_factor.shape[1], horizontal_factor.shape[1])
@@ -130,23 +143,22 @@ def cp_conv2d_cpu(x: Tensor, input_factor: Tensor, vertical_factor: Tensor, hori
 
         modeled = dense if cpu_dispatch.dense_is_cheaper(x, rank, groups, cout, kernel_size, out_size) else staged
         how = cpu_dispatch.choose(key, modeled, dense, staged, run, x.dtype, needs_grad)
-    return cp_conv2d_arranged(how, x, *factors, stride, padding, dilation)
+    return how
 
 
 def cp_conv2d_arranged(how: cpu_dispatch.Plan, x: Tensor, input_factor: Tensor, vertical_factor: Tensor,
                        horizontal_factor: Tensor, output_factor: Tensor, bias: Optional[Tensor],
                        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
     """The CP conv of a 4-D fp32/fp64 ``x`` computed the way ``how`` says."""
+    if how.arrangement == cpu_dispatch.DENSE:
+        return cp_conv2d_dense_weight(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias,
+                                      stride, padding, dilation)
     groups, _, rank = input_factor.shape
     pt, pb, pl, pr = padding
     kernel_size = (vertical_factor.shape[1], horizontal_factor.shape[1])
     cout = output_factor.shape[0] * output_factor.shape[1]
     symmetric = pt == pb and pl == pr
     out_size = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
-
-    if how.arrangement == cpu_dispatch.DENSE:
-        return cp_conv2d_dense_weight(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias,
-                                      stride, padding, dilation)
 
     w_dw = merged_depthwise_weight(vertical_factor, horizontal_factor)
     sym_pad = (pt, pl) if symmetric else (0, 0)

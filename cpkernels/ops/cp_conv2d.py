@@ -19,6 +19,7 @@ ran forward, so gradients for ``x``, every factor and the bias are exact up to r
 """
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Optional
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from cpkernels.core import conv_args
 from cpkernels.factors import CPFactors
-from cpkernels.ops.cp_arranged import cp_conv2d_cpu
+from cpkernels.ops.cp_arranged import cp_conv2d_arranged, cp_conv2d_cpu, cp_cpu_plan
 from cpkernels.ops.frontend import (FactoredOp, factored_conv2d, fake_output, refuse_onnx_export,
                                     register_reference_autograd)
 from cpkernels.ops.onnx_form import cp_conv2d_onnx_form
@@ -114,6 +115,10 @@ CP_OP = FactoredOp(
     impls=IMPLS,
     strategy_impls=STRATEGY_IMPLS,
     onnx_form=cp_conv2d_onnx_form,
+    plan_family="cp",
+    layer_tensors=itemgetter("input_factor", "vertical_factor", "horizontal_factor", "output_factor", "bias"),
+    cpu_plan=cp_cpu_plan,
+    cpu_planned=cp_conv2d_arranged,
 )
 
 

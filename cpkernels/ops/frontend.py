@@ -1,12 +1,14 @@
 """The front end every factored conv op shares: ``F.conv2d``'s checks in its own wording, the backend, the ONNX
 branch, padding modes, unbatched input, autocast, and the dispatch to the custom op (under graph capture), the
-fused kernel's ``autograd.Function`` (eager) or the eager PyTorch paths. Each family's op module
+fused kernel's ``autograd.Function`` (eager) or the eager PyTorch paths. A layer's call (:func:`layer_conv2d`)
+memoises the checks, the backend and the CPU plan per call signature, so that its own per-call work stays a few
+microseconds at batch 1 (``bench/per_call.py``). Each family's op module
 (:mod:`cpkernels.ops.cp_conv2d`, :mod:`cpkernels.ops.tucker2_conv2d`) describes itself as a :class:`FactoredOp`
 and calls :func:`factored_conv2d`; the backward of both custom ops is :func:`register_reference_autograd`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ from torch import Tensor
 
 from cpkernels.core import conv_args
 from cpkernels.core.switches import triton_available, triton_interpreter_enabled
-from cpkernels.dispatch import gpu
+from cpkernels.dispatch import cpu, gpu
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -33,7 +35,13 @@ class FactoredOp:
     impls: dict  # implementation name -> eager PyTorch implementation
     strategy_impls: dict  # the GPU plan's strategy -> implementation name
     onnx_form: Callable  # (x, factors, bias, stride, padding, dilation, padding_mode): standard convs
-    plan_family: Optional[str] = None  # the GPU plan's family where the rank's type does not tell it (svd)
+    plan_family: str  # the GPU plan's family: "cp", "tucker2" or "svd"
+    layer_tensors: Callable  # a layer's ``_parameters`` -> its factor tensors in the op's order, then the bias
+    # The CPU plan, where the "cpu" implementation has one: (*tensors, stride, padding, dilation) -> its Plan, or
+    # None where the implementation decides per call (16-bit inputs); and (plan, *tensors, stride, padding,
+    # dilation) -> the call computed that way. A layer memoises the plan per call signature (layer_conv2d).
+    cpu_plan: Optional[Callable] = None
+    cpu_planned: Optional[Callable] = None
 
 
 def exporting_to_onnx() -> bool:
@@ -231,10 +239,113 @@ def factored_conv2d(op: FactoredOp, x: Tensor, factors, bias: Optional[Tensor], 
         impl = planned_impl(op, tensors, stride_, pad, dilation_, measure=not compiling)
     if compiling:
         y = op.custom_op(*tensors, list(stride_), list(pad), list(dilation_), impl)
-    elif impl in op.fused_impls:
-        y = op.fused.apply(*tensors, stride_, pad, dilation_, op.fused_impls[impl])
     else:
-        # Eager PyTorch-only paths: plain differentiable torch ops, so autograd needs no recomputation
-        # and the custom op's per-call cost is saved (see the fused autograd.Function).
-        y = op.impls[impl](*tensors, stride_, pad, dilation_)
+        y = _run_eager(op, impl, tensors, stride_, pad, dilation_)
     return y.squeeze(0) if unbatched else y
+
+
+def _run_eager(op: FactoredOp, impl: str, tensors: list, stride, pad, dilation) -> Tensor:
+    if impl in op.fused_impls:
+        return op.fused.apply(*tensors, stride, pad, dilation, op.fused_impls[impl])
+    # Eager PyTorch-only paths: plain differentiable torch ops, so autograd needs no recomputation
+    # and the custom op's per-call cost is saved (see the fused autograd.Function).
+    return op.impls[impl](*tensors, stride, pad, dilation)
+
+
+# --------------------------------------------------------------------------------------------------
+# A layer's call, memoised per call signature
+# --------------------------------------------------------------------------------------------------
+class _Call:
+    """What the checks and choices of one layer's call signature came to: everything :func:`factored_conv2d`
+    works out before the implementation runs, and the CPU plan's arrangement. ``tensors`` holds the layer's
+    tensors it was worked out for: their ids are in the memo's key, and the references keep the ids from being
+    reused while the entry lives."""
+
+    __slots__ = ("tensors", "stride", "dilation", "pad", "mode_pad", "padding_mode", "unbatched", "impl",
+                 "cpu_plan", "plan_state")
+
+
+def _any_autocast_by_device() -> bool:
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+
+
+# Whether autocast is on for any device (a layer's memo then stands aside): one call where torch has it.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", _any_autocast_by_device)
+# A layer keeps this many call signatures; one more clears them (a layer fed ever new shapes stays small).
+MEMO_SIZE = 8
+
+
+def layer_conv2d(op: FactoredOp, memo: dict, x: Tensor, parameters: dict, factors: Callable[[], Any], stride,
+                 padding, dilation, padding_mode: str, backend: str) -> Tensor:
+    """A factored layer's call: :func:`factored_conv2d` of ``factors()`` and the layer's bias, with its checks and
+    choices memoised in ``memo`` (the layer's) per call signature.
+
+    A signature is everything the checks, the backend and the CPU plan read: ``x``'s shape, strides, dtype and
+    device; whether the call needs gradients; torch's thread count; the layer's conv arguments and backend; the
+    identity of its parameter tensors. What else they read is checked on each call: graph capture, an ONNX
+    export and autocast take :func:`factored_conv2d` whole and memoise nothing; so do tensor subclasses (fake
+    tensors of an export among them) and parameters moved out of ``parameters`` (a parametrization). A CPU plan
+    is kept while :func:`cpkernels.dispatch.cpu.plan_state` is unchanged. A call that fails its checks memoises
+    nothing, so every call of a bad signature raises. The layer clears ``memo`` where its tensors change
+    without changing identity (``.to()``, ``load_state_dict``; see :class:`cpkernels.modules.factored.FactoredConv2d`).
+    """
+    key = None
+    # No ONNX export check here: both exporters trace, by TorchScript (is_tracing) or torch.export (compiling, or
+    # fake tensors, which are no plain Tensor), and the check costs more than the rest (two imports a call).
+    if type(x) is Tensor and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _any_autocast()):
+        try:
+            tensors = op.layer_tensors(parameters)
+            needs_grad = torch.is_grad_enabled() and (
+                x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
+            key = (x.shape, x.stride(), x.dtype, x.device, needs_grad, torch.get_num_threads(), backend, stride,
+                   padding, dilation, padding_mode, *map(id, tensors))
+            call = memo.get(key)
+        except (KeyError, TypeError, RuntimeError):
+            # a parameter moved away (a parametrization); an unhashable argument; an input without strides
+            # (sparse, nested): the unmemoised path says what it makes of them
+            key = None
+    if key is None:
+        return factored_conv2d(op, x, factors(), parameters.get("bias"), stride, padding, dilation, padding_mode,
+                               backend)
+    if call is None or (call.cpu_plan is not None and call.plan_state != cpu.plan_state()):
+        call = _memoise(op, memo, key, x, factors(), tensors, stride, padding, dilation, padding_mode, backend)
+    if call.unbatched:
+        x = x.unsqueeze(0)
+    if call.mode_pad is not None:
+        x = F.pad(x, call.mode_pad, mode=call.padding_mode)
+    # backend="triton" on a CPU tensor reads TRITON_INTERPRET, which is read at call time.
+    impl = call.impl if backend != "triton" else resolve_backend(backend, x)
+    args = [x, *tensors]
+    if impl == "gpu-plan":
+        impl = planned_impl(op, args, call.stride, call.pad, call.dilation, measure=True)
+    if call.cpu_plan is not None:
+        y = op.cpu_planned(call.cpu_plan, *args, call.stride, call.pad, call.dilation)
+    else:
+        y = _run_eager(op, impl, args, call.stride, call.pad, call.dilation)
+    return y.squeeze(0) if call.unbatched else y
+
+
+def _memoise(op: FactoredOp, memo: dict, key: tuple, x: Tensor, factors, tensors: tuple, stride, padding, dilation,
+             padding_mode: str, backend: str) -> _Call:
+    """Work out a new call signature as :func:`factored_conv2d` does (raising for bad input), and keep it."""
+    call = _Call()
+    call.stride, call.dilation, pad = check_call(x, factors, tensors[-1], stride, padding, dilation, padding_mode,
+                                                 op.name)
+    call.impl = resolve_backend(backend, x)
+    call.tensors, call.padding_mode, call.unbatched = tensors, padding_mode, x.dim() == 3
+    call.mode_pad = None
+    if padding_mode != "zeros" and pad != (0, 0, 0, 0):
+        pt, pb, pl, pr = pad
+        call.mode_pad, pad = (pl, pr, pt, pb), (0, 0, 0, 0)
+    call.pad = pad
+    call.cpu_plan = call.plan_state = None
+    if call.impl == "cpu" and op.cpu_plan is not None:
+        x4 = x.unsqueeze(0) if call.unbatched else x
+        if call.mode_pad is not None:
+            x4 = F.pad(x4, call.mode_pad, mode=padding_mode)
+        call.cpu_plan = op.cpu_plan(x4, *tensors, call.stride, pad, call.dilation)
+        call.plan_state = cpu.plan_state()
+    if len(memo) >= MEMO_SIZE:
+        memo.clear()
+    memo[key] = call
+    return call

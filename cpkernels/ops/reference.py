@@ -43,17 +43,14 @@ def stage_weights(
 _DENSE_WEIGHTS: dict[int, tuple] = {}
 
 
-def _fingerprint(t: Tensor) -> tuple:
-    return (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
-
-
 def reused_dense_weight(build: Callable[[], Tensor], *factors: Tensor) -> Tensor:
     """``build()``, or the weight it built for these same factor tensors, unchanged since, when no gradient
     flows to them. Calls that need gradients build it each time (it is part of their graph)."""
     if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
         return build()
     try:
-        prints = tuple(_fingerprint(f) for f in factors)
+        # A list comprehension and torch.Size as it comes: this runs on every call of a layer run dense.
+        prints = tuple([(f._version, f.data_ptr(), f.shape, f.stride(), f.dtype, f.device) for f in factors])
     except RuntimeError:  # inference-mode tensors keep no version counter
         return build()
     key = id(factors[0])

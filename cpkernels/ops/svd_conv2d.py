@@ -12,6 +12,7 @@ maths whichever implementation ran forward.
 """
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Optional
 
 import torch
@@ -67,6 +68,7 @@ SVD_OP = FactoredOp(
     strategy_impls=STRATEGY_IMPLS,
     onnx_form=svd_conv2d_onnx_form,
     plan_family="svd",
+    layer_tensors=itemgetter("input_factor", "output_factor", "bias"),
 )
 
 

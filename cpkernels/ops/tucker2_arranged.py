@@ -27,6 +27,17 @@ def tucker2_conv2d_cpu(x: Tensor, input_factor: Tensor, core: Tensor, output_fac
     if x.dtype in (torch.float16, torch.bfloat16):
         up = upcast_16bit(x, input_factor, core, output_factor, bias)
         return tucker2_conv2d_cpu(*up, stride, padding, dilation).to(x.dtype)
+    how = tucker2_cpu_plan(x, input_factor, core, output_factor, bias, stride, padding, dilation)
+    return tucker2_conv2d_arranged(how, x, input_factor, core, output_factor, bias, stride, padding, dilation)
+
+
+def tucker2_cpu_plan(x: Tensor, input_factor: Tensor, core: Tensor, output_factor: Tensor, bias: Optional[Tensor],
+                     stride: Sequence[int], padding: Sequence[int],
+                     dilation: Sequence[int]) -> Optional[cpu_dispatch.Plan]:
+    """The CPU plan's choice for this call, dense or :data:`STAGES` (timed on a signature's first call in the
+    measured mode), or None for 16-bit ``x``, whose plan :func:`tucker2_conv2d_cpu` works out on the fp32 copies."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return None
     groups, _, r_in = input_factor.shape
     r_out, kernel_size = core.shape[1], tuple(core.shape[3:])
     cout = output_factor.shape[0] * output_factor.shape[1]
@@ -42,17 +53,18 @@ def tucker2_conv2d_cpu(x: Tensor, input_factor: Tensor, core: Tensor, output_fac
         def run(name: str) -> Tensor:
             if name == "reference":
                 return tucker2_conv2d_reference(x, *factors, stride, padding, dilation)
-            return _tucker2_arranged(staged if name == STAGES else dense, x, *factors, stride, padding, dilation)
+            return tucker2_conv2d_arranged(staged if name == STAGES else dense, x, *factors, stride, padding,
+                                           dilation)
 
         dense_cheaper = cpu_dispatch.tucker2_dense_is_cheaper(x, (r_out, r_in), groups, cout, kernel_size, out_size)
         how = cpu_dispatch.choose(key, dense if dense_cheaper else staged, dense, staged, run, x.dtype, needs_grad)
-    return _tucker2_arranged(how, x, *factors, stride, padding, dilation)
+    return how
 
 
 STAGES = "stages"  # the CPU plan's one staged arrangement of a Tucker-2 call
 
 
-def _tucker2_arranged(how, x: Tensor, input_factor: Tensor, core: Tensor, output_factor: Tensor,
+def tucker2_conv2d_arranged(how, x: Tensor, input_factor: Tensor, core: Tensor, output_factor: Tensor,
                       bias: Optional[Tensor], stride, padding, dilation) -> Tensor:
     """The Tucker-2 conv of a 4-D fp32/fp64 ``x`` computed the way ``how`` says."""
     if how.arrangement == cpu_dispatch.DENSE:

@@ -13,6 +13,7 @@ reference maths whichever implementation ran forward.
 """
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Optional
 
 import torch
@@ -23,7 +24,7 @@ from cpkernels.factors import Tucker2Factors
 from cpkernels.ops.frontend import (FactoredOp, factored_conv2d, fake_output, refuse_onnx_export,
                                     register_reference_autograd)
 from cpkernels.ops.onnx_form import tucker2_conv2d_onnx_form
-from cpkernels.ops.tucker2_arranged import tucker2_conv2d_cpu
+from cpkernels.ops.tucker2_arranged import tucker2_conv2d_arranged, tucker2_conv2d_cpu, tucker2_cpu_plan
 from cpkernels.ops.tucker2_reference import (tucker2_conv2d_dense_weight, tucker2_conv2d_reference,
                                              tucker2_conv2d_reference_backward)
 
@@ -98,6 +99,10 @@ TUCKER2_OP = FactoredOp(
     impls=IMPLS,
     strategy_impls=STRATEGY_IMPLS,
     onnx_form=tucker2_conv2d_onnx_form,
+    plan_family="tucker2",
+    layer_tensors=itemgetter("input_factor", "core", "output_factor", "bias"),
+    cpu_plan=tucker2_cpu_plan,
+    cpu_planned=tucker2_conv2d_arranged,
 )
 
 
