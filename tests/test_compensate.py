@@ -98,7 +98,10 @@ def test_compensation_brings_unseen_outputs_back_toward_dense(digits):
     assert [r["name"] for r in report.rows] == ["2", "5"]  # the factored convs, in forward order (the first is 1-channel)
     for r in report.rows:
         assert r["error_after"] <= r["error_before"]
-        assert r["pixels"] > r["unknowns"]
+        layer = compensated.get_submodule(r["name"])
+        # every training image's output pixels (8x8 at the second conv, 4x4 after the pool), R + 1 per output
+        assert r["pixels"] == sum(len(b) for b in batches) * {"2": 64, "5": 16}[r["name"]]
+        assert r["unknowns"] == layer.rank + 1
     assert any(r["refit"] for r in report.rows)
     assert _same(_state(dense), dense_state) and _same(_state(compressed), compressed_state)  # both untouched
 
@@ -134,6 +137,8 @@ def test_bad_input_is_refused_before_any_work(digits):
         compensate(compressed, dense, None, progress=False)
     with pytest.raises(ValueError, match="calibration batch 1 has shape"):
         compensate(compressed, dense, [batches[0], torch.randn(4, 1, 6, 6)], progress=False)
+    with pytest.raises(ValueError, match="cannot run calibration batch 0"):
+        compensate(compressed, dense, [torch.randn(2, 3, 8, 8)] * 2, progress=False)
     with pytest.raises(ValueError, match="holdout must be a fraction"):
         compensate(compressed, dense, batches, holdout=1.0, progress=False)
     other = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1))

@@ -53,7 +53,8 @@ def as_batches(calibration: Iterable, input_shape: Optional[Sequence[int]] = Non
     return batches
 
 
-def _run(model: nn.Module, batches: Sequence[tuple], k: int):
+def run_batch(model: nn.Module, batches: Sequence[tuple], k: int):
+    """``model`` on calibration batch ``k``; a batch it cannot run is a ValueError that says which and why."""
     try:
         return model(*batches[k])
     except RuntimeError as error:
@@ -99,7 +100,7 @@ def input_statistics(model: nn.Module, batches: Sequence[tuple], convs: Mapping[
 
     with _Hooks(model, convs, hook):
         for k in range(len(batches)):
-            _run(model, batches, k)
+            run_batch(model, batches, k)
     return {name: InputStatistics(sums[name] / counts[name], counts[name]) for name in sums}
 
 
@@ -138,9 +139,9 @@ def output_sensitivity(model: nn.Module, batches: Sequence[tuple], convs: Mappin
 
     sensitivity = {}
     with _Hooks(model, convs, hook):
-        clean = flat(_run(model, batches, 0)).double()
+        clean = flat(run_batch(model, batches, 0)).double()
         for name in convs:
             target["name"] = name
-            moved = flat(_run(model, batches, 0)).double()
+            moved = flat(run_batch(model, batches, 0)).double()
             sensitivity[name] = float((moved - clean).norm() / clean.norm().clamp_min(1e-30)) / relative_noise
     return sensitivity

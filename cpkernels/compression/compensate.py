@@ -31,13 +31,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cpkernels.compression import batchnorm
-from cpkernels.compression.calibration import as_batches
+from cpkernels.compression.calibration import as_batches, run_batch
 from cpkernels.compression.families import family_of_layer
 from cpkernels.modules.factored import FactoredConv2d
 
 # Ridges to try, as multiples of the intermediate's mean energy per channel (trace(Gzz) / R over the pixels): a
 # scale-free grid from nearly plain least squares to nearly "keep the factors".
-RIDGES = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 HOLDOUT = 0.25
 
 
@@ -98,14 +98,16 @@ class _Sums:
 
 @dataclass
 class CompensationReport:
-    """One row per factored layer, in forward order: its calibration pixels and unknowns, the ridge chosen, the
-    relative output error ``||layer(x^) - y||^2 / ||y||^2`` on all calibration batches before and after, the same on
-    the held-out batches (after: of the refit on the other batches alone), and whether the refit was kept."""
+    """One row per factored layer, in forward order: its calibration pixels and its unknowns per output channel
+    (the rank, plus one for the bias: each output channel is a regression of its own on those pixels), the ridge
+    chosen, the relative output error ``||layer(x^) - y||^2 / ||y||^2`` on all calibration batches before and
+    after, the same on the held-out batches (after: of the refit on the other batches alone), and whether the refit
+    was kept."""
 
     rows: list[dict] = field(default_factory=list)
 
     def __str__(self) -> str:
-        header = ("layer", "pixels", "unknowns", "ridge", "error before", "error after", "held-out before",
+        header = ("layer", "pixels", "unknowns per output", "ridge", "error before", "error after", "held-out before",
                   "held-out after", "refit")
         lines = [header]
         for r in self.rows:
@@ -149,13 +151,15 @@ def _capture(model: nn.Module, name: str, batch: tuple, want: str) -> Tensor:
     return kept["value"]
 
 
-def _forward_order(model: nn.Module, names: list[str], batch: tuple) -> list[str]:
+def _forward_order(model: nn.Module, names: list[str], batches: list[tuple]) -> list[str]:
+    """The factored layers in the order the first batch runs them (a batch the model cannot run is refused
+    here, before any refit)."""
     order, handles = [], []
     for name in names:
         handles.append(model.get_submodule(name).register_forward_hook(
             lambda m, a, o, name=name: order.append(name) if name not in order else None))
     try:
-        model(*batch)
+        run_batch(model, batches, 0)
     finally:
         for h in handles:
             h.remove()
@@ -229,7 +233,7 @@ def compensate(
             device = next(model.parameters()).device
             batches = [tuple(a.to(device) for a in b) for b in batches]
             fit, check = batches[:-held], batches[-held:]
-            order = _forward_order(model, names, batches[0])
+            order = _forward_order(model, names, batches)
             for name in tqdm(order, desc="compensating", unit="layer",
                              disable=None if progress is None else not progress):
                 report.rows.append(_compensate_layer(model, target, name, fit, check, ridges))
@@ -259,7 +263,8 @@ def _compensate_layer(model, target, name, fit, check, ridges) -> dict:
                      else bias.detach().to(torch.float64).reshape(g, cout_g, 1))], 2)
     fit_sums, check_sums = _layer_sums(model, target, name, fit, layer), _layer_sums(model, target, name, check, layer)
     every = fit_sums + check_sums
-    row = {"name": name, "pixels": every.pixels, "unknowns": g * cout_g * (rank + (bias is not None)), "ridge": None,
+    # Each output channel is its own regression on the same pixels: R (+1 for the bias) unknowns against them.
+    row = {"name": name, "pixels": every.pixels, "unknowns": rank + (bias is not None), "ridge": None,
            "error_before": every.error(w0), "holdout_before": check_sums.error(w0), "refit": False, "reason": ""}
     row.update(error_after=row["error_before"], holdout_after=row["holdout_before"])
     candidates = []
