@@ -53,3 +53,19 @@ def gpu_plan_mode() -> str:
 
 def cpu_plan_mode() -> str:
     return _mode("CPKERNELS_CPU_PLAN", CPU_PLAN_MODES)
+
+
+# os.environ's own dict, in its own key form: a layer's call compares the CPU plan's switch on every call
+# (cpkernels.dispatch.cpu.plan_state), and os.environ.get's mapping methods are five Python calls where this is
+# one C lookup. Both are CPython's os._Environ internals, kept in step by os.environ's own writes; where they
+# are missing, os.environ.get answers the same.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_CPU_PLAN_KEY = os.environ.encodekey("CPKERNELS_CPU_PLAN") if hasattr(os.environ, "encodekey") else None
+
+
+def cpu_plan_switch():
+    """``CPKERNELS_CPU_PLAN`` as os.environ holds it (bytes on POSIX), or None: for telling that it changed,
+    not for its meaning (:func:`cpu_plan_mode`)."""
+    if _ENVIRON_DATA is None or _CPU_PLAN_KEY is None:
+        return os.environ.get("CPKERNELS_CPU_PLAN")
+    return _ENVIRON_DATA.get(_CPU_PLAN_KEY)

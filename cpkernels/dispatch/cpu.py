@@ -28,7 +28,7 @@ from torch import Tensor
 
 from cpkernels.core.conv_args import is_channels_last
 from cpkernels.core.cost import ConvShape
-from cpkernels.core.switches import cpu_plan_mode
+from cpkernels.core.switches import cpu_plan_mode, cpu_plan_switch
 from cpkernels.dispatch.measured import measure
 
 # The im2col depthwise conv: for at most this many intermediate channels (it does channels times the
@@ -201,8 +201,7 @@ def plan_state() -> tuple:
     generation. A plan memoised for a signature stays valid while this is unchanged; reading the switches raw
     (not through :func:`measuring`) keeps it cheap on every call, and a changed or invalid value then goes back
     through :func:`measuring` and its checks."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    return MEASURE, _generation, deterministic, os.environ.get("CPKERNELS_CPU_PLAN")
+    return MEASURE, _generation, torch.are_deterministic_algorithms_enabled(), cpu_plan_switch()
 
 
 def call_key(x: Tensor, rank, groups: int, cout: int, kernel_size, stride, padding, dilation, needs_grad: bool) -> tuple:
