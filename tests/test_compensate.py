@@ -12,7 +12,7 @@ import cpkernels
 import cpkernels.compression.compress
 from cpkernels import CPConv2d, SVDConv2d, TuckerConv2d, compensate, compress_model
 from cpkernels.compression.compensate import _Sums, intermediate
-from cpkernels.tools.digits import output_change, trained_cnn
+from cpkernels.tools.digits import output_change
 
 from .oracle import TOLERANCE
 
@@ -80,12 +80,10 @@ def test_the_ridge_solve_is_least_squares_toward_the_current_factors(groups, bia
     assert sums.error(w) == pytest.approx(float(total / y.pow(2).sum()), rel=1e-10)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    pytest.importorskip("sklearn", reason="the digits data ship with scikit-learn")
-    model, (x_train, _, x_test, _, _) = trained_cnn(0, epochs=20)
-    compressed, _ = compress_model(model, rank=0.1, random_state=0, n_iter_max=20, progress=False)
-    return model, compressed, list(x_train.split(128)), x_test
+@pytest.fixture
+def digits(compressed_digits):
+    dense, compressed, x_train, x_test = compressed_digits
+    return dense, compressed, list(x_train.split(128)), x_test
 
 
 def test_compensation_brings_unseen_outputs_back_toward_dense(digits):

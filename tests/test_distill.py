@@ -14,16 +14,13 @@ from torch import nn
 import cpkernels
 from cpkernels import CPConv2d, compress_model, distill
 from cpkernels.compression.distill import relative_mse
-from cpkernels.tools.digits import output_change, trained_cnn
-
-pytest.importorskip("sklearn", reason="the digits data ship with scikit-learn")
+from cpkernels.tools.digits import output_change
 
 
-@pytest.fixture(scope="module")
-def digits():
-    model, (x_train, _, x_test, _, _) = trained_cnn(0, epochs=20)
-    compressed, _ = compress_model(model, rank=0.1, random_state=0, n_iter_max=20, progress=False)
-    return model, compressed, list(x_train.split(64)), x_test
+@pytest.fixture
+def digits(compressed_digits):
+    dense, compressed, x_train, x_test = compressed_digits
+    return dense, compressed, list(x_train.split(64)), x_test
 
 
 def _state(model: nn.Module) -> dict:

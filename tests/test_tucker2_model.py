@@ -73,7 +73,7 @@ def test_auto_with_target_error_keeps_the_cheaper_form():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        pytest.param(dict(decomposition="svd"), ValueError, "decomposition must be", id="unknown"),
+        pytest.param(dict(decomposition="pca"), ValueError, "decomposition must be", id="unknown"),
         pytest.param(dict(rank=4, decomposition="auto"), ValueError, "not an int", id="auto-int-rank"),
         pytest.param(dict(rank={"0": (4, 3)}, decomposition="cp"), None, None, id="pair-in-dict-is-tucker"),
     ],
