@@ -48,7 +48,9 @@ def compare(seed: int = 0, budget: float = 0.25, epochs: int = 30, finetune_epoc
             ranks = report.structure
         else:
             kwargs = dict(calibration=list(x_train.split(256))) if method == "data" else dict(input_size=input_size)
-            plan = plan_ranks(model, budget, method=method, random_state=seed, progress=False, **kwargs)
+            # over the convs uniform compresses too (the 1-channel first conv stays dense in both): equal MACs
+            plan = plan_ranks(model, budget, method=method, random_state=seed, progress=False,
+                              budget_over="considered", **kwargs)
             compressed, _ = compress_model(model, plan)
             fraction, ranks = plan.totals["fraction"], plan.structure
         row = {"seed": seed, "method": method, "ranks": ranks, "macs_fraction": round(fraction, 4),

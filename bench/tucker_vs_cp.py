@@ -75,7 +75,7 @@ def network_rows(model, data, budget: float, finetune_epochs: int, seed: int) ->
     rows = [{"decomposition": "dense", "acc": accuracy(model, x_test, y_test)}]
     for kind in ("cp", "tucker2", "auto"):
         plan = plan_ranks(model, budget, method="data", calibration=list(x_train.split(256)), decomposition=kind,
-                          random_state=seed, progress=False)
+                          random_state=seed, progress=False, budget_over="considered")
         compressed, _ = compress_model(model, plan)
         tuned = copy.deepcopy(compressed)
         train(tuned, x_train, y_train, finetune_epochs, lr=1e-3, seed=seed + 1)
