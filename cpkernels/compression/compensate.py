@@ -158,8 +158,9 @@ def _forward_order(model: nn.Module, names: list[str], batches: list[tuple]) -> 
     for name in names:
         handles.append(model.get_submodule(name).register_forward_hook(
             lambda m, a, o, name=name: order.append(name) if name not in order else None))
+    device = next(model.parameters()).device
     try:
-        run_batch(model, batches, 0)
+        run_batch(model, [tuple(a.to(device) for a in batches[0])], 0)
     finally:
         for h in handles:
             h.remove()
@@ -230,8 +231,6 @@ def compensate(
         model.eval()
         target.eval()
         with torch.no_grad():
-            device = next(model.parameters()).device
-            batches = [tuple(a.to(device) for a in b) for b in batches]
             fit, check = batches[:-held], batches[-held:]
             order = _forward_order(model, names, batches)
             for name in tqdm(order, desc="compensating", unit="layer",
@@ -245,8 +244,10 @@ def compensate(
 
 def _layer_sums(model, target, name, batches, layer) -> _Sums:
     g, cout_g, rank = layer.factors.output.shape
-    sums = _Sums.zeros(g, cout_g, rank, layer.factors.output.device)
+    device = layer.factors.output.device
+    sums = _Sums.zeros(g, cout_g, rank, device)
     for batch in batches:
+        batch = tuple(a.to(device) for a in batch)  # one batch at a time on the models' device
         y = _capture(target, name, batch, "output")
         z = intermediate(layer, _capture(model, name, batch, "input"))
         sums.add(z, y)
