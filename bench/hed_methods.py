@@ -18,7 +18,9 @@ the 1x1 side outputs and the fusion stay dense). For each:
 
 Compressed models are cached in ``.cache/hed_models/`` (``--cache``), so that the timing can run later on a quiet
 machine and other benchmarks (:mod:`bench.hed_alternatives`) reuse the same models. Writes ``hed_methods.json``,
-``hed_methods.md`` and ``hed_methods.png`` (F1 against the MACs kept, one line per method) in ``--out``.
+``hed_methods.md`` and ``hed_methods.png`` (F1 against the MACs kept, one line per method) in ``--out``. The rows
+already there for configurations not run again are kept (each row names the commit it was measured at), so that
+``--only`` fills in cells of the table without rerunning the rest.
 """
 from __future__ import annotations
 
@@ -183,10 +185,11 @@ def measure(configs: Sequence[str], cache: str, timed: bool) -> list[dict]:
     inputs = judging_inputs()
     with torch.no_grad():
         dense_maps = {name: model(x) for name, x in inputs.items()}
+    commit = environment("cpu")["git_commit"]
     rows = []
     for name in configs:
         compressed, info = compressed_hed(model, *parse_config(name), cache=cache)
-        row = {**info, "f1": edge_f1s(compressed, dense_maps, inputs)}
+        row = {**info, "f1": edge_f1s(compressed, dense_maps, inputs), "commit": commit}
         if timed:
             previous = torch.get_num_threads()
             torch.set_num_threads(SETTINGS["threads"])
@@ -203,9 +206,22 @@ def measure(configs: Sequence[str], cache: str, timed: bool) -> list[dict]:
     return rows
 
 
+def merged_rows(new: Sequence[dict], path: str) -> list[dict]:
+    """``new`` and the rows of the JSON at ``path`` (when there is one) for the configurations not in ``new``, in
+    the table's order. Rows of files written before rows named their commit get the file's."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        rerun = {r["config"] for r in new}
+        kept = [{"commit": old["environment"]["git_commit"], **r} for r in old["rows"] if r["config"] not in rerun]
+    order = {config_name(d, m, b): i for i, (d, m, b) in enumerate((d, m, b) for d, m in PAIRS for b in BUDGETS)}
+    return sorted([*kept, *new], key=lambda r: order.get(r["config"], len(order)))
+
+
 def to_markdown(rows: list[dict], env: dict) -> str:
     lines = [f"# HED's VGG-16: rank methods and families at fractions of the 3x3 conv MACs ({env['device']})", "",
-             f"torch {env['torch']}, commit {env['git_commit'][:7]}. Calibration: scikit-image's "
+             f"torch {env['torch']}, commits {', '.join(sorted({r['commit'][:7] for r in rows}))}. Calibration: scikit-image's "
              f"{', '.join(SETTINGS['calibration_photos'])} and their mirrors at "
              f"{SETTINGS['calibration_size'][0]}x{SETTINGS['calibration_size'][1]}; judged on scikit-learn's china "
              f"and flower at {SETTINGS['size'][0]}x{SETTINGS['size'][1]} (edge F1 against dense, no fine-tuning). "
@@ -257,6 +273,7 @@ def main(argv=None) -> int:
         parse_config(name)
     rows = measure(configs, args.cache, timed=not args.no_time)
     if args.out:
+        rows = merged_rows(rows, os.path.join(args.out, "hed_methods.json"))
         env = environment("cpu")
         env["load_average_at_end"] = os.getloadavg()
         save_results(args.out, "hed_methods", {"environment": env, "settings": SETTINGS, "rows": rows},
