@@ -1,4 +1,5 @@
-"""Conv cases shared by the reference tests and the fused-kernel parity tests."""
+"""Conv cases shared by the reference tests and the fused-kernel parity tests, and the compile/export check that
+every family's layer tests share."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -84,3 +85,23 @@ CONV_CASES = [
     case("image-1x1-padded", 4, 4, (3, 3), 2, size=(1, 1), padding=1),
     case("wide-image", 4, 8, (3, 3), 4, size=(3, 70), padding=1),
 ]
+
+
+def assert_compiles_and_exports(layer, x, op, backend="aot_eager", rtol=None, atol=None) -> None:
+    """``layer`` on ``x``: compiled in one graph (``fullgraph=True``, ``backend``), its output and every gradient (of
+    ``x`` and of each parameter, to ``rtol``/``atol``) equal eager; ``torch.export`` records the custom op ``op`` (an
+    overload such as ``torch.ops.cpkernels.cp_conv2d.default``) and its module gives eager's output."""
+    torch._dynamo.reset()
+    x = x.detach().requires_grad_()
+    y_eager = layer(x)
+    grads_eager = torch.autograd.grad(y_eager.square().sum(), (x, *layer.parameters()))
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    y = compiled(x)
+    grads = torch.autograd.grad(y.square().sum(), (x, *layer.parameters()))
+    torch.testing.assert_close(y, y_eager)
+    for a, b in zip(grads, grads_eager):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    program = torch.export.export(layer, (x.detach(),))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert op in targets
+    torch.testing.assert_close(program.module()(x.detach()), y_eager.detach())

@@ -4,6 +4,7 @@ import torch
 
 from cpkernels import CPConv2d, cp_conv2d
 
+from .cases import assert_compiles_and_exports
 from .oracle import assert_matches_oracle, oracle_conv2d, random_factors
 
 
@@ -52,26 +53,16 @@ def _has_cxx_compiler() -> bool:
     ],
 )
 def test_compile_fullgraph_matches_eager(backend):
-    """Forward and every gradient of a compiled CPConv2d (the custom op inside one graph) equal eager."""
-    torch._dynamo.reset()
+    """Forward and every gradient of a compiled CPConv2d (the custom op inside one graph) equal eager; torch.export
+    records the op."""
     layer = CPConv2d(8, 6, 3, rank=4, padding=1, groups=2, padding_mode="reflect")
-    x = torch.randn(2, 8, 9, 9, requires_grad=True)
-    y_eager = layer(x)
-    grads_eager = torch.autograd.grad(y_eager.square().sum(), (x, *layer.parameters()))
-    compiled = torch.compile(layer, fullgraph=True, backend=backend)
-    y = compiled(x)
-    torch.testing.assert_close(y, y_eager)
-    grads = torch.autograd.grad(y.square().sum(), (x, *layer.parameters()))
-    for g, g_eager in zip(grads, grads_eager):
-        torch.testing.assert_close(g, g_eager, rtol=1e-4, atol=1e-5)
+    assert_compiles_and_exports(layer, torch.randn(2, 8, 9, 9), torch.ops.cpkernels.cp_conv2d.default, backend,
+                                rtol=1e-4, atol=1e-5)
 
 
 def test_export_round_trip():
     layer = CPConv2d(8, 6, 3, rank=4, padding="same", stride=1).eval()
-    x = torch.randn(2, 8, 9, 9)
-    exported = torch.export.export(layer, (x,))
-    assert any("cpkernels.cp_conv2d" in str(n.target) for n in exported.graph.nodes)
-    torch.testing.assert_close(exported.module()(x), layer(x))
+    assert_compiles_and_exports(layer, torch.randn(2, 8, 9, 9), torch.ops.cpkernels.cp_conv2d.default)
 
 
 def test_autocast_cpu_bf16_computes_in_bf16_like_conv2d():

@@ -16,7 +16,7 @@ from cpkernels.core.cost import ConvShape
 from cpkernels.decompositions.svd import singular_triplets, truncated
 from cpkernels.dispatch import gpu
 
-from .cases import CONV_CASES
+from .cases import CONV_CASES, assert_compiles_and_exports
 from .oracle import TOLERANCE, assert_matches_oracle, oracle_conv2d
 
 # The conv test grid with every kernel made 1x1: strides, paddings (string ones too), dilations, groups,
@@ -95,21 +95,8 @@ def test_gradcheck_float64(kwargs):
 
 
 def test_compile_and_export_record_the_custom_op():
-    torch._dynamo.reset()
     layer = SVDConv2d(8, 6, 1, rank=2, stride=2, padding=1, groups=2)
-    x = torch.randn(2, 8, 9, 9, requires_grad=True)
-    y_eager = layer(x)
-    grads_eager = torch.autograd.grad(y_eager.square().sum(), (x, *layer.parameters()))
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    y = compiled(x)
-    grads = torch.autograd.grad(y.square().sum(), (x, *layer.parameters()))
-    torch.testing.assert_close(y, y_eager)
-    for a, b in zip(grads, grads_eager):
-        torch.testing.assert_close(a, b)
-    program = torch.export.export(layer, (x.detach(),))
-    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
-    assert torch.ops.cpkernels.svd_conv2d.default in targets
-    torch.testing.assert_close(program.module()(x.detach()), y_eager.detach())
+    assert_compiles_and_exports(layer, torch.randn(2, 8, 9, 9), torch.ops.cpkernels.svd_conv2d.default)
 
 
 def test_onnx_export_writes_two_convs(tmp_path):

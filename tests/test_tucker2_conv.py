@@ -11,7 +11,7 @@ from torch import nn
 from cpkernels import Tucker2Factors, TuckerConv2d, tucker2_conv2d
 from cpkernels.core.conv_args import is_channels_last
 
-from .cases import CONV_CASES, case
+from .cases import CONV_CASES, assert_compiles_and_exports, case
 from .oracle import assert_matches_oracle, oracle_conv2d, random_tucker2
 
 fused = pytest.importorskip("cpkernels.kernels.cp_conv2d_fused")
@@ -224,21 +224,8 @@ def test_autocast_cpu_bf16_runs_in_bf16():
 
 
 def test_compile_and_export_record_the_custom_op():
-    torch._dynamo.reset()
     layer = TuckerConv2d(8, 6, 3, rank=(3, 2), padding=1, groups=2, padding_mode="reflect")
-    x = torch.randn(2, 8, 9, 9, requires_grad=True)
-    y_eager = layer(x)
-    grads_eager = torch.autograd.grad(y_eager.square().sum(), (x, *layer.parameters()))
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    y = compiled(x)
-    grads = torch.autograd.grad(y.square().sum(), (x, *layer.parameters()))
-    torch.testing.assert_close(y, y_eager)
-    for a, b in zip(grads, grads_eager):
-        torch.testing.assert_close(a, b)
-    program = torch.export.export(layer, (x.detach(),))
-    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
-    assert torch.ops.cpkernels.tucker2_conv2d.default in targets
-    torch.testing.assert_close(program.module()(x.detach()), y_eager.detach())
+    assert_compiles_and_exports(layer, torch.randn(2, 8, 9, 9), torch.ops.cpkernels.tucker2_conv2d.default)
 
 
 def test_inputs_are_never_modified():
