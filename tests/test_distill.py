@@ -13,6 +13,7 @@ from torch import nn
 
 import cpkernels
 from cpkernels import CPConv2d, compress_model, distill
+from cpkernels.compression.calibration import _Kept
 from cpkernels.compression.distill import relative_mse
 from cpkernels.tools.digits import output_change
 
@@ -81,24 +82,10 @@ def test_per_layer_targets_bring_each_factored_layer_toward_its_conv(digits):
     names = [n for n, m in compressed.named_modules() if isinstance(m, CPConv2d)]
 
     def layer_errors(student):
-        errors = {}
-        with torch.no_grad():
-            x = x_test
-            outs = {}
-            hooks = [m.register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o))
-                     for n, m in student.named_modules() if n in names]
-            student(x)
-            for h in hooks:
-                h.remove()
-            dense = {}
-            hooks = [teacher.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: dense.__setitem__(n, o))
-                     for n in names]
-            teacher(x)
-            for h in hooks:
-                h.remove()
-        for n in names:
-            errors[n] = float(relative_mse(outs[n], dense[n]))
-        return errors
+        with torch.no_grad(), _Kept(student, names) as outs, _Kept(teacher, names) as dense:
+            student(x_test)
+            teacher(x_test)
+        return {n: float(relative_mse(outs[n], dense[n])) for n in names}
 
     student = copy.deepcopy(compressed)
     before = layer_errors(student)

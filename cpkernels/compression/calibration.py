@@ -6,7 +6,9 @@ much the network's output moves per unit of error in each conv's output.
     factors = decompose_conv(conv.weight, rank, input_covariance=s)
 
 Both run the model in eval mode under ``torch.no_grad`` with forward hooks that are always removed,
-and restore its training flag: the model is left as it was.
+and restore its training flag: the model is left as it was. The forward-hook helpers they run on
+(``_ForwardHooks``, ``_Hooks``, ``_Kept``) and the batch check (:func:`batch_args`) serve the other compression
+modules too.
 """
 from __future__ import annotations
 
@@ -26,6 +28,15 @@ class InputStatistics:
     pixels: int
 
 
+def batch_args(batch, k: int, what: str = "calibration batch") -> tuple:
+    """Batch ``k`` as the model's positional arguments: a tensor, or a tuple (or list) of them; anything else is a
+    TypeError that names it as ``what`` and ``k``."""
+    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    if not args or not all(isinstance(a, Tensor) for a in args):
+        raise TypeError(f"{what} {k} must be a tensor or a tuple of tensors, got {type(batch).__name__}")
+    return args
+
+
 def as_batches(calibration: Iterable, input_shape: Optional[Sequence[int]] = None) -> list[tuple]:
     """The calibration batches as argument tuples, checked before any work: at least one, every batch a
     tensor (or a tuple of them) whose shape matches the first's, and ``input_shape`` where given, in
@@ -37,9 +48,7 @@ def as_batches(calibration: Iterable, input_shape: Optional[Sequence[int]] = Non
                         f"got a single {type(calibration).__name__}: wrap it in a list")
     batches = []
     for k, batch in enumerate(calibration):
-        args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        if not args or not all(isinstance(a, Tensor) for a in args):
-            raise TypeError(f"calibration batch {k} must be a tensor or a tuple of tensors, got {type(batch).__name__}")
+        args = batch_args(batch, k)
         expected = [tuple(a.shape[1:]) for a in batches[0]] if batches else None
         if input_shape is not None and expected is None:
             expected = [tuple(input_shape[1:])]
@@ -62,27 +71,75 @@ def run_batch(model: nn.Module, batches: Sequence[tuple], k: int):
                          f"{[tuple(a.shape) for a in batches[k]]}: {error}") from error
 
 
-class _Hooks:
+class _Stop(Exception):
+    """Raised by a hook once it has what it needs: the rest of the forward pass is not run, and the
+    :class:`_ForwardHooks` block around it ends quietly."""
+
+
+class _ForwardHooks:
+    """Forward hooks ``hook(name)`` on ``modules`` (``{name: module}``) for the length of a ``with`` block, always
+    removed after it; a hook that raises :class:`_Stop` ends the forward pass and the block, quietly. The model's
+    training flags and the grad mode are left alone."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], hook) -> None:
+        self.modules, self.hook = modules, hook
+
+    def __enter__(self):
+        self.handles = [m.register_forward_hook(self.hook(name)) for name, m in self.modules.items()]
+        return self
+
+    def __exit__(self, exc_type, *exc) -> bool:
+        for h in self.handles:
+            h.remove()
+        return exc_type is _Stop
+
+
+class _Hooks(_ForwardHooks):
     """Forward hooks on ``modules`` for the length of a ``with`` block, in eval mode without grad; every
     submodule's training flag and the grad mode are restored after it."""
 
     def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], hook) -> None:
-        self.model, self.modules, self.hook = model, modules, hook
+        super().__init__(modules, hook)
+        self.model = model
 
     def __enter__(self):
         self.training = [(m, m.training) for m in self.model.modules()]  # each one's flag, mixed ones too
         self.model.eval()
         self.no_grad = torch.no_grad()
         self.no_grad.__enter__()
-        self.handles = [m.register_forward_hook(self.hook(name)) for name, m in self.modules.items()]
-        return self
+        return super().__enter__()
 
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-        self.no_grad.__exit__(*exc)
+    def __exit__(self, exc_type, *exc) -> bool:
+        stopped = super().__exit__(exc_type, *exc)
+        self.no_grad.__exit__(exc_type, *exc)
         for module, training in self.training:
             module.training = training
+        return stopped
+
+
+class _Kept(_ForwardHooks):
+    """``with _Kept(model, names) as kept``: ``kept[name]`` is the output of ``model``'s submodule ``name`` (its first
+    positional input with ``want="input"``) in the last forward pass inside the block, detached with ``detach``.
+    ``stop``: the forward pass ends once a value is kept (the rest of the network is not run). The model's training
+    flags and the grad mode are left alone."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str], want: str = "output", detach: bool = False,
+                 stop: bool = False) -> None:
+        self.kept: dict[str, Tensor] = {}
+
+        def hook(name):
+            def keep(module, args, output):
+                value = args[0] if want == "input" else output
+                self.kept[name] = value.detach() if detach else value
+                if stop:
+                    raise _Stop
+            return keep
+
+        super().__init__({name: model.get_submodule(name) for name in names}, hook)
+
+    def __enter__(self) -> dict[str, Tensor]:
+        super().__enter__()
+        return self.kept
 
 
 def input_statistics(model: nn.Module, batches: Sequence[tuple], convs: Mapping[str, nn.Conv2d]) -> dict:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cpkernels.compression import batchnorm
-from cpkernels.compression.calibration import as_batches, run_batch
+from cpkernels.compression.calibration import _ForwardHooks, _Kept, as_batches, run_batch
 from cpkernels.compression.families import family_of_layer
 from cpkernels.modules.factored import FactoredConv2d
 
@@ -39,10 +39,6 @@ from cpkernels.modules.factored import FactoredConv2d
 # scale-free grid from nearly plain least squares to nearly "keep the factors".
 RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 HOLDOUT = 0.25
-
-
-class _Stop(Exception):
-    """Raised by a hook once it has what it needs: the rest of the forward pass is not run."""
 
 
 @dataclass
@@ -133,37 +129,24 @@ def intermediate(layer: FactoredConv2d, x: Tensor) -> Tensor:
 def _capture(model: nn.Module, name: str, batch: tuple, want: str) -> Tensor:
     """The input (``want="input"``) or output of module ``name`` when ``model`` runs ``batch``; the rest of the
     forward pass is skipped."""
-    kept = {}
-
-    def hook(module, args, output):
-        kept["value"] = args[0] if want == "input" else output
-        raise _Stop
-
-    handle = model.get_submodule(name).register_forward_hook(hook)
-    try:
+    with _Kept(model, [name], want, stop=True) as kept:
         model(*batch)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "value" not in kept:
+    if name not in kept:
         raise ValueError(f"module {name!r} did not run on the calibration batch")
-    return kept["value"]
+    return kept[name]
 
 
 def _forward_order(model: nn.Module, names: list[str], batches: list[tuple]) -> list[str]:
     """The factored layers in the order the first batch runs them (a batch the model cannot run is refused
     here, before any refit)."""
-    order, handles = [], []
-    for name in names:
-        handles.append(model.get_submodule(name).register_forward_hook(
-            lambda m, a, o, name=name: order.append(name) if name not in order else None))
+    order = []
+
+    def hook(name):
+        return lambda module, args, output: order.append(name) if name not in order else None
+
     device = next(model.parameters()).device
-    try:
+    with _ForwardHooks({name: model.get_submodule(name) for name in names}, hook):
         run_batch(model, [tuple(a.to(device) for a in batches[0])], 0)
-    finally:
-        for h in handles:
-            h.remove()
     return order + [n for n in names if n not in order]  # layers that never ran stay last (and are refused)
 
 

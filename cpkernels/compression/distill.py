@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from cpkernels.compression.calibration import _Kept, batch_args
 from cpkernels.modules.factored import FactoredConv2d
 
 LOSSES = ("mse", "kl")
@@ -47,13 +48,6 @@ def _inner(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
-def _as_args(batch, k: int) -> tuple:
-    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-    if not args or not all(isinstance(a, Tensor) for a in args):
-        raise TypeError(f"batch {k} must be a tensor or a tuple of tensors, got {type(batch).__name__}")
-    return args
-
-
 def _output(out) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(f"distill needs models that return one tensor, got {type(out).__name__}")
@@ -74,24 +68,6 @@ def relative_mse(output: Tensor, target: Tensor) -> Tensor:
     """The mean squared error over the target's mean square: free of the output's scale, so that one learning
     rate suits any network and layers of any magnitude weigh alike."""
     return F.mse_loss(output.float(), target.float()) / target.float().pow(2).mean().clamp_min(1e-30)
-
-
-class _LayerOutputs:
-    """Forward hooks that keep the outputs of the named modules during one forward pass; removed on exit."""
-
-    def __init__(self, model: nn.Module, names: list[str], detach: bool) -> None:
-        self.model, self.names, self.detach, self.outputs, self.handles = model, names, detach, {}, []
-
-    def __enter__(self):
-        for name in self.names:
-            def keep(module, args, output, name=name):
-                self.outputs[name] = output.detach() if self.detach else output
-            self.handles.append(self.model.get_submodule(name).register_forward_hook(keep))
-        return self.outputs
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def _check_arguments(steps, epochs, lr, loss, temperature, l2_reg, layer_weight) -> None:
@@ -210,7 +186,7 @@ def distill(
             raise ValueError("batches is empty: give at least one input batch")
         student.eval()  # the check must not move BatchNorm statistics: no update before the first step
         with torch.no_grad():  # outputs that do not match are refused before any update
-            first = tuple(a.to(device) for a in _as_args(first, 0))
+            first = tuple(a.to(device) for a in batch_args(first, 0, "batch"))
             s, t = _output(student(*first)), _output(teacher(*first))
         for m, training in student_flags.items():
             m.training = training
@@ -223,10 +199,10 @@ def distill(
         bar = tqdm(total=steps, desc="distilling", unit="step", disable=None if progress is None else not progress)
         with bar:
             for k, batch in _batches(batches, steps, epochs):
-                args = tuple(a.to(device) for a in _as_args(batch, k))
-                with torch.no_grad(), _LayerOutputs(teacher, names, detach=True) as targets:
+                args = tuple(a.to(device) for a in batch_args(batch, k, "batch"))
+                with torch.no_grad(), _Kept(teacher, names, detach=True) as targets:
                     t = teacher(*args)
-                with _LayerOutputs(inner, names, detach=False) as outputs:
+                with _Kept(inner, names) as outputs:
                     s = _output(student(*args))
                 objective = _output_loss(s, t, loss, temperature)
                 for name in names:
