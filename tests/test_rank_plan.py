@@ -1,5 +1,7 @@
 """plan_ranks: a budget over the whole network, an exact knapsack over per-layer error curves, and
 compress_model applying the plan without decomposing again."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 from torch import nn
@@ -196,6 +198,39 @@ def test_latency_plan_keeps_slower_layers_dense_and_caches_timings(monkeypatch):
     n = len(calls)
     plan_ranks(model, 0.5, metric="latency", input_size=(2, 3, 16, 16), progress=False)
     assert len(calls) == n  # every shape timed once
+
+
+def test_latency_plan_from_another_machine_puts_the_dense_conv_back_where_it_is_slower_here(monkeypatch):
+    """Planned under one clock (every CP layer fast), applied under another (CP slower than dense from rank 4 up):
+    compress_model times each planned layer again on this device and keeps the slower ones as the original convs,
+    the report saying why; the faster ones are factored."""
+    model = small_net()
+    monkeypatch.setattr(rank_plans, "_LATENCY_US", {})
+    monkeypatch.setattr(rank_plans, "_time_layer",
+                        lambda layer, x: 100.0 if isinstance(layer, nn.Conv2d) else 1.0)
+    plan = plan_ranks(model, 0.5, metric="latency", input_size=(2, 3, 16, 16), progress=False)
+    planned = {r["name"]: r["rank"] for r in plan.rows if r["rank"] is not None}
+    assert len(planned) >= 2 and all(r["input_shape"][0] == 2 for r in plan.rows if r["rank"] is not None)
+    elsewhere = RankPlan.from_json(plan.to_json())
+    assert [r.get("input_shape") for r in elsewhere.rows] == [r.get("input_shape") for r in plan.rows]
+
+    monkeypatch.setattr(rank_plans, "_LATENCY_US", {})  # a new machine: nothing timed yet
+    per_rank = 200.0 / (min(planned.values()) + max(planned.values()))  # the smallest rank wins, the largest loses
+    monkeypatch.setattr(rank_plans, "_time_layer",
+                        lambda layer, x: 100.0 if isinstance(layer, nn.Conv2d) else per_rank * layer.rank)
+    with pytest.warns(UserWarning, match="weight-only") if elsewhere.method == "data" else nullcontext():
+        compressed, report = compress_model(model, elsewhere)
+    rows = {r["name"]: r for r in report.rows}
+    for name, rank in planned.items():
+        layer = compressed.get_submodule(name)
+        if per_rank * rank < 100.0:
+            assert isinstance(layer, cpkernels.CPConv2d) and layer.rank == rank
+        else:
+            assert type(layer) is nn.Conv2d and layer.weight is not model.get_submodule(name).weight
+            assert torch.equal(layer.weight, model.get_submodule(name).weight)
+            assert rows[name]["rank"] is None
+            assert rows[name]["skipped"].startswith(f"dense: rank {rank} ran {per_rank * rank:,.1f} µs against the "
+                                                    "dense conv's 100.0 µs on cpu, input 2x")
 
 
 def test_latency_plan_on_this_machine_is_measured_and_within_budget():

@@ -28,7 +28,7 @@ from cpkernels.compression.convs import conv_input_sizes, conv_shape, convs_of, 
 from cpkernels.compression.families import (FAMILIES, applicable, families_for, family_for, family_named,
                                             family_of_layer, not_applicable_reason)
 from cpkernels.compression.families.base import Family
-from cpkernels.compression.ranks import RankPlan
+from cpkernels.compression.ranks import RankPlan, latency_us
 from cpkernels.decompositions.cp import RankSpec
 
 DEFAULT_RANK = 0.25  # compress_model's rank when neither rank nor target_error is given
@@ -164,8 +164,9 @@ def compress_model(
         rank: for every layer an ``int``, a ``float`` in (0, 1] (fraction of its parameters), a dict
             ``{qualified name: rank}`` (layers missing from it fall back to ``target_error`` if given,
             else are skipped), or a :class:`cpkernels.compression.ranks.RankPlan` from
-            :func:`cpkernels.plan_ranks` (its decompositions are reused). Without ``rank`` and
-            ``target_error``: 0.25.
+            :func:`cpkernels.plan_ranks` (its decompositions are reused; under a ``metric="latency"`` plan a
+            conv whose factored form is not faster than it on this device stays dense, the report saying why).
+            Without ``rank`` and ``target_error``: 0.25.
         target_error: instead of a rank: per layer, the smallest rank with relative weight error at
             most this.
         include, exclude: glob patterns on qualified names (``"features.*"``).
@@ -210,17 +211,22 @@ def compress_model(
             raise ValueError("compensate=True needs at least 2 calibration batches (some are held out to choose "
                              f"the ridge), got {len(batches)}")
         dense = copy.deepcopy(model) if inplace else model
-        compressed, report = compress_model(
-            model, rank, target_error=target_error, include=include, exclude=exclude, predicate=predicate,
-            min_channels=min_channels, skip_first=skip_first, inplace=inplace, input_size=input_size,
-            example_inputs=example_inputs, backend=backend, progress=progress, rank_multiple=rank_multiple,
-            decomposition=decomposition, fold_batchnorm=fold_batchnorm, **decompose_kwargs)
+    elif calibration is not None:
+        raise ValueError("calibration is for compensate=True (plan_ranks takes its own)")
+    compressed, report = _compress(model, rank, target_error, include, exclude, predicate, min_channels, skip_first,
+                                   inplace, input_size, example_inputs, backend, progress, rank_multiple,
+                                   decomposition, fold_batchnorm, decompose_kwargs)
+    if compensate:
         folded = fold_batchnorm or (isinstance(rank, RankPlan) and rank.fold_batchnorm)
         compressed, report.compensation = compensate_model(compressed, dense, batches, fold_batchnorm=folded,
                                                            inplace=True, progress=progress)
-        return compressed, report
-    if calibration is not None:
-        raise ValueError("calibration is for compensate=True (plan_ranks takes its own)")
+    return compressed, report
+
+
+def _compress(model, rank, target_error, include, exclude, predicate, min_channels, skip_first, inplace, input_size,
+              example_inputs, backend, progress, rank_multiple, decomposition, fold_batchnorm,
+              decompose_kwargs) -> tuple[nn.Module, CompressionReport]:
+    """:func:`compress_model` without compensation."""
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
     families = families_for(decomposition)
@@ -325,7 +331,10 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
         # A whole-network plan holds every conv's dense MACs; an older one only the considered convs'.
         if plan.metric == "macs" and (planned["considered"] or plan.budget_over == "network"):
             row.update(macs_before=planned["cost_before"], macs_after=planned["cost_before"])
-        if planned["rank"] is not None:
+        if planned["rank"] is not None and plan.metric == "latency" and planned.get("input_shape"):
+            row["skipped"] = slower_than_dense(conv, planned["decomposition"], planned["rank"],
+                                               planned["input_shape"])
+        if planned["rank"] is not None and row["skipped"] is None:
             start = time.perf_counter()
             family = family_named(planned["decomposition"])
             factors = plan.factors.get(planned["name"])
@@ -337,6 +346,19 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
             replace_everywhere(model, names_of[id(conv)], layer)
         report.rows.append(row)
     return model, report
+
+
+def slower_than_dense(conv: nn.Conv2d, decomposition: str, rank, input_shape: Sequence[int]) -> Optional[str]:
+    """Why ``conv`` stays dense under a latency plan: its factored form at ``rank`` is not faster than it on
+    ``input_shape``, timed on the conv's device (:func:`cpkernels.compression.ranks.latency_us`); None where it is
+    faster. The timings are cached per shape and device, so a plan made in this process keeps its own; a plan read
+    from JSON (made on another machine, perhaps) is timed again here, where the model runs."""
+    dense_us = latency_us(conv, tuple(input_shape), None)
+    factored_us = latency_us(conv, tuple(input_shape), rank)
+    if factored_us < dense_us:
+        return None
+    return (f"dense: rank {family_named(decomposition).rank_text(rank)} ran {factored_us:,.1f} µs against the dense "
+            f"conv's {dense_us:,.1f} µs on {conv.weight.device.type}, input {'x'.join(map(str, input_shape))}")
 
 
 def apply_structure(model: nn.Module, structure: Union[CompressionReport, Mapping[str, int]]) -> nn.Module:

@@ -50,8 +50,8 @@ class RankPlan:
     ``"data"``, the weight's otherwise), ``weight_error``, ``sensitivity`` (``"data"``: the network
     output's relative change per unit of relative error in this conv's output; 1 otherwise),
     ``cost_before``, ``cost_after`` in ``metric`` units (microseconds for latency; a conv not considered keeps
-    its dense cost, 0 where the example inputs do not reach it), and for ``"vbmf"`` the layer's unscaled
-    estimate ``vbmf_rank``. ``budget_over``: what ``budget`` is a fraction of, ``"network"`` (every conv) or
+    its dense cost, 0 where the example inputs do not reach it), for ``"latency"`` the ``input_shape`` it was
+    timed at, and for ``"vbmf"`` the layer's unscaled estimate ``vbmf_rank``. ``budget_over``: what ``budget`` is a fraction of, ``"network"`` (every conv) or
     ``"considered"``."""
 
     metric: str
@@ -116,13 +116,16 @@ class RankPlan:
         return json.dumps({"metric": self.metric, "method": self.method, "budget": self.budget,
                            "decomposition": self.decomposition, "fold_batchnorm": self.fold_batchnorm,
                            "budget_over": self.budget_over, "totals": self.totals,
-                           "rows": [{**r, "shape": list(r["shape"])} for r in self.rows]}, indent=1)
+                           "rows": [{**r, "shape": list(r["shape"]),
+                                     **({"input_shape": list(r["input_shape"])} if r.get("input_shape") else {})}
+                                    for r in self.rows]}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "RankPlan":
         data = json.loads(text)
         rows = [{**r, "shape": tuple(r["shape"]),
-                 "rank": None if r["rank"] is None else family_named(r["decomposition"]).normalise(r["rank"])}
+                 "rank": None if r["rank"] is None else family_named(r["decomposition"]).normalise(r["rank"]),
+                 **({"input_shape": tuple(r["input_shape"])} if r.get("input_shape") else {})}
                 for r in data["rows"]]
         # A plan written before whole-network budgets counted its budget over the convs it considered.
         return cls(data["metric"], data["method"], data["budget"], rows, decomposition=data.get("decomposition", "cp"),
@@ -372,6 +375,7 @@ def _measure_costs(layer: _Layer, in_hw, batch, metric, families, rank_multiple,
             return family_for(conv, r).macs(shape, r)
     if metric == "latency":
         call = (batch, conv.in_channels, *in_hw)
+        layer.row["input_shape"] = call  # compress_model times the planned rank against dense again on this shape
         dense = latency_us(conv, call, None)
 
         def cost(r):
