@@ -6,8 +6,11 @@ Layers default to the roofline layers of ``cpkernels/tools/layers.py`` (N = 32, 
 1.25 C (the last two: what trained networks need), in bf16 and fp32; for the ``--taps-layers`` the
 fused layer is also timed on the taps kernel (first dtype only). Backends: dense cuDNN, the four-stage
 reference, the fused kernel (``backend="triton"``) and ``planned`` (``backend="auto"``: what the GPU
-plan picks). Each row: median time (CUDA events via ``triton.testing.do_bench`` on a GPU), the GPU
-plan's modeled time for that row (cpkernels/dispatch/gpu.py), achieved GB/s against the minimal X+Y
+plan picks, by default its measured mode). Each row: median time (CUDA events via ``triton.testing.do_bench``
+on a GPU), the GPU plan's modeled time for that row's strategy and the model's choice (``planned``) with
+every candidate's modeled time, beside what the measured plan chose for the same layer, rank, dtype and
+layout (``measured_choice``), its timing of each candidate it ran and the candidates it refused for
+disagreeing with the reference (cpkernels/dispatch/gpu.py), achieved GB/s against the minimal X+Y
 bytes, and that as a percentage of a device-to-device copy's bandwidth measured in the same run; for
 the first dtype also the time replayed in a CUDA graph. Results go to DIR/gpu_bench.json and
 DIR/gpu_bench.md with the device name and versions. ``--device cpu`` runs the same table without the
@@ -23,32 +26,41 @@ import os
 import torch
 
 from cpkernels.core.timing import time_median
+from cpkernels.dispatch import gpu
 from cpkernels.tools.layers import LAYERS_BY_NAME, ROOFLINE_LAYERS
 from cpkernels.tools.profile import DTYPES, build_cases, environment, measure_peaks
 
 
 def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_per_s: float,
                 also_taps: bool = False, graph: bool = False) -> list[dict]:
-    """Dense, reference and fused rows for one layer and rank; ``also_taps`` adds the fused layer forced
-    onto the taps kernel ("fused-taps"), to compare the two kernels where the rows kernel applies;
-    ``graph`` adds each row's time replayed in a CUDA graph (no per-call CPU work)."""
+    """Dense, reference, fused and planned rows for one layer and rank; ``also_taps`` adds the fused layer
+    forced onto the taps kernel ("fused-taps"), to compare the two kernels where the rows kernel applies;
+    ``graph`` adds each row's time replayed in a CUDA graph (no per-call CPU work). Every row of a layout
+    carries the model's choice and the measured plan's (from that layout's planned row)."""
     rows = []
     nbytes = shape.minimal_bytes(torch.empty((), dtype=dtype).element_size())
 
     plan = model_plan_for(shape, rank, dtype, device)
+    measured_by_layout = {}
 
     def row(backend: str, case) -> dict:
+        if backend == "planned":
+            gpu.clear_cache()  # the planned case's call signature is then the only one decided: read back below
         seconds = time_median(case.fn, case.x)
+        if backend == "planned":
+            measured_by_layout[case.layout] = measured_plan_fields()
         launch = fused_launch_info(shape, rank, dtype) if backend.startswith("fused") else {}
-        strategy = {"dense": "dense", "reference": "four-stage", "planned": plan["chosen"]}.get(backend)
+        planned = measured_by_layout.get(case.layout, {}).get("measured_choice") or plan["chosen"]
+        strategy = {"dense": "dense", "reference": "four-stage", "planned": planned}.get(backend)
         if launch.get("config"):
             strategy = "fused-" + launch["config"]["kernel"]
         bytes_per_s = nbytes / seconds
         return {
             "layer": f"{shape.cin}->{shape.cout} @{shape.size[0]}^2 N={shape.batch}",
             "rank": rank, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
-            "layout": case.layout, "median_us": round(seconds * 1e6, 2),
+            "layout": case.layout, "strategy": strategy, "median_us": round(seconds * 1e6, 2),
             "modeled_us": plan["modeled_us"].get(strategy), "planned": plan["chosen"],
+            "plan_modeled_us": plan["modeled_us"],
             "gbps_vs_min_bytes": round(bytes_per_s / 1e9, 1),
             "pct_of_copy_bw": round(100 * bytes_per_s / copy_bytes_per_s, 1),
             **launch,
@@ -65,13 +77,28 @@ def bench_layer(shape, rank: int, dtype: torch.dtype, device: str, copy_bytes_pe
             rows += [row("fused-taps", case) for case in cases if case.backend == "fused"]
         finally:
             fused.DEFAULT_KERNEL = default
+    # The planned row comes after the others of its layout: its measured plan is added to each afterwards.
+    for r in rows:
+        r.update(measured_by_layout.get(r["layout"], NOT_MEASURED))
     return rows
+
+
+# What a row records of the measured plan where none decided (no planned row: the CPU smoke run, or
+# CPKERNELS_GPU_PLAN=model).
+NOT_MEASURED = {"measured_choice": None, "plan_measured_us": None, "refused": None}
+
+
+def measured_plan_fields() -> dict:
+    """The measured GPU plan's decision for the one call signature decided since the cache was cleared."""
+    plans = list(gpu.measured_plans().values())
+    if len(plans) != 1:  # the model's mode, or a layer that made more than one call signature
+        return dict(NOT_MEASURED)
+    decided = plans[0]
+    return {"measured_choice": decided.chosen, "plan_measured_us": decided.measured_us, "refused": decided.refused}
 
 
 def model_plan_for(shape, rank: int, dtype: torch.dtype, device: str) -> dict:
     """The GPU plan's model for this row, on this device's spec (an H100's for the CPU smoke run)."""
-    from cpkernels.dispatch import gpu
-
     spec = gpu.spec_for_device(torch.device(device)) if device == "cuda" else gpu.GPUS["h100"]
     return gpu.model_plan(shape, rank, dtype, spec, tf32=torch.backends.cudnn.allow_tf32).as_dict()
 
@@ -111,19 +138,38 @@ def to_markdown(env: dict, copy_gbps: float, rows: list[dict]) -> str:
         f"torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}, commit {env['git_commit'][:10]}; "
         f"device copy bandwidth measured in this run: {copy_gbps:.0f} GB/s. Median times.",
         "",
-        "| layer | rank | dtype | backend | layout | median µs | modeled µs | GB/s (min X+Y) | % of copy BW "
-        "| µs in a CUDA graph | fused config | factor MB from L2 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Planned rows: the model's choice and the measured plan's; per row, the measured plan's own timing of "
+        f"the row's strategy (its candidates: the model's best {gpu.MEASURED_TOP}, dense and the reference).",
+        "",
+        "| layer | rank | dtype | backend | layout | median µs | modeled µs | plan's measured µs | GB/s (min X+Y) "
+        "| % of copy BW | µs in a CUDA graph | fused config | factor MB from L2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['layer']} | {r['rank']} | {r['dtype']} | {r['backend']}"
-        f"{' (' + r['planned'] + ')' if r['backend'] == 'planned' else ''} | {r['layout']} | {r['median_us']} | "
-        f"{r['modeled_us'] if r['modeled_us'] is not None else ''} | "
+        f"| {r['layer']} | {r['rank']} | {r['dtype']} | {r['backend']}{_planned_text(r)} | {r['layout']} | "
+        f"{r['median_us']} | {_blank_if_none(r['modeled_us'])} | "
+        f"{_blank_if_none((r.get('plan_measured_us') or {}).get(r.get('strategy')))} | "
         f"{r['gbps_vs_min_bytes']} | {r['pct_of_copy_bw']} | {r.get('graph_us', r.get('graph_error', ''))} | "
         f"{_config_text(r.get('config'))} | {r.get('factor_mb_from_l2', '')} |"
         for r in rows
     ]
     return "\n".join(lines) + "\n"
+
+
+def _blank_if_none(value) -> str:
+    return "" if value is None else str(value)
+
+
+def _planned_text(r: dict) -> str:
+    """A planned row's choices: the model's, the measured plan's, and what the measured plan refused."""
+    if r["backend"] != "planned":
+        return ""
+    text = f" (model: {r['planned']}"
+    if r.get("measured_choice"):
+        text += f", measured: {r['measured_choice']}"
+    if r.get("refused"):
+        text += f", refused: {' '.join(sorted(r['refused']))}"
+    return text + ")"
 
 
 def _config_text(config) -> str:
@@ -170,7 +216,8 @@ def main(argv=None) -> int:
 
 def write_results(out: str, env: dict, copy_bytes_per_s: float, rows: list[dict]) -> None:
     with open(os.path.join(out, "gpu_bench.json"), "w") as f:
-        json.dump({"environment": env, "copy_gbps": copy_bytes_per_s / 1e9, "rows": rows}, f, indent=1)
+        json.dump({"environment": env, "gpu_plan_measures": gpu.measuring(), "copy_gbps": copy_bytes_per_s / 1e9,
+                   "rows": rows}, f, indent=1)
     with open(os.path.join(out, "gpu_bench.md"), "w") as f:
         f.write(to_markdown(env, copy_bytes_per_s / 1e9, rows))
 

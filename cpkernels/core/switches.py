@@ -5,9 +5,12 @@ the plans all read them from here, so none of those has to import another for a 
   kernels' module is imported; see ``tests/conftest.py``).
 - ``CPKERNELS_AUTOTUNE=0``: the fused kernels take the first fitting tile instead of timing them all
   (every tile is a compile of seconds on a GPU).
-- ``CPKERNELS_GPU_PLAN=measure``: ``backend="auto"`` on CUDA times the candidate strategies of a new
-  call signature once and keeps the fastest (like ``torch.backends.cudnn.benchmark``); the default
-  ``model`` decides from the cost model alone. :data:`cpkernels.dispatch.gpu.MEASURE` overrides it.
+- ``CPKERNELS_GPU_PLAN=measure`` (the default): ``backend="auto"`` on CUDA times the model's best few
+  strategies, dense and the reference path on the first call of each signature, and keeps the fastest
+  that agrees with the reference (like ``torch.backends.cudnn.benchmark``); ``model`` decides from the
+  cost model alone. An unset variable means ``model`` under ``torch.use_deterministic_algorithms(True)``;
+  graph capture, ``torch.compile`` and ONNX export never time (:mod:`cpkernels.dispatch.gpu` says what
+  they run). :data:`cpkernels.dispatch.gpu.MEASURE` overrides it.
 - ``CPKERNELS_CPU_PLAN=measure`` (the default): the CPU path times the dense conv against its staged
   arrangement once per call signature and keeps the faster on the machine it runs on; ``model``
   decides from the CPU cost rule alone (no timing, the same choice on every machine), and is what an
@@ -35,7 +38,7 @@ def autotune_enabled() -> bool:
     return os.environ.get("CPKERNELS_AUTOTUNE", "1") != "0"
 
 
-GPU_PLAN_MODES = ("model", "measure")
+GPU_PLAN_MODES = ("measure", "model")
 CPU_PLAN_MODES = ("measure", "model")
 
 

@@ -12,13 +12,30 @@ its autotuner would pick it. Everything here is arithmetic on the shapes and on 
 ``L2 bandwidth`` and ``launch latency`` are assumptions of the model (no datasheet states them), and
 no timing of this package's kernels on a GPU has been fed back into it yet.
 
-``CPKERNELS_GPU_PLAN=measure`` (or :data:`MEASURE` = True) instead times every candidate once per call
-signature on the device, after checking that each computes what the four-stage path computes, and
-keeps the fastest: like ``torch.backends.cudnn.benchmark``. Decisions are cached per signature; a new
-signature is decided when first seen (from the model at once; in measured mode by timing it then).
+By default (``CPKERNELS_GPU_PLAN=measure``, or :data:`MEASURE` = True) the plan measures, like
+``torch.backends.cudnn.benchmark``: the first call of each call signature runs the model's
+:data:`MEASURED_TOP` fastest candidates, dense and the family's reference path
+(:data:`REFERENCE_STRATEGY`), checks each against the reference, times those that agree with CUDA events
+(:mod:`cpkernels.core.timing`) and keeps the fastest of them. A candidate that disagrees is never picked:
+it is left out of the timing and recorded in the plan's ``refused``. Decisions are cached per signature
+(:func:`call_key`); the same signature is never timed twice. ``CPKERNELS_GPU_PLAN=model`` decides from
+the model alone, with no timing: the same choice on every run.
+
+Left unset, the variable means ``model`` under ``torch.use_deterministic_algorithms(True)`` (a timed
+choice can differ between runs, and the strategies round differently), as the CPU plan does; set to
+``measure`` (or :data:`MEASURE` = True) it measures there too. Where timing is impossible, the plan never
+times, whatever the switch says: while ``torch.compile`` or ``torch.export`` traces (dynamo), under a
+TorchScript trace or an ONNX export, and during CUDA graph capture on the current stream. There a call
+takes the measured choice already cached for its signature if an eager call made one, else the model's
+choice, and caches no measured choice. So a compiled or captured model runs, per signature, what its
+eager warm-up measured (as a CUDA graph captured after a warm-up reuses cuDNN's benchmarked algorithms),
+or the model's choice where no eager call of that signature came first; the choice is fixed in the graph
+when it is traced, and a later eager call of the signature still measures. Under deterministic
+algorithms with the variable unset no measured choice is used, cached or not.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -26,7 +43,7 @@ import torch
 
 from cpkernels.core.conv_args import is_channels_last
 from cpkernels.core.cost import ConvShape
-from cpkernels.core.switches import gpu_plan_mode
+from cpkernels.core.switches import GPU_PLAN_MODES, gpu_plan_mode
 from cpkernels.dispatch.measured import AGREEMENT, measure  # noqa: F401  (AGREEMENT: part of this module's surface)
 
 # The strategies, in the order the plan lists them. Every one computes F.conv2d with the reconstructed
@@ -62,8 +79,18 @@ SVD_STRATEGIES = {
 # The reference each family's measured plan checks its candidates against.
 REFERENCE_STRATEGY = {"cp": "four-stage", "tucker2": "three-stage", "svd": "two-stage"}
 
-# Overridden by tests and users: True times the candidates (see the module docstring).
+# Overridden by tests and users: True times the candidates, False takes the model (see the module docstring);
+# None follows CPKERNELS_GPU_PLAN.
 MEASURE: Optional[bool] = None
+# Overridden by tests and users: the measured mode's timer, given ``partial(run, strategy)`` and returning
+# seconds; None is the package's timer (CUDA events on a GPU, cpkernels.core.timing).
+TIMER: Optional[Callable[[Callable[[], object]], float]] = None
+# How many of the model's fastest candidates the measured mode times, besides dense and the reference (always
+# timed: dense is what the nn.Conv2d ran, the reference is the check). Each fused candidate costs a Triton
+# compile and autotuning of seconds on a GPU, so not every candidate is timed; but no GPU timing has checked
+# the model yet (its L2 bandwidth and launch latency are assumptions), so more than its first pick is. For the
+# CP family this times three to all five strategies, for Tucker-2 and SVD all of theirs.
+MEASURED_TOP = 3
 
 
 @dataclass(frozen=True)
@@ -348,16 +375,26 @@ def _family(family: str) -> str:
 @dataclass(frozen=True)
 class GPUPlan:
     """The choice for one call: ``chosen`` (a key of :data:`STRATEGIES`), every candidate's modeled time,
-    and the measured ones when the measured mode decided."""
+    and, when the measured mode decided, the measured times of the candidates it timed and ``refused``:
+    the candidates it ran that disagreed with the reference, by their largest difference relative to the
+    reference's largest |value| (never picked, never timed)."""
     gpu: str
     chosen: str
     modeled_us: dict = field(default_factory=dict)
     measured_us: Optional[dict] = None
+    refused: Optional[dict] = None
+
+    @property
+    def model_choice(self) -> Optional[str]:
+        """What the model alone picks (None where no candidate was modeled)."""
+        return min(self.modeled_us, key=self.modeled_us.get) if self.modeled_us else None
 
     def as_dict(self) -> dict:
         out = {"gpu": self.gpu, "chosen": self.chosen, "modeled_us": self.modeled_us}
         if self.measured_us is not None:
             out["measured_us"] = self.measured_us
+        if self.refused is not None:
+            out["refused"] = self.refused
         return out
 
 
@@ -381,14 +418,36 @@ def clear_cache() -> None:
 
 
 def measuring() -> bool:
-    return MEASURE if MEASURE is not None else gpu_plan_mode() == "measure"
+    """Whether a new call signature is to be timed: :data:`MEASURE` if set, else ``CPKERNELS_GPU_PLAN``; left
+    unset, it measures unless ``torch.use_deterministic_algorithms(True)`` asked for run-to-run identical
+    results. Whether a call can time now is :func:`timing_impossible`."""
+    if MEASURE is not None:
+        return MEASURE
+    if "CPKERNELS_GPU_PLAN" not in os.environ and torch.are_deterministic_algorithms_enabled():
+        return False
+    return gpu_plan_mode() == "measure"
 
 
-def call_key(x: torch.Tensor, rank: int, groups: int, cout: int, kernel_size, stride, padding, dilation,
-             tf32: bool, family: str = "cp") -> tuple:
-    """Everything that changes the choice."""
+def timing_impossible() -> bool:
+    """Whether this call runs where nothing may be timed: traced by torch.compile or torch.export (dynamo), by
+    a TorchScript trace or an ONNX export (the timing runs would be recorded, or fail on fake tensors), or
+    captured into a CUDA graph (a capture may not synchronise). Checked in that order: under dynamo the first
+    answer is a constant, and the CUDA query is never traced."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    # CPU-only builds of torch raise on the capture query; no capture runs without CUDA initialised.
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def call_key(x: torch.Tensor, rank, groups: int, cout: int, kernel_size, stride, padding, dilation,
+             tf32: bool, family: str, mode: str) -> tuple:
+    """Everything that changes the choice: the device, the input's shape, dtype and layout, the layer's
+    dimensions and conv arguments, the TF32 switch, the family, and the mode that decided (``"model"`` or
+    ``"measure"``: a model choice never stands in for a measured one, nor the reverse)."""
+    if mode not in GPU_PLAN_MODES:
+        raise ValueError(f"mode must be one of {GPU_PLAN_MODES}, got {mode!r}")
     return (x.device, tuple(x.shape), groups, rank, cout, tuple(kernel_size), tuple(stride), tuple(padding),
-            tuple(dilation), x.dtype, is_channels_last(x), tf32, measuring(), _family(family))
+            tuple(dilation), x.dtype, is_channels_last(x), tf32, _family(family), mode)
 
 
 def shape_of_call(x: torch.Tensor, groups: int, cout: int, kernel_size, stride, padding, dilation) -> ConvShape:
@@ -399,28 +458,71 @@ def shape_of_call(x: torch.Tensor, groups: int, cout: int, kernel_size, stride, 
     return ConvShape(n, cin, cout, (h, w), tuple(kernel_size), tuple(stride), pad, groups, tuple(dilation))
 
 
+def measured_candidates(modeled_us: dict, family: str, top: Optional[int] = None) -> tuple[str, ...]:
+    """What the measured mode times: the model's ``top`` (default :data:`MEASURED_TOP`) fastest candidates by
+    modeled time, then dense and the family's reference, each once."""
+    top = MEASURED_TOP if top is None else top
+    if top < 0:
+        raise ValueError(f"top must be >= 0, got {top}")
+    ranked = sorted(modeled_us, key=modeled_us.get)[:top]
+    return tuple(dict.fromkeys([*ranked, "dense", REFERENCE_STRATEGY[_family(family)]]))
+
+
 def choose(x: torch.Tensor, rank, groups: int, cout: int, kernel_size, stride, padding, dilation,
            run: Optional[Callable[[str], torch.Tensor]] = None, spec: Optional[GPUSpec] = None,
-           family: str = "cp") -> GPUPlan:
+           family: str = "cp", timer: Optional[Callable[[Callable[[], object]], float]] = None) -> GPUPlan:
     """The plan for one call, cached per :func:`call_key`. ``rank``: an int for a CP layer (the default
     family), a pair ``(R_out, R_in)`` with ``family="tucker2"`` (:data:`TUCKER2_STRATEGIES`), an int with
     ``family="svd"`` for a low-rank 1x1 layer (:data:`SVD_STRATEGIES`). ``run(strategy)`` computes the call with
-    one strategy; the measured mode needs it."""
+    one strategy; the measured mode needs it, and without it (or where :func:`timing_impossible`) the call takes
+    a measured choice already cached for its signature, else the model's (the module docstring). ``timer``
+    (default :data:`TIMER`, then the package's timer) gets ``partial(run, strategy)`` and returns seconds."""
     family = _family(family)
     tf32 = torch.backends.cudnn.allow_tf32  # fp32 inputs, and the fp32 four stages of bf16 inputs, follow it
-    key = call_key(x, rank, groups, cout, kernel_size, stride, padding, dilation, tf32, family)
+    signature = (x, rank, groups, cout, kernel_size, stride, padding, dilation, tf32, family)
+    if measuring():
+        key = call_key(*signature, "measure")
+        cached = _CACHE.get(key)
+        if cached is not None:
+            return cached
+        if run is not None and not timing_impossible():
+            modeled = _model_choice(signature, spec)
+            plan = _measured_plan(modeled, run, x.dtype, family, timer or TIMER)
+            if plan.measured_us:
+                _CACHE[key] = plan
+            return plan
+    return _model_choice(signature, spec)
+
+
+def _model_choice(signature: tuple, spec: Optional[GPUSpec]) -> GPUPlan:
+    """The model's plan for a call signature, cached under the ``"model"`` mode (the measured mode ranks its
+    candidates by it too)."""
+    key = call_key(*signature, "model")
     cached = _CACHE.get(key)
-    if cached is not None:
-        return cached
-    if spec is None:
-        spec = spec_for_device(x.device) if x.device.type == "cuda" else GPUS["h100"]
-    shape = shape_of_call(x, groups, cout, kernel_size, stride, padding, dilation)
-    planned = model_plan(shape, rank, x.dtype, spec, tf32, family)
-    if measuring() and run is not None:
-        measured = measure(run, tuple(planned.modeled_us), x.dtype, reference=REFERENCE_STRATEGY[family])
-        planned = GPUPlan(planned.gpu, min(measured, key=measured.get), planned.modeled_us, measured)
-    _CACHE[key] = planned
-    return planned
+    if cached is None:
+        x, rank, groups, cout, kernel_size, stride, padding, dilation, tf32, family = signature
+        if spec is None:
+            spec = spec_for_device(x.device) if x.device.type == "cuda" else GPUS["h100"]
+        shape = shape_of_call(x, groups, cout, kernel_size, stride, padding, dilation)
+        cached = _CACHE[key] = model_plan(shape, rank, x.dtype, spec, tf32, family)
+    return cached
+
+
+def _measured_plan(modeled: GPUPlan, run: Callable[[str], torch.Tensor], dtype: torch.dtype, family: str,
+                   timer: Optional[Callable]) -> GPUPlan:
+    """The fastest of :func:`measured_candidates` that agrees with the reference. Where none agrees (the
+    reference itself fails the check: its output is not finite, so nothing can be compared), the model's
+    choice runs, recorded with empty times so that the caller caches nothing and the next call measures."""
+    refused: dict[str, float] = {}
+    times = measure(run, measured_candidates(modeled.modeled_us, family), dtype, timer=timer,
+                    reference=REFERENCE_STRATEGY[family], refused=refused)
+    chosen = min(times, key=times.get) if times else modeled.chosen
+    return GPUPlan(modeled.gpu, chosen, modeled.modeled_us, times, refused)
+
+
+def measured_plans() -> dict[tuple, GPUPlan]:
+    """The measured mode's decisions so far, by :func:`call_key` (a copy)."""
+    return {key: plan for key, plan in _CACHE.items() if key[-1] == "measure"}
 
 
 def per_pixel(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, tf32: bool = True) -> dict:
@@ -433,5 +535,5 @@ def per_pixel(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, tf32: 
     return out
 
 
-__all__ = ["GPUS", "GPUPlan", "GPUSpec", "STRATEGIES", "SVD_STRATEGIES", "TUCKER2_STRATEGIES", "choose", "gpu_spec", "model_plan",
-           "measure"]
+__all__ = ["GPUS", "GPUPlan", "GPUSpec", "STRATEGIES", "SVD_STRATEGIES", "TUCKER2_STRATEGIES", "choose", "gpu_spec",
+           "measure", "measured_plans", "model_plan"]

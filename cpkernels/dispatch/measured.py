@@ -1,6 +1,7 @@
 """Measured choices, shared by the CPU and the GPU plans: run every candidate once, check that it computes
 what a reference computes, time it, and let the caller keep the fastest (``torch.backends.cudnn.benchmark``
-does the same for cuDNN's algorithms). A candidate that disagrees is an error, never a silent pick.
+does the same for cuDNN's algorithms). A candidate that disagrees is never picked: by default it is an error;
+a caller that passes ``refused`` gets it left out of the times and recorded there instead.
 """
 from __future__ import annotations
 
@@ -17,9 +18,15 @@ AGREEMENT = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2, tor
 
 
 def measure(run: Callable[[str], torch.Tensor], candidates: tuple[str, ...], dtype: torch.dtype,
-            timer: Optional[Callable[[Callable], float]] = None, reference: str = "four-stage") -> dict[str, float]:
+            timer: Optional[Callable[[Callable], float]] = None, reference: str = "four-stage",
+            refused: Optional[dict[str, float]] = None) -> dict[str, float]:
     """Median microseconds of every candidate, after checking each against ``run(reference)``. ``timer``
-    gets ``partial(run, candidate)`` and returns seconds."""
+    gets ``partial(run, candidate)`` and returns seconds.
+
+    A candidate whose largest difference from the reference exceeds :data:`AGREEMENT` (relative to the
+    reference's largest |value|) raises a RuntimeError; with ``refused`` (a dict) it is not timed and its
+    relative difference is written there instead (NaN where either output is not finite), so the caller
+    picks among the rest. A candidate is never timed before it has agreed."""
     expected = run(reference).float()
     timer = timer or (cuda_median_seconds if expected.is_cuda else median_seconds)
     scale = max(expected.abs().max().item(), 1e-6) if expected.numel() else 1.0
@@ -28,7 +35,10 @@ def measure(run: Callable[[str], torch.Tensor], candidates: tuple[str, ...], dty
         y = run(strategy)  # also the warm-up: first-touch page faults and one-off set-up fall outside the timing
         diff = (y.float() - expected).abs().max().item() if y.numel() else 0.0
         if not diff <= AGREEMENT[dtype] * scale:
-            raise RuntimeError(f"{strategy} differs from the {reference} path by {diff:.3g} "
-                               f"(scale {scale:.3g}); not choosing it")
+            if refused is None:
+                raise RuntimeError(f"{strategy} differs from the {reference} path by {diff:.3g} "
+                                   f"(scale {scale:.3g}); not choosing it")
+            refused[strategy] = float(f"{diff / scale:.3g}")
+            continue
         times[strategy] = round(timer(partial(run, strategy)) * 1e6, 2)
     return times
