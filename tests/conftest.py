@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cpkernels import compress_model  # noqa: E402 -- after the switch above
-from cpkernels.dispatch import cpu  # noqa: E402
+from cpkernels.dispatch import cpu, gpu  # noqa: E402
 from cpkernels.tools.digits import trained_cnn  # noqa: E402
 
 
@@ -30,6 +30,15 @@ def _cpu_plan_by_its_cost_rule(monkeypatch):
     own tests (tests/test_cpu_plan.py) turn it back on."""
     monkeypatch.setattr(cpu, "MEASURE", False)
     cpu.clear_cache()
+
+
+@pytest.fixture(autouse=True)
+def _gpu_plan_by_its_model(monkeypatch):
+    """The GPU plan measures by default too; on a GPU, tests see the model's choices (each strategy a test forces
+    is the one that runs, and no new signature compiles and times three kernels). The measured mode's own tests
+    (tests/test_gpu_measured_plan.py) set it per test."""
+    monkeypatch.setattr(gpu, "MEASURE", False)
+    gpu.clear_cache()
 
 
 @pytest.fixture(autouse=True)
