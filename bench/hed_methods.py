@@ -206,6 +206,13 @@ def measure(configs: Sequence[str], cache: str, timed: bool) -> list[dict]:
     return rows
 
 
+def check_same_machine(old: dict, path: str) -> None:
+    """Rows timed on another machine do not go in one table: refused before any work."""
+    here, there = environment("cpu")["device"], old["environment"]["device"]
+    if here != there:
+        raise ValueError(f"{path} holds rows measured on {there}, not on this machine ({here}): give another --out")
+
+
 def merged_rows(new: Sequence[dict], path: str) -> list[dict]:
     """``new`` and the rows of the JSON at ``path`` (when there is one) for the configurations not in ``new``, in
     the table's order. Rows of files written before rows named their commit get the file's."""
@@ -213,6 +220,7 @@ def merged_rows(new: Sequence[dict], path: str) -> list[dict]:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        check_same_machine(old, path)
         rerun = {r["config"] for r in new}
         kept = [{"commit": old["environment"]["git_commit"], **r} for r in old["rows"] if r["config"] not in rerun]
     order = {config_name(d, m, b): i for i, (d, m, b) in enumerate((d, m, b) for d, m in PAIRS for b in BUDGETS)}
@@ -271,6 +279,10 @@ def main(argv=None) -> int:
     configs = args.only or [config_name(d, m, b) for d, m in PAIRS for b in BUDGETS]
     for name in configs:
         parse_config(name)
+    previous = os.path.join(args.out, "hed_methods.json") if args.out else None
+    if previous and os.path.exists(previous):
+        with open(previous) as f:
+            check_same_machine(json.load(f), previous)
     rows = measure(configs, args.cache, timed=not args.no_time)
     if args.out:
         rows = merged_rows(rows, os.path.join(args.out, "hed_methods.json"))

@@ -40,3 +40,9 @@ def test_two_configurations_end_to_end(tmp_path, monkeypatch):
     assert again["cp-data-0.25"]["f1"] == rows["cp-data-0.25"]["f1"]
     assert again["cp-data-0.25"]["plan_s"] == rows["cp-data-0.25"]["plan_s"]
     assert "speedup" not in again["cp-data-0.25"] and again["cp-uniform-0.0625"] == rows["cp-uniform-0.0625"]
+    # rows measured on another machine are refused, before any work
+    data = json.loads((tmp_path / "hed_methods.json").read_text())
+    data["environment"]["device"] = "another CPU (64 cores)"
+    (tmp_path / "hed_methods.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="measured on another CPU"):
+        hed_methods.main(args[:4] + ["--only", "cp-data-0.25", "--no-time"])
