@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import cpkernels
+from bench.rank_methods import compare
 from cpkernels import RankPlan, compress_model, plan_ranks
 from cpkernels.compression import ranks as rank_plans
 from cpkernels.compression.knapsack import knapsack
@@ -251,26 +252,23 @@ def test_data_plan_from_json_warns_that_it_decomposes_without_statistics():
         compress_model(model, plan)
 
 
-def test_planned_ranks_beat_uniform_ones_on_a_trained_cnn():
-    """The acceptance run of ``bench/rank_methods.py`` without fine-tuning: the digits CNN trained here
-    with three seeds, a quarter of its conv MACs. Training gives other weights on another CPU, so only
-    what holds with a wide margin is asserted: averaged over the seeds, the planned models' logits move
-    clearly less than the uniform one's (measured 0.047 by weight, 0.034 by data, against 0.075), the data
-    plan's least, and no planned model loses more than 1.5 points of accuracy to dense. Accuracy
-    orderings between methods are not asserted: one of the 450 test images is 0.22 points, and they
-    flipped between two CPUs."""
+def test_planned_ranks_keep_a_trained_cnn_within_budget_and_accuracy():
+    """The acceptance run of ``bench/rank_methods.py`` without fine-tuning: the digits CNN trained here with
+    three seeds, a quarter of its conv MACs. Training gives other weights on another CPU, so only what holds with
+    a wide margin is asserted: every plan within its budget, and no planned model more than 1.5 points of
+    accuracy below dense (averaged over the seeds). No ordering between the methods is: the
+    logits' change under the weight plan was 0.63x the uniform one's on one CPU and 0.85x on the same run with
+    the vector ISA lowered, and accuracy orderings rest on one or two of the 450 test images. The methods'
+    ordering is asserted on fixed trained weights instead (tests/test_hed.py)."""
     pytest.importorskip("sklearn")
-    from bench.rank_methods import compare
-
     rows = [r for seed in (0, 1, 2) for r in compare(seed=seed, budget=0.25, finetune_epochs=0)]
+    assert {r["method"] for r in rows} >= {"dense", "uniform", "weight", "data"}
     assert all(r["macs_fraction"] <= 0.25 * 1.01 for r in rows if r["method"] != "dense")
 
     def mean(method, key):
         values = [r[key] for r in rows if r["method"] == method]
         return sum(values) / len(values)
 
-    assert mean("weight", "logit_change") < 0.85 * mean("uniform", "logit_change")
-    assert mean("data", "logit_change") < 0.9 * mean("weight", "logit_change")
     for method in ("weight", "data"):
         assert mean(method, "acc") >= mean("dense", "acc") - 1.5, method
 
