@@ -64,6 +64,25 @@ def test_measured_mode_runs_the_faster_candidate_and_changes_no_result(monkeypat
     assert bool(dense_calls) == (winner == "dense-weight")
 
 
+@pytest.mark.parametrize("staged_us, kept", [
+    pytest.param(960.0, "dense-weight", id="4%-faster-stays-dense"),
+    pytest.param(940.0, "pixel-major", id="6%-faster-is-staged"),
+    pytest.param(1010.0, "dense-weight", id="slower-stays-dense"),
+])
+def test_measured_mode_keeps_dense_unless_the_staged_form_wins_by_the_margin(monkeypatch, measured, staged_us, kept):
+    """A near tie goes to dense: timing noise must not swap a dense conv for a slower factored one."""
+    assert measured_mod.DENSE_MARGIN == 0.05
+    times = {"dense-weight": 1000e-6, "pixel-major": staged_us * 1e-6}
+    monkeypatch.setattr(measured_mod, "median_seconds", lambda fn: times[fn.args[0]])
+    factors = random_factors(24, 20, (3, 3), 24)
+    x = torch.randn(2, 20, 11, 13)
+    y = cp_conv2d(x, factors, None, padding=1)
+    assert_matches_oracle(y, oracle_conv2d(x, factors, None, padding=1), torch.float32)
+    (decision,) = cpu_dispatch.measured_plans().values()
+    assert decision.plan.arrangement == kept
+    assert decision.measured_us == {"dense-weight": 1000.0, "pixel-major": staged_us}
+
+
 def test_model_mode_never_times(monkeypatch):
     monkeypatch.setattr(cpu_dispatch, "MEASURE", False)
     monkeypatch.setattr(measured_mod, "median_seconds", lambda fn: pytest.fail("timed in model mode"))

@@ -1,5 +1,6 @@
 """ONNX export: standard ops only, ONNX Runtime matching eager PyTorch at other batch sizes, over the
 conv cases every other path is tested on."""
+import json
 import sys
 
 import pytest
@@ -16,7 +17,9 @@ onnx = pytest.importorskip("onnx", reason="the export extra (onnx, onnxruntime, 
 ort = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime, onnxscript) is not installed")
 pytest.importorskip("onnxscript", reason="the export extra (onnx, onnxruntime, onnxscript) is not installed")
 
-from cpkernels.export.onnx import export_onnx  # noqa: E402
+from cpkernels.dispatch.measured import DENSE_MARGIN  # noqa: E402
+from cpkernels.export import forms as onnx_plans  # noqa: E402
+from cpkernels.export.onnx import check_standard_graph, export_onnx  # noqa: E402
 
 # Input layouts are PyTorch's business; an ONNX graph takes a plain batch, whose size varies below.
 EXPORT_CASES = [c for c in CONV_CASES if c.values[0].layout == "nchw" and c.values[0].batch == 2]
@@ -81,8 +84,6 @@ def _compressed_net():
 @pytest.mark.parametrize("dynamo", [pytest.param(True, id="dynamo"), pytest.param(False, id="legacy")])
 def test_the_standard_export_call_gives_standard_convs(dynamo, tmp_path):
     """``torch.onnx.export`` itself, without the helper: default-domain ops, conv weights as initializers."""
-    from cpkernels.export.onnx import check_standard_graph
-
     net = _compressed_net().eval()
     x = torch.randn(2, 3, 10, 10)
     kwargs = (dict(dynamic_shapes=({0: torch.export.Dim("batch")},)) if dynamo
@@ -111,10 +112,6 @@ def test_without_the_export_branch_the_custom_op_refuses_to_export(dynamo, tmp_p
 def test_auto_writes_the_fastest_whole_model(fastest, forms, convs, tmp_path, monkeypatch):
     """A fake clock: alone, layer "0" is fastest dense and layer "3" with two depthwise convs; the
     whole model is fastest as ``fastest``."""
-    import json
-
-    from cpkernels.export import forms as onnx_plans
-
     clock = {3: {"merged": 2.0, "two": 3.0, "dense": 1.0}, 16: {"merged": 2.0, "two": 1.0, "dense": 3.0}}
     candidates = {"merged": ("merged", "merged"), "two": ("two", "two"), "dense": ("dense", "dense"),
                   "per-layer": ("dense", "two")}
@@ -135,12 +132,30 @@ def test_auto_writes_the_fastest_whole_model(fastest, forms, convs, tmp_path, mo
         torch.testing.assert_close(_run(tmp_path / "net.onnx", x), net.eval()(x), rtol=1e-4, atol=1e-5)
 
 
-def test_auto_measures_on_this_machine(tmp_path):
-    from cpkernels.export.forms import CANDIDATES, plan_onnx_forms
+@pytest.mark.parametrize("merged_ms, chosen", [
+    pytest.param(0.97, "dense", id="3%-faster-stays-dense"), pytest.param(0.9, "merged", id="10%-faster-wins")])
+def test_auto_keeps_every_layer_dense_unless_a_form_wins_by_the_margin(merged_ms, chosen, tmp_path, monkeypatch):
+    """A fake clock: alone and whole, "merged" is the fastest form, by 3 % or by 10 % over dense."""
+    clock = {"merged": merged_ms, "two": 1.5, "dense": 1.0}
+    monkeypatch.setattr(onnx_plans, "time_form", lambda layer, form, x, threads, repeats: clock[form])
 
-    plan = plan_onnx_forms(_compressed_net(), (torch.randn(2, 3, 10, 10),), threads=1, repeats=2)
+    def fake_model_ms(model, example_inputs, threads, repeats):
+        written = {m.form for m in model.modules() if isinstance(m, onnx_plans._Form)}
+        return clock[written.pop()] if len(written) == 1 else 2.0
+
+    monkeypatch.setattr(onnx_plans, "_model_ms", fake_model_ms)
+    plan = onnx_plans.plan_onnx_forms(_compressed_net(), (torch.randn(2, 3, 10, 10),), threads=1, repeats=1)
+    assert plan["chosen"] == chosen and set(plan["forms"].values()) == {chosen}
+    assert plan["ms"]["merged"] == merged_ms and plan["ms"]["dense"] == 1.0
+
+
+def test_auto_measures_on_this_machine(tmp_path):
+    plan = onnx_plans.plan_onnx_forms(_compressed_net(), (torch.randn(2, 3, 10, 10),), threads=1, repeats=2)
     assert set(plan["layers"]) == set(plan["forms"]) == {"0", "3"}
-    assert set(plan["ms"]) == set(CANDIDATES) and plan["ms"][plan["chosen"]] == min(plan["ms"].values()) > 0
+    ms = plan["ms"]
+    assert set(ms) == set(onnx_plans.CANDIDATES) and min(ms.values()) > 0
+    best = min(ms, key=ms.get)
+    assert plan["chosen"] == (best if ms[best] < (1 - DENSE_MARGIN) * ms["dense"] else "dense")
 
 
 def test_export_leaves_the_model_as_it_was(tmp_path):

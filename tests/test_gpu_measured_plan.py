@@ -108,6 +108,16 @@ def test_it_picks_what_the_timer_says_among_the_models_best_few(monkeypatch):
     assert list(gpu.measured_plans().values()) == [plan]
 
 
+@pytest.mark.parametrize("fused_s, kept", [
+    pytest.param(0.97e-6, "dense", id="3%-faster-stays-dense"),
+    pytest.param(0.90e-6, "fused-taps", id="10%-faster-wins"),
+])
+def test_a_near_tie_with_dense_goes_to_dense(monkeypatch, fused_s, kept):
+    x = torch.randn(2, 8, 9, 9)
+    fake = Fake({"dense": 1e-6, "four-stage": 4e-6, "fused-wide": 3e-6, "fused-taps": fused_s, "fused-rows": 5e-6})
+    assert gpu.choose(*_args(x), run=fake.run, timer=fake.timer).chosen == kept
+
+
 def test_it_never_picks_a_candidate_that_disagrees_with_the_reference(monkeypatch):
     x = torch.randn(2, 8, 9, 9)
     # fused-taps is the model's choice and the timer's fastest, and computes something else.

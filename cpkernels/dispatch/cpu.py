@@ -29,7 +29,7 @@ from torch import Tensor
 from cpkernels.core.conv_args import is_channels_last
 from cpkernels.core.cost import ConvShape
 from cpkernels.core.switches import cpu_plan_mode, cpu_plan_switch
-from cpkernels.dispatch.measured import measure
+from cpkernels.dispatch.measured import fastest_keeping_dense, measure
 
 # The im2col depthwise conv: for at most this many intermediate channels (it does channels times the
 # depthwise MACs), and while its column buffer (kh*kw times the output) stays under this size; past
@@ -213,7 +213,8 @@ def call_key(x: Tensor, rank, groups: int, cout: int, kernel_size, stride, paddi
 def choose(key: tuple, modeled: Plan, dense: Plan, staged: Plan, run: Callable[[str], Tensor],
            dtype: torch.dtype, needs_grad: bool) -> Plan:
     """The plan a call runs: ``modeled`` (the cost rule's) unless :func:`measuring`; then the faster of
-    ``dense`` and ``staged`` on this machine, timed when ``key`` is first seen and cached.
+    ``dense`` and ``staged`` on this machine, timed when ``key`` is first seen and cached (``staged`` only where
+    it beats dense by :data:`cpkernels.dispatch.measured.DENSE_MARGIN`).
 
     ``run(name)`` computes the call by ``"reference"`` (the reference stages, the check) or by one of the
     two plans' arrangements. A call that needs gradients is timed with autograd on: its dense candidate
@@ -224,7 +225,7 @@ def choose(key: tuple, modeled: Plan, dense: Plan, staged: Plan, run: Callable[[
     if cached is None:
         with torch.set_grad_enabled(needs_grad):
             times = measure(run, (dense.arrangement, staged.arrangement), dtype, reference="reference")
-        fastest = dense if times[dense.arrangement] < times[staged.arrangement] else staged
+        fastest = dense if fastest_keeping_dense(times, dense.arrangement) == dense.arrangement else staged
         cached = _CACHE[key] = MeasuredPlan(fastest, times)
     return cached.plan
 

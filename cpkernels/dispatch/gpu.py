@@ -16,7 +16,8 @@ By default (``CPKERNELS_GPU_PLAN=measure``, or :data:`MEASURE` = True) the plan 
 ``torch.backends.cudnn.benchmark``: the first call of each call signature runs the model's
 :data:`MEASURED_TOP` fastest candidates, dense and the family's reference path
 (:data:`REFERENCE_STRATEGY`), checks each against the reference, times those that agree with CUDA events
-(:mod:`cpkernels.core.timing`) and keeps the fastest of them. A candidate that disagrees is never picked:
+(:mod:`cpkernels.core.timing`) and keeps the fastest of them (dense unless another beats it by
+:data:`cpkernels.dispatch.measured.DENSE_MARGIN`). A candidate that disagrees is never picked:
 it is left out of the timing and recorded in the plan's ``refused``. Decisions are cached per signature
 (:func:`call_key`); the same signature is never timed twice. ``CPKERNELS_GPU_PLAN=model`` decides from
 the model alone, with no timing: the same choice on every run.
@@ -44,7 +45,8 @@ import torch
 from cpkernels.core.conv_args import is_channels_last
 from cpkernels.core.cost import ConvShape
 from cpkernels.core.switches import GPU_PLAN_MODES, gpu_plan_mode
-from cpkernels.dispatch.measured import AGREEMENT, measure  # noqa: F401  (AGREEMENT: part of this module's surface)
+# AGREEMENT: part of this module's surface
+from cpkernels.dispatch.measured import AGREEMENT, fastest_keeping_dense, measure  # noqa: F401
 
 # The strategies, in the order the plan lists them. Every one computes F.conv2d with the reconstructed
 # weight, up to rounding (the tests compare each with a float64 oracle).
@@ -510,13 +512,14 @@ def _model_choice(signature: tuple, spec: Optional[GPUSpec]) -> GPUPlan:
 
 def _measured_plan(modeled: GPUPlan, run: Callable[[str], torch.Tensor], dtype: torch.dtype, family: str,
                    timer: Optional[Callable]) -> GPUPlan:
-    """The fastest of :func:`measured_candidates` that agrees with the reference. Where none agrees (the
+    """The fastest of :func:`measured_candidates` that agrees with the reference (dense where none beats it by
+    :data:`cpkernels.dispatch.measured.DENSE_MARGIN`). Where none agrees (the
     reference itself fails the check: its output is not finite, so nothing can be compared), the model's
     choice runs, recorded with empty times so that the caller caches nothing and the next call measures."""
     refused: dict[str, float] = {}
     times = measure(run, measured_candidates(modeled.modeled_us, family), dtype, timer=timer,
                     reference=REFERENCE_STRATEGY[family], refused=refused)
-    chosen = min(times, key=times.get) if times else modeled.chosen
+    chosen = fastest_keeping_dense(times, "dense") if times else modeled.chosen
     return GPUPlan(modeled.gpu, chosen, modeled.modeled_us, times, refused)
 
 

@@ -1,6 +1,6 @@
 """Measured choices, shared by the CPU and the GPU plans: run every candidate once, check that it computes
 what a reference computes, time it, and let the caller keep the fastest (``torch.backends.cudnn.benchmark``
-does the same for cuDNN's algorithms). A candidate that disagrees is never picked: by default it is an error;
+does the same for cuDNN's algorithms), dense where nothing beats it by :data:`DENSE_MARGIN`. A candidate that disagrees is never picked: by default it is an error;
 a caller that passes ``refused`` gets it left out of the times and recorded there instead.
 """
 from __future__ import annotations
@@ -11,6 +11,22 @@ from typing import Callable, Optional
 import torch
 
 from cpkernels.core.timing import cuda_median_seconds, median_seconds
+
+# A factored candidate replaces the dense one only when it is at least this much faster in the same measurement:
+# on a shared 2-core VM a whole network's time moved by up to 10 % between two measurements of the same model
+# (ResNet-18 in ONNX Runtime, batch 1), so a near tie that goes to the factored form can run slower than the dense
+# conv it replaced, while one that goes to dense costs at most this margin.
+DENSE_MARGIN = 0.05
+
+
+def fastest_keeping_dense(times: dict, dense: str, margin: float = DENSE_MARGIN) -> str:
+    """The key of the least time in ``times``, unless it is within ``margin`` of ``times[dense]`` (or ``dense`` is
+    the least): then ``dense``. ``dense`` absent from ``times`` (refused, or not a candidate): the least."""
+    best = min(times, key=times.get)
+    if dense in times and not times[best] < (1.0 - margin) * times[dense]:
+        return dense
+    return best
+
 
 # Largest difference from the reference, relative to its largest |value|, that a candidate may show before
 # it is refused: fp32 loose enough for TF32 on a GPU.

@@ -10,7 +10,8 @@ First every ``CPConv2d`` the example inputs reach is timed alone in each form, i
 provider, all graph optimisations, the given thread count) on the input it gets there, and the fastest
 form per layer makes the ``"per-layer"`` candidate. Then the whole model is timed with every layer
 ``"merged"``, every layer ``"two"``, every layer ``"dense"``, and ``"per-layer"``; the fastest whole
-model wins. Timing whole models matters: ONNX Runtime keeps consecutive convs in its blocked NCHWc
+model wins, except that every layer stays ``"dense"`` unless another candidate beats that by
+:data:`cpkernels.dispatch.measured.DENSE_MARGIN` (and a layer alone likewise). Timing whole models matters: ONNX Runtime keeps consecutive convs in its blocked NCHWc
 layout without reordering between them, which a layer timed alone does not show, and on a 2-core AVX2
 machine the per-layer choice alone ran a ResNet-18 at 0.25 of its parameters 1.5x slower than all
 ``"merged"``. Neither depthwise form won everywhere (bench/onnx_speed.py), and with every layer dense
@@ -33,6 +34,7 @@ from cpkernels.compression.calibration import _Hooks
 from cpkernels.compression.convs import set_submodule
 from cpkernels.compression.families import FAMILIES, family_of_layer
 from cpkernels.core.timing import median_seconds
+from cpkernels.dispatch.measured import fastest_keeping_dense
 from cpkernels.ops.onnx_form import depthwise_merged
 
 FORMS = ("merged", "two", "dense")
@@ -116,7 +118,7 @@ def plan_onnx_forms(model: nn.Module, example_inputs: Sequence[torch.Tensor], th
         forms = family_of_layer(layer).onnx_forms
         per_layer[name] = {form: time_form(layer, form, x, threads, repeats) for form in forms}
     candidates = {form: {name: form for name in inputs} for form in FORMS}
-    candidates["per-layer"] = {name: min(ms, key=ms.get) for name, ms in per_layer.items()}
+    candidates["per-layer"] = {name: fastest_keeping_dense(ms, "dense") for name, ms in per_layer.items()}
     ms = {c: _model_ms(with_forms(model, forms), example_inputs, threads, repeats) for c, forms in candidates.items()}
-    chosen = min(ms, key=ms.get)
+    chosen = fastest_keeping_dense(ms, "dense")
     return {"chosen": chosen, "forms": candidates[chosen], "ms": ms, "layers": per_layer}
