@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -38,6 +39,7 @@ from torch import nn
 from cpkernels import apply_structure, compress_model, plan_ranks
 from cpkernels.compression.compress import rank_for_mac_fraction
 from cpkernels.compression.convs import conv_input_sizes
+from cpkernels.core.timing import interleaved_median_seconds
 from cpkernels.tools import hed
 from cpkernels.tools.profile import environment
 
@@ -165,19 +167,11 @@ def edge_f1s(model: nn.Module, dense_maps: dict, inputs: dict) -> dict[str, floa
 
 
 def interleaved_seconds(models: dict[str, nn.Module], x: torch.Tensor, runs: int) -> dict[str, float]:
-    """The median seconds of each model on ``x``, the models taking turns in each round, so that a change of the
-    machine's load lands on all of them alike. One untimed call each first (the CPU plan times its forms once
-    per call signature)."""
-    times = {name: [] for name in models}
+    """The median seconds of each model on ``x``, the models taking turns in each round
+    (:func:`cpkernels.core.timing.interleaved_median_seconds`), without autograd. The warm-up call each lets the
+    CPU plan time its forms once per call signature."""
     with torch.no_grad():
-        for model in models.values():
-            model(x)
-        for _ in range(runs):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+        return interleaved_median_seconds({name: functools.partial(model, x) for name, model in models.items()}, runs)
 
 
 def measure(configs: Sequence[str], cache: str, timed: bool) -> list[dict]:

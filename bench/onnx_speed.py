@@ -8,7 +8,8 @@ rounded up to ``--rank-multiple``), the CP layers get random factors at those ra
 depend on the values, and no decomposition is timed), both models are exported with
 :func:`cpkernels.export_onnx`, and each runs ``--repeats`` times after a warm-up in ONNX Runtime
 (CPU provider, ``intra_op_num_threads=--threads``, ``ORT_ENABLE_ALL``) and in PyTorch eager
-(``torch.set_num_threads(--threads)``). The medians and speed-ups go to ``onnx_speed.json`` and
+(``torch.set_num_threads(--threads)``), each compressed model interleaved with its dense original
+(:func:`cpkernels.core.timing.interleaved_median_seconds`). The medians and speed-ups go to ``onnx_speed.json`` and
 ``onnx_speed.md`` with the machine and versions. The compressed model is exported with
 ``merge_depthwise="auto"`` (each layer in its fastest form, dense where CP does not win);
 ``--merge-both`` also times it with every layer's depthwise stage as one conv and as two.
@@ -26,8 +27,7 @@ from torch import nn
 
 from cpkernels import apply_structure, export_onnx, resolve_rank
 from cpkernels.compression.convs import filter_reason
-from cpkernels.core.timing import time_median
-from cpkernels.export.forms import ort_ms
+from cpkernels.core.timing import interleaved_median_seconds
 from cpkernels.tools.profile import environment
 
 from .report import save_results
@@ -87,8 +87,19 @@ def cp_structure(model: nn.Module, fraction: float, rank_multiple: int) -> dict[
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
-def eager_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    return 1e3 * time_median(model, x, repeats)
+def interleaved_ms(calls: dict, repeats: int) -> dict[str, float]:
+    return {name: 1e3 * t for name, t in interleaved_median_seconds(calls, repeats).items()}
+
+
+def ort_session(path: str, threads: int):
+    """An ONNX Runtime session of the CPU provider with every graph optimisation, as ``ort_ms`` times."""
+    # the export extra is optional: imported on first use
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: int = 1, threads: int = 2,
@@ -103,22 +114,24 @@ def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: i
             x = torch.randn(batch, 3, size, size)
             dense_path = os.path.join(workdir, f"{net}_dense.onnx")
             export_onnx(dense, x, dense_path)
-            ort_dense = ort_ms(dense_path, x, threads, repeats)
-            eager_dense = eager_ms(dense, x, repeats)
+            dense_session = ort_session(dense_path, threads)
+            feed = {dense_session.get_inputs()[0].name: x.numpy()}
             for fraction in fractions:
                 structure = cp_structure(dense, fraction, rank_multiple)
                 cp = apply_structure(copy.deepcopy(dense), structure).eval()  # random factors at these ranks
-                eager_cp = eager_ms(cp, x, repeats)
+                with torch.inference_mode():
+                    eager = interleaved_ms({"dense": lambda: dense(x), "cp": lambda: cp(x)}, repeats)
+                eager_dense, eager_cp = eager["dense"], eager["cp"]
                 for merge in (("auto", True, False) if merge_both else ("auto",)):
                     path = os.path.join(workdir, f"{net}_{fraction}_{merge}.onnx")
                     proto = export_onnx(cp, x, path, merge_depthwise=merge, threads=threads)
+                    session = ort_session(path, threads)
                     with torch.no_grad():
-                        import onnxruntime as ort
-
-                        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-                        onnx_out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+                        onnx_out = torch.from_numpy(session.run(None, feed)[0])
                         max_diff = float((onnx_out - cp(x)).abs().max() / cp(x).abs().max())
-                    ort_cp = ort_ms(path, x, threads, repeats)
+                    ort = interleaved_ms({"dense": lambda: dense_session.run(None, feed),
+                                          "cp": lambda s=session: s.run(None, feed)}, repeats)
+                    ort_dense, ort_cp = ort["dense"], ort["cp"]
                     plan = json.loads(next((p.value for p in proto.metadata_props if p.key == "cpkernels.forms"),
                                            '{"forms": {}, "chosen": null}'))
                     first = merge == "auto"
@@ -142,7 +155,8 @@ def to_markdown(rows: list[dict], env: dict, args) -> str:
     lines = [f"# ONNX Runtime against PyTorch eager: {env['device']}", "",
              f"onnxruntime {ort.__version__} (CPU provider, ORT_ENABLE_ALL, intra_op_num_threads={args.threads}), "
              f"torch {env['torch']} ({args.threads} threads), batch {args.batch}, 3x{args.size}x{args.size}, "
-             f"median of {args.repeats} runs after a warm-up; ranks = compress_model(rank=fraction) rounded up "
+             f"median of {args.repeats} runs after a warm-up, dense and CP taking turns in each round (in eager "
+             f"PyTorch and in ONNX Runtime alike); ranks = compress_model(rank=fraction) rounded up "
              f"to multiples of {args.rank_multiple}.", "",
              "`export_onnx` writes every CP layer as one depthwise conv (`merged`) or two (`two`), or, with "
              "the default `merge_depthwise=\"auto\"`, as the fastest whole model in ONNX Runtime of all "

@@ -7,6 +7,7 @@ measured CPU and GPU plans, ``plan_ranks(metric="latency")``, the ONNX forms, th
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -38,3 +39,19 @@ def time_median(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: 
     """Median seconds of ``fn(x)`` under ``torch.inference_mode()``, on ``x``'s device."""
     with torch.inference_mode():
         return median_seconds(lambda: fn(x), repeats, cuda=x.is_cuda)
+
+
+def interleaved_median_seconds(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall-clock seconds of each of ``calls`` (name -> call) on the CPU, after one warm-up call each, the
+    calls taking turns in every round, so that a change of the machine's load lands on all of them alike. Timed one
+    after the other, the same dense network's time moved by up to 2x between runs on a shared 2-core VM; what is
+    compared (a compressed model and its dense original) is timed this way."""
+    for call in calls.values():
+        call()
+    samples = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in samples.items()}
