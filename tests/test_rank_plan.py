@@ -11,6 +11,7 @@ from bench.rank_methods import compare
 from cpkernels import RankPlan, compress_model, plan_ranks
 from cpkernels.compression import ranks as rank_plans
 from cpkernels.compression.knapsack import knapsack
+from cpkernels.dispatch.measured import DENSE_MARGIN
 
 from .oracle import random_factors
 
@@ -224,7 +225,7 @@ def test_latency_plan_from_another_machine_puts_the_dense_conv_back_where_it_is_
     rows = {r["name"]: r for r in report.rows}
     for name, rank in planned.items():
         layer = compressed.get_submodule(name)
-        if per_rank * rank < 100.0:
+        if per_rank * rank < (1 - DENSE_MARGIN) * 100.0:  # a near tie goes to dense
             assert isinstance(layer, cpkernels.CPConv2d) and layer.rank == rank
         else:
             assert type(layer) is nn.Conv2d and layer.weight is not model.get_submodule(name).weight
@@ -232,6 +233,28 @@ def test_latency_plan_from_another_machine_puts_the_dense_conv_back_where_it_is_
             assert rows[name]["rank"] is None
             assert rows[name]["skipped"].startswith(f"dense: rank {rank} ran {per_rank * rank:,.1f} µs against the "
                                                     "dense conv's 100.0 µs on cpu, input 2x")
+
+
+def test_compress_keeps_the_dense_conv_where_the_factored_form_is_slower_here(monkeypatch):
+    """``keep_dense_where_faster``: a fake clock under which a CP layer costs 2 per rank unit against 100 for its
+    conv, so ranks below 47.5 (the margin) are kept and the rest put back; without it every layer is factored."""
+    monkeypatch.setattr(rank_plans, "_LATENCY_US", {})
+    monkeypatch.setattr(rank_plans, "_time_layer",
+                        lambda layer, x: 100.0 if isinstance(layer, nn.Conv2d) else 2.0 * layer.rank)
+    model = small_net()
+    ranks = {"0": 8, "2": 60, "4": 48, "6": 20}  # 48: 96 against 100, a near tie
+    plain, _ = compress_model(model, rank=ranks, progress=False, n_iter_max=2)
+    assert all(isinstance(plain.get_submodule(n), cpkernels.CPConv2d) for n in ranks)
+    kept, report = compress_model(model, rank=ranks, input_size=(2, 3, 16, 16), keep_dense_where_faster=True,
+                                  progress=False, n_iter_max=2)
+    rows = {r["name"]: r for r in report.rows}
+    for name, rank in ranks.items():
+        factored = 2.0 * rank < (1 - DENSE_MARGIN) * 100.0
+        assert isinstance(kept.get_submodule(name), cpkernels.CPConv2d if factored else nn.Conv2d), name
+        assert (rows[name]["rank"] == rank) if factored else rows[name]["skipped"].startswith(
+            f"dense: rank {rank} ran {2.0 * rank:,.1f} µs against the dense conv's 100.0 µs on cpu, input 2x")
+    with pytest.raises(ValueError, match="keep_dense_where_faster=True needs input_size or example_inputs"):
+        compress_model(model, rank=ranks, keep_dense_where_faster=True)
 
 
 def test_latency_plan_on_this_machine_is_measured_and_within_budget():

@@ -30,6 +30,7 @@ from cpkernels.compression.families import (FAMILIES, applicable, families_for, 
 from cpkernels.compression.families.base import Family
 from cpkernels.compression.ranks import RankPlan, latency_us
 from cpkernels.decompositions.cp import RankSpec
+from cpkernels.dispatch.measured import fastest_keeping_dense
 
 DEFAULT_RANK = 0.25  # compress_model's rank when neither rank nor target_error is given
 NUMERIC_KEYS = ("params_before", "params_after", "macs_before", "macs_after", "seconds")
@@ -155,6 +156,7 @@ def compress_model(
     fold_batchnorm: bool = False,
     compensate: bool = False,
     calibration: Optional[Iterable] = None,
+    keep_dense_where_faster: bool = False,
     **decompose_kwargs,
 ) -> tuple[nn.Module, CompressionReport]:
     """Replace the ``nn.Conv2d`` layers of ``model`` by ``CPConv2d`` (or ``TuckerConv2d``, ``SVDConv2d``).
@@ -193,6 +195,10 @@ def compress_model(
             input the compressed network gives it, on ``calibration`` (:func:`cpkernels.compensate`; its report is
             ``report.compensation``).
         calibration: input batches for ``compensate`` (at least two: some are held out to choose the ridge).
+        keep_dense_where_faster: time each factored layer against its conv on the model's device, at the input
+            shape ``input_size`` or ``example_inputs`` gives it, and keep the conv where the factored form is not
+            faster by :data:`cpkernels.dispatch.measured.DENSE_MARGIN` (the report says why). A latency plan
+            always does this.
         decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, random_state, ...);
             Tucker-2 takes ``n_iter_max``, ``random_state`` and ``input_covariance`` of them, the SVD
             ``input_covariance``.
@@ -213,9 +219,12 @@ def compress_model(
         dense = copy.deepcopy(model) if inplace else model
     elif calibration is not None:
         raise ValueError("calibration is for compensate=True (plan_ranks takes its own)")
+    if keep_dense_where_faster and input_size is None and example_inputs is None and not isinstance(rank, RankPlan):
+        raise ValueError("keep_dense_where_faster=True needs input_size or example_inputs (a conv's time depends "
+                         "on its input)")
     compressed, report = _compress(model, rank, target_error, include, exclude, predicate, min_channels, skip_first,
                                    inplace, input_size, example_inputs, backend, progress, rank_multiple,
-                                   decomposition, fold_batchnorm, decompose_kwargs)
+                                   decomposition, fold_batchnorm, keep_dense_where_faster, decompose_kwargs)
     if compensate:
         folded = fold_batchnorm or (isinstance(rank, RankPlan) and rank.fold_batchnorm)
         compressed, report.compensation = compensate_model(compressed, dense, batches, fold_batchnorm=folded,
@@ -224,7 +233,7 @@ def compress_model(
 
 
 def _compress(model, rank, target_error, include, exclude, predicate, min_channels, skip_first, inplace, input_size,
-              example_inputs, backend, progress, rank_multiple, decomposition, fold_batchnorm,
+              example_inputs, backend, progress, rank_multiple, decomposition, fold_batchnorm, keep_faster,
               decompose_kwargs) -> tuple[nn.Module, CompressionReport]:
     """:func:`compress_model` without compensation."""
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
@@ -246,6 +255,7 @@ def _compress(model, rank, target_error, include, exclude, predicate, min_channe
     elif not inplace:
         model = copy.deepcopy(model)
     sizes = conv_input_sizes(model, input_size, example_inputs)
+    batch = input_size[0] if input_size is not None else next(iter(example_inputs)).shape[0] if keep_faster else None
     convs = list(convs_of(model))
     report = CompressionReport()
     for i, (name, conv, names) in enumerate(tqdm(convs, desc="compressing", unit="layer",
@@ -264,8 +274,12 @@ def _compress(model, rank, target_error, include, exclude, predicate, min_channe
             start = time.perf_counter()
             layer = _best_layer(conv, candidates, target, rank_multiple, backend, shape, decompose_kwargs)
             seconds = time.perf_counter() - start
-            if shape is not None and not family_of_layer(layer).macs(shape, layer.rank) < shape.dense_macs():
+            family = family_of_layer(layer)
+            if shape is not None and not family.macs(shape, layer.rank) < shape.dense_macs():
                 row["skipped"] = f"rank {layer.rank} (from target_error) saves no MACs"
+            elif keep_faster and in_hw is not None and (slower := slower_than_dense(
+                    conv, family.name, layer.rank, (batch, conv.in_channels, *in_hw))):
+                row["skipped"] = slower
             else:
                 factored_row(row, conv, layer, shape, seconds)
                 replace_everywhere(model, names, layer)
@@ -349,13 +363,13 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
 
 
 def slower_than_dense(conv: nn.Conv2d, decomposition: str, rank, input_shape: Sequence[int]) -> Optional[str]:
-    """Why ``conv`` stays dense under a latency plan: its factored form at ``rank`` is not faster than it on
-    ``input_shape``, timed on the conv's device (:func:`cpkernels.compression.ranks.latency_us`); None where it is
-    faster. The timings are cached per shape and device, so a plan made in this process keeps its own; a plan read
+    """Why ``conv`` stays dense: its factored form at ``rank`` is not faster than it on ``input_shape`` by
+    :data:`cpkernels.dispatch.measured.DENSE_MARGIN`, timed on the conv's device
+    (:func:`cpkernels.compression.ranks.latency_us`); None where it is. The timings are cached per shape and device, so a plan made in this process keeps its own; a plan read
     from JSON (made on another machine, perhaps) is timed again here, where the model runs."""
     dense_us = latency_us(conv, tuple(input_shape), None)
     factored_us = latency_us(conv, tuple(input_shape), rank)
-    if factored_us < dense_us:
+    if fastest_keeping_dense({"dense": dense_us, "factored": factored_us}, "dense") == "factored":
         return None
     return (f"dense: rank {family_named(decomposition).rank_text(rank)} ran {factored_us:,.1f} µs against the dense "
             f"conv's {dense_us:,.1f} µs on {conv.weight.device.type}, input {'x'.join(map(str, input_shape))}")
