@@ -159,7 +159,8 @@ def to_markdown(rows: list[dict], env: dict, args) -> str:
              f"onnxruntime {ort.__version__} (CPU provider, ORT_ENABLE_ALL, intra_op_num_threads={args.threads}), "
              f"torch {env['torch']} ({args.threads} threads), batch {args.batch}, 3x{args.size}x{args.size}, "
              f"median of {args.repeats} runs after a warm-up, dense and CP taking turns in each round (in eager "
-             f"PyTorch and in ONNX Runtime alike, whose sessions do not spin-wait); ranks = compress_model(rank=fraction) rounded up "
+             "PyTorch and in ONNX Runtime alike, whose sessions do not spin-wait); ranks = "
+             "compress_model(rank=fraction) rounded up "
              f"to multiples of {args.rank_multiple}.", "",
              "`export_onnx` writes every CP layer as one depthwise conv (`merged`) or two (`two`), or, with "
              "the default `merge_depthwise=\"auto\"`, as the fastest whole model in ONNX Runtime of all "

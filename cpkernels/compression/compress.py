@@ -365,8 +365,9 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
 def slower_than_dense(conv: nn.Conv2d, decomposition: str, rank, input_shape: Sequence[int]) -> Optional[str]:
     """Why ``conv`` stays dense: its factored form at ``rank`` is not faster than it on ``input_shape`` by
     :data:`cpkernels.dispatch.measured.DENSE_MARGIN`, timed on the conv's device
-    (:func:`cpkernels.compression.ranks.latency_us`); None where it is. The timings are cached per shape and device, so a plan made in this process keeps its own; a plan read
-    from JSON (made on another machine, perhaps) is timed again here, where the model runs."""
+    (:func:`cpkernels.compression.ranks.latency_us`); None where it is. The timings are cached per shape and
+    device, so a plan made in this process keeps its own; a plan read from JSON (made on another machine,
+    perhaps) is timed again here, where the model runs."""
     dense_us = latency_us(conv, tuple(input_shape), None)
     factored_us = latency_us(conv, tuple(input_shape), rank)
     if fastest_keeping_dense({"dense": dense_us, "factored": factored_us}, "dense") == "factored":

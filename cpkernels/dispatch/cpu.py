@@ -19,7 +19,6 @@ Dense or staged is decided in one of two ways (``CPKERNELS_CPU_PLAN``, or :data:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -29,7 +28,7 @@ from torch import Tensor
 from cpkernels.core.conv_args import is_channels_last
 from cpkernels.core.cost import ConvShape
 from cpkernels.core.switches import cpu_plan_mode, cpu_plan_switch
-from cpkernels.dispatch.measured import fastest_keeping_dense, measure
+from cpkernels.dispatch.measured import fastest_keeping_dense, measure, plan_measures
 
 # The im2col depthwise conv: for at most this many intermediate channels (it does channels times the
 # depthwise MACs), and while its column buffer (kh*kw times the output) stays under this size; past
@@ -183,11 +182,7 @@ def measuring() -> bool:
     """:data:`MEASURE` if set, else ``CPKERNELS_CPU_PLAN``; left unset, it measures unless
     ``torch.use_deterministic_algorithms(True)`` asked for run-to-run identical results (a timed choice can
     differ between runs, and the two forms round differently)."""
-    if MEASURE is not None:
-        return MEASURE
-    if "CPKERNELS_CPU_PLAN" not in os.environ and torch.are_deterministic_algorithms_enabled():
-        return False
-    return cpu_plan_mode() == "measure"
+    return plan_measures(MEASURE, "CPKERNELS_CPU_PLAN", cpu_plan_mode)
 
 
 def clear_cache() -> None:

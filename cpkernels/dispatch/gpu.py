@@ -36,7 +36,6 @@ algorithms with the variable unset no measured choice is used, cached or not.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -46,7 +45,7 @@ from cpkernels.core.conv_args import is_channels_last
 from cpkernels.core.cost import ConvShape
 from cpkernels.core.switches import GPU_PLAN_MODES, gpu_plan_mode
 # AGREEMENT: part of this module's surface
-from cpkernels.dispatch.measured import AGREEMENT, fastest_keeping_dense, measure  # noqa: F401
+from cpkernels.dispatch.measured import AGREEMENT, fastest_keeping_dense, measure, plan_measures  # noqa: F401
 
 # The strategies, in the order the plan lists them. Every one computes F.conv2d with the reconstructed
 # weight, up to rounding (the tests compare each with a float64 oracle).
@@ -423,11 +422,7 @@ def measuring() -> bool:
     """Whether a new call signature is to be timed: :data:`MEASURE` if set, else ``CPKERNELS_GPU_PLAN``; left
     unset, it measures unless ``torch.use_deterministic_algorithms(True)`` asked for run-to-run identical
     results. Whether a call can time now is :func:`timing_impossible`."""
-    if MEASURE is not None:
-        return MEASURE
-    if "CPKERNELS_GPU_PLAN" not in os.environ and torch.are_deterministic_algorithms_enabled():
-        return False
-    return gpu_plan_mode() == "measure"
+    return plan_measures(MEASURE, "CPKERNELS_GPU_PLAN", gpu_plan_mode)
 
 
 def timing_impossible() -> bool:

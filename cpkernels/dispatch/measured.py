@@ -1,10 +1,12 @@
 """Measured choices, shared by the CPU and the GPU plans: run every candidate once, check that it computes
 what a reference computes, time it, and let the caller keep the fastest (``torch.backends.cudnn.benchmark``
-does the same for cuDNN's algorithms), dense where nothing beats it by :data:`DENSE_MARGIN`. A candidate that disagrees is never picked: by default it is an error;
+does the same for cuDNN's algorithms), dense where nothing beats it by
+:data:`DENSE_MARGIN`. A candidate that disagrees is never picked: by default it is an error;
 a caller that passes ``refused`` gets it left out of the times and recorded there instead.
 """
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Callable, Optional
 
@@ -17,6 +19,18 @@ from cpkernels.core.timing import cuda_median_seconds, median_seconds
 # (ResNet-18 in ONNX Runtime, batch 1), so a near tie that goes to the factored form can run slower than the dense
 # conv it replaced, while one that goes to dense costs at most this margin.
 DENSE_MARGIN = 0.05
+
+
+def plan_measures(override: Optional[bool], variable: str, mode: Callable[[], str]) -> bool:
+    """Whether a plan times a new call signature: ``override`` (its module's ``MEASURE``) if set, else ``mode()``
+    (the reading of ``variable``) is ``"measure"``; with ``variable`` unset, not under
+    ``torch.use_deterministic_algorithms(True)`` (a timed choice can differ between runs, and the candidates round
+    differently)."""
+    if override is not None:
+        return override
+    if variable not in os.environ and torch.are_deterministic_algorithms_enabled():
+        return False
+    return mode() == "measure"
 
 
 def fastest_keeping_dense(times: dict, dense: str, margin: float = DENSE_MARGIN) -> str:
