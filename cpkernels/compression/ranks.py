@@ -30,6 +30,7 @@ from cpkernels.compression.families.cp import EXACT
 from cpkernels.compression.knapsack import knapsack, scale_to_budget
 from cpkernels.core.timing import time_median
 from cpkernels.decompositions.whitening import input_whitening, whiten_input_mode
+from cpkernels.dispatch.measured import DENSE_MARGIN
 from cpkernels.factors import CPFactors, Tucker2Factors
 
 METRICS = ("macs", "params", "latency")
@@ -387,9 +388,11 @@ def _measure_costs(layer: _Layer, in_hw, batch, metric, families, rank_multiple,
     layer.ranks = [r for f in families for r in f.ladder(conv, ladder_dense, ladder_cost, rank_multiple, fractions,
                                                           max_rank)]
     if metric == "latency" and families:
-        layer.ranks = [r for r in layer.ranks if cost(r) < dense]
+        # the rule compress_model applies again (compress.slower_than_dense): faster than dense by the margin
+        layer.ranks = [r for r in layer.ranks if cost(r) < (1.0 - DENSE_MARGIN) * dense]
         if not layer.ranks:
-            layer.row["reason"] = f"dense: no candidate rank runs faster than dense on {conv.weight.device.type}"
+            layer.row["reason"] = (f"dense: no candidate rank runs {DENSE_MARGIN:.0%} faster than dense on "
+                                  f"{conv.weight.device.type}")
 
 
 def _dense_costs(plan: RankPlan, model, sizes, batch, metric) -> None:
