@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from cpkernels import apply_structure, export_onnx, resolve_rank
-from cpkernels.compression.convs import filter_reason
+from cpkernels.compression.compress import slower_than_dense
+from cpkernels.compression.convs import conv_input_sizes, filter_reason
 from cpkernels.core.timing import interleaved_median_seconds
 from cpkernels.tools.profile import environment
 
+from .decompose_timing import vgg16_features
 from .report import save_results
 
 FRACTIONS = (0.5, 0.25, 0.125)
@@ -66,8 +68,6 @@ def resnet18(classes: int = 1000) -> nn.Module:
 
 
 def vgg16(classes: int = 1000) -> nn.Module:
-    from .decompose_timing import vgg16_features
-
     return nn.Sequential(vgg16_features(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes))
 
 
@@ -82,6 +82,19 @@ def cp_structure(model: nn.Module, fraction: float, rank_multiple: int) -> dict[
             r = resolve_rank(fraction, tuple(m.weight.shape), m.groups)
             structure[name] = -(-r // rank_multiple) * rank_multiple
     return structure
+
+
+def kept_dense(model: nn.Module, structure: dict[str, int], input_shape) -> dict[str, str]:
+    """``{name: why}`` of the convs in ``structure`` whose CP form is not faster than the conv at ``input_shape``,
+    by the rule of ``compress_model(..., keep_dense_where_faster=True)`` (timed here, on random factors)."""
+    sizes = conv_input_sizes(model, input_shape)
+    kept = {}
+    for name, rank in structure.items():
+        conv = model.get_submodule(name)
+        why = slower_than_dense(conv, "cp", rank, (input_shape[0], conv.in_channels, *sizes[id(conv)]))
+        if why is not None:
+            kept[name] = why
+    return kept
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,7 +119,8 @@ def ort_session(path: str, threads: int):
 
 
 def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: int = 1, threads: int = 2,
-        repeats: int = 10, rank_multiple: int = 8, merge_both: bool = False, workdir=None) -> list[dict]:
+        repeats: int = 10, rank_multiple: int = 8, merge_both: bool = False, keep_dense: bool = False,
+        workdir=None) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,8 +136,14 @@ def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: i
             for fraction in fractions:
                 structure = cp_structure(dense, fraction, rank_multiple)
                 cp = apply_structure(copy.deepcopy(dense), structure).eval()  # random factors at these ranks
+                calls = {"dense": lambda: dense(x), "cp": lambda: cp(x)}
+                kept = kept_dense(dense, structure, tuple(x.shape)) if keep_dense else {}
+                if keep_dense:  # the convs whose CP form does not win stay nn.Conv2d
+                    cp_kept = apply_structure(copy.deepcopy(dense), {n: r for n, r in structure.items()
+                                                                     if n not in kept}).eval()
+                    calls["cp_kept"] = lambda: cp_kept(x)
                 with torch.inference_mode():
-                    eager = interleaved_ms({"dense": lambda: dense(x), "cp": lambda: cp(x)}, repeats)
+                    eager = interleaved_ms(calls, repeats)
                 eager_dense, eager_cp = eager["dense"], eager["cp"]
                 for merge in (("auto", True, False) if merge_both else ("auto",)):
                     path = os.path.join(workdir, f"{net}_{fraction}_{merge}.onnx")
@@ -145,6 +165,10 @@ def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: i
                         "eager_dense_ms": round(eager_dense, 2),
                         "eager_cp_ms": round(eager_cp, 2) if first else None,
                         "eager_speedup": round(eager_dense / eager_cp, 2) if first else None,
+                        "eager_kept_ms": round(eager["cp_kept"], 2) if first and keep_dense else None,
+                        "eager_kept_speedup": round(eager_dense / eager["cp_kept"], 2) if first and keep_dense
+                        else None,
+                        "kept_dense": kept, "factored": len(structure) - len(kept),
                         "onnx_vs_eager_rel_diff": max_diff,
                         "chosen": plan["chosen"],
                         "forms": {f: sum(v == f for v in plan["forms"].values()) for f in ("merged", "two", "dense")},
@@ -153,6 +177,7 @@ def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: i
 
 
 def to_markdown(rows: list[dict], env: dict, args) -> str:
+    # the export extra is optional: imported on first use
     import onnxruntime as ort
 
     lines = [f"# ONNX Runtime against PyTorch eager: {env['device']}", "",
@@ -166,20 +191,27 @@ def to_markdown(rows: list[dict], env: dict, args) -> str:
              "the default `merge_depthwise=\"auto\"`, as the fastest whole model in ONNX Runtime of all "
              "merged, all two, all dense (the reconstructed weights) and each layer in its own fastest form "
              "(the last column: the candidate chosen, and its layers per form). Eager PyTorch runs the CP "
-             "model as it is (every layer CP, the CPU path).", "",
+             "model as it is (every layer CP, the CPU path). With --keep-dense, *kept* is the CP model with "
+             "nn.Conv2d put back where the CP form was not 5 % faster than the conv, timed per layer "
+             "(`compress_model(..., keep_dense_where_faster=True)`'s rule), and *convs kept* counts them.", "",
              "| network | fraction | export | ORT dense ms | ORT CP ms | ORT speed-up | eager dense ms | eager CP ms "
-             "| eager speed-up | ORT / eager speed-up | auto: chosen, merged / two / dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| eager speed-up | eager kept ms | eager kept speed-up | convs kept | ORT / eager speed-up "
+             "| auto: chosen, merged / two / dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eager = [r["eager_dense_ms"], r["eager_cp_ms"], r["eager_speedup"]]
         ratio = "" if r["eager_speedup"] is None else f"{r['ort_speedup'] / r['eager_speedup']:.2f}"
         export = {"auto": "auto", True: "merged", False: "two"}[r["merge_depthwise"]]
         forms = (f"{r['chosen']}: " + " / ".join(str(r["forms"][f]) for f in ("merged", "two", "dense"))
                  if export == "auto" else "")
+        kept = ("", "", "") if r.get("eager_kept_ms") is None else (
+            str(r["eager_kept_ms"]), f"{r['eager_kept_speedup']}x",
+            f"{len(r['kept_dense'])} of {len(r['kept_dense']) + r['factored']}")
         lines.append(f"| {r['network']} | {r['fraction']} | {export} | "
                      f"{r['ort_dense_ms']} | {r['ort_cp_ms']} | {r['ort_speedup']}x | "
                      + " | ".join("" if v is None else str(v) for v in eager[:2])
-                     + f" | {'' if eager[2] is None else str(eager[2]) + 'x'} | {ratio} | {forms} |")
+                     + f" | {'' if eager[2] is None else str(eager[2]) + 'x'} | " + " | ".join(kept)
+                     + f" | {ratio} | {forms} |")
     return "\n".join(lines) + "\n"
 
 
@@ -200,9 +232,11 @@ def main(argv=None) -> int:
     parser = network_arguments(__doc__.splitlines()[0])
     parser.add_argument("--rank-multiple", type=int, default=8)
     parser.add_argument("--merge-both", action="store_true")
+    parser.add_argument("--keep-dense", action="store_true",
+                        help="also time the CP model with nn.Conv2d kept where its CP form is not faster")
     args = parser.parse_args(argv)
     rows = run(args.networks, args.fractions, args.size, args.batch, args.threads, args.repeats, args.rank_multiple,
-               args.merge_both)
+               args.merge_both, args.keep_dense)
     env = environment("cpu")
     save_results(args.out, "onnx_speed", {"environment": env, "arguments": vars(args), "rows": rows},
                  to_markdown(rows, env, args))
