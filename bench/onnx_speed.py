@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from cpkernels import apply_structure, export_onnx, resolve_rank
-from cpkernels.compression.compress import slower_than_dense
-from cpkernels.compression.convs import conv_input_sizes, filter_reason
+from cpkernels.compression.compress import convs_kept_dense
+from cpkernels.compression.convs import filter_reason
 from cpkernels.core.timing import interleaved_median_seconds
 from cpkernels.tools.profile import environment
 
@@ -84,19 +84,6 @@ def cp_structure(model: nn.Module, fraction: float, rank_multiple: int) -> dict[
     return structure
 
 
-def kept_dense(model: nn.Module, structure: dict[str, int], input_shape) -> dict[str, str]:
-    """``{name: why}`` of the convs in ``structure`` whose CP form is not faster than the conv at ``input_shape``,
-    by the rule of ``compress_model(..., keep_dense_where_faster=True)`` (timed here, on random factors)."""
-    sizes = conv_input_sizes(model, input_shape)
-    kept = {}
-    for name, rank in structure.items():
-        conv = model.get_submodule(name)
-        why = slower_than_dense(conv, "cp", rank, (input_shape[0], conv.in_channels, *sizes[id(conv)]))
-        if why is not None:
-            kept[name] = why
-    return kept
-
-
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
@@ -137,7 +124,7 @@ def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: i
                 structure = cp_structure(dense, fraction, rank_multiple)
                 cp = apply_structure(copy.deepcopy(dense), structure).eval()  # random factors at these ranks
                 calls = {"dense": lambda: dense(x), "cp": lambda: cp(x)}
-                kept = kept_dense(dense, structure, tuple(x.shape)) if keep_dense else {}
+                kept = convs_kept_dense(dense, structure, tuple(x.shape)) if keep_dense else {}
                 if keep_dense:  # the convs whose CP form does not win stay nn.Conv2d
                     cp_kept = apply_structure(copy.deepcopy(dense), {n: r for n, r in structure.items()
                                                                      if n not in kept}).eval()

@@ -5,7 +5,7 @@ pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime, 
 pytest.importorskip("onnxscript", reason="the export extra (onnx, onnxruntime, onnxscript) is not installed")
 
 # after the skips: the benchmark needs the export extra
-from bench.onnx_speed import NETWORKS, cp_structure, kept_dense, run, to_markdown  # noqa: E402
+from bench.onnx_speed import NETWORKS, cp_structure, run, to_markdown  # noqa: E402
 
 
 def test_onnx_speed_rows_are_complete_and_the_exports_match_eager():
@@ -25,21 +25,3 @@ def test_onnx_speed_rows_are_complete_and_the_exports_match_eager():
 
     assert "ORT speed-up" in to_markdown(rows, {"device": "cpu", "torch": "x"}, Args)
     assert "eager kept speed-up" in to_markdown(rows, {"device": "cpu", "torch": "x"}, Args)
-
-
-def test_kept_dense_asks_each_conv_at_the_input_it_sees(monkeypatch):
-    asked = {}
-
-    def slower(conv, decomposition, rank, input_shape):  # stands for the timing: keeps the convs of 16x16 inputs
-        asked[id(conv)] = (decomposition, rank, tuple(input_shape))
-        return "slower" if input_shape[-1] == 16 else None
-
-    monkeypatch.setattr("bench.onnx_speed.slower_than_dense", slower)
-    model = NETWORKS["vgg16"]()
-    structure = cp_structure(model, 0.25, 8)
-    kept = kept_dense(model, structure, (2, 3, 32, 32))
-    first = model.get_submodule(next(iter(structure)))
-    assert asked[id(first)] == ("cp", structure[next(iter(structure))], (2, first.in_channels, 32, 32))
-    assert len(asked) == len(structure)
-    assert kept and set(kept) == {n for n in structure if asked[id(model.get_submodule(n))][2][-1] == 16}
-

@@ -10,6 +10,7 @@ import cpkernels
 from bench.rank_methods import compare
 from cpkernels import RankPlan, compress_model, plan_ranks
 from cpkernels.compression import ranks as rank_plans
+from cpkernels.compression.compress import convs_kept_dense
 from cpkernels.compression.knapsack import knapsack
 from cpkernels.dispatch.measured import DENSE_MARGIN
 
@@ -179,6 +180,18 @@ def test_data_plan_factors_minimise_the_output_error_on_calibration_inputs():
     assert err["data"] < err["weight"], err
 
 
+def test_a_fully_convolutional_network_plans_at_its_input_size_from_smaller_calibration_crops():
+    """The costs are the input size's (4x the crops' MACs per conv at twice the side), the statistics the crops':
+    the same ranks as a plan sized by the crops themselves, since the ladder is a fraction of each conv's MACs."""
+    model = small_net()
+    crops = [c[..., :8, :8] for c in _calibration()]
+    at_size = plan_ranks(model, 0.3, method="data", calibration=crops, input_size=(1, 3, 16, 16), progress=False)
+    at_crops = plan_ranks(model, 0.3, method="data", calibration=crops, progress=False)
+    assert at_size.structure == at_crops.structure
+    for big, small in zip(at_size.rows, at_crops.rows):
+        assert big["cost_before"] == 4 * small["cost_before"]  # MACs per image
+
+
 def test_latency_plan_keeps_slower_layers_dense_and_caches_timings(monkeypatch):
     """A fake clock: dense costs 100 per conv; a CP layer costs 2 per rank unit, so only small ranks win."""
     calls = []
@@ -255,6 +268,39 @@ def test_compress_keeps_the_dense_conv_where_the_factored_form_is_slower_here(mo
             f"dense: rank {rank} ran {2.0 * rank:,.1f} µs against the dense conv's 100.0 µs on cpu, input 2x")
     with pytest.raises(ValueError, match="keep_dense_where_faster=True needs input_size or example_inputs"):
         compress_model(model, rank=ranks, keep_dense_where_faster=True)
+
+
+def test_convs_kept_dense_names_what_keep_dense_where_faster_keeps(monkeypatch):
+    """The same fake clock as above, a Tucker-2 pair among the ranks: ``convs_kept_dense`` names the convs that
+    ``compress_model(keep_dense_where_faster=True)`` keeps, with the report's reason, each timed at its own input,
+    and refuses a conv the input does not reach."""
+    shapes = []
+
+    def fake(layer, x):
+        shapes.append(tuple(x.shape))
+        return 100.0 if isinstance(layer, nn.Conv2d) else 2.0 * (layer.rank if isinstance(layer.rank, int)
+                                                                   else sum(layer.rank))
+    monkeypatch.setattr(rank_plans, "_LATENCY_US", {})
+    monkeypatch.setattr(rank_plans, "_time_layer", fake)
+    model = small_net()
+    ranks = {"0": 8, "2": 60, "4": (20, 28), "6": (12, 16)}  # (20, 28): 96 against 100, a near tie
+    kept = convs_kept_dense(model, ranks, (2, 3, 16, 16))
+    _, report = compress_model(model, rank=ranks, input_size=(2, 3, 16, 16), keep_dense_where_faster=True,
+                               progress=False, n_iter_max=2)
+    assert kept == {r["name"]: r["skipped"] for r in report.rows if r["name"] in ranks and r["skipped"]}
+    assert set(kept) == {"2", "4"} and "rank 20x28 ran 96.0 µs" in kept["4"]
+    assert set(shapes) == {(2, 3, 16, 16), *((2, model.get_submodule(n).in_channels, 16, 16) for n in "246")}
+
+    class OneBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+
+        def forward(self, x):
+            return self.a(x)
+
+    with pytest.raises(ValueError, match="'b' is not reached by an input of shape"):
+        convs_kept_dense(OneBranch(), {"b": 4}, (1, 3, 8, 8))
 
 
 def test_latency_plan_on_this_machine_is_measured_and_within_budget():

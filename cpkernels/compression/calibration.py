@@ -39,8 +39,10 @@ def batch_args(batch, k: int, what: str = "calibration batch") -> tuple:
 
 def as_batches(calibration: Iterable, input_shape: Optional[Sequence[int]] = None) -> list[tuple]:
     """The calibration batches as argument tuples, checked before any work: at least one, every batch a
-    tensor (or a tuple of them) whose shape matches the first's, and ``input_shape`` where given, in
-    all but the batch dimension."""
+    tensor (or a tuple of them) whose shape matches the first's in all but the batch dimension, and whose
+    first input has ``input_shape``'s channels where that is given. Only the channels: the statistics
+    gathered are per channel, so a fully convolutional network planned for 416x640 may be calibrated on
+    smaller crops (a network that cannot run them says so when it is run)."""
     if calibration is None:
         raise ValueError("method='data' needs calibration: an iterable of input batches")
     if isinstance(calibration, (Tensor, tuple)):
@@ -49,13 +51,14 @@ def as_batches(calibration: Iterable, input_shape: Optional[Sequence[int]] = Non
     batches = []
     for k, batch in enumerate(calibration):
         args = batch_args(batch, k)
-        expected = [tuple(a.shape[1:]) for a in batches[0]] if batches else None
-        if input_shape is not None and expected is None:
-            expected = [tuple(input_shape[1:])]
         got = [tuple(a.shape[1:]) for a in args]
-        if expected is not None and got[:len(expected)] != expected:
+        if batches and got != [tuple(a.shape[1:]) for a in batches[0]]:
             raise ValueError(f"calibration batch {k} has shape {[tuple(a.shape) for a in args]}, expected "
-                             f"[N, {', '.join(map(str, expected[0]))}] like the model's other inputs")
+                             f"[N, {', '.join(map(str, batches[0][0].shape[1:]))}] like the other batches")
+        if input_shape is not None and tuple(args[0].shape[1:2]) != tuple(input_shape[1:2]):
+            raise ValueError(f"calibration batch {k} has shape {tuple(args[0].shape)}, expected "
+                             f"[N, {input_shape[1]}, ...]: the {input_shape[1]} channels of the input size "
+                             f"{tuple(input_shape)}")
         batches.append(args)
     if not batches:
         raise ValueError("calibration is empty: give at least one input batch")

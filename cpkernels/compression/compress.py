@@ -376,6 +376,25 @@ def slower_than_dense(conv: nn.Conv2d, decomposition: str, rank, input_shape: Se
             f"conv's {dense_us:,.1f} µs on {conv.weight.device.type}, input {'x'.join(map(str, input_shape))}")
 
 
+def convs_kept_dense(model: nn.Module, structure: Mapping[str, Union[int, tuple[int, int]]],
+                     input_shape: Sequence[int]) -> dict[str, str]:
+    """``{name: why}`` of the convs of ``model`` in ``structure`` (conv name -> rank, any family's) that
+    ``compress_model(..., keep_dense_where_faster=True)`` would keep as ``nn.Conv2d`` on ``input_shape``: those
+    whose factored form at that rank is not faster than the conv (:func:`slower_than_dense`), each timed at the
+    input it sees in ``model``. Nothing is decomposed (the time does not depend on the factors' values)."""
+    sizes = conv_input_sizes(model, tuple(input_shape))
+    kept = {}
+    for name, rank in structure.items():
+        conv = model.get_submodule(name)
+        if id(conv) not in sizes:
+            raise ValueError(f"{name!r} is not reached by an input of shape {tuple(input_shape)}")
+        why = slower_than_dense(conv, family_for(conv, rank).name, rank,
+                                (input_shape[0], conv.in_channels, *sizes[id(conv)]))
+        if why is not None:
+            kept[name] = why
+    return kept
+
+
 def apply_structure(model: nn.Module, structure: Union[CompressionReport, Mapping[str, int]]) -> nn.Module:
     """Give ``model`` the structure of a compression (in place), so a saved ``state_dict`` loads.
 
