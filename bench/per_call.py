@@ -8,10 +8,13 @@ autograd, the median per-call time of:
   works out the checks and the plan on every call, as every layer call did before they were memoised;
 - ``impl``: the implementation the CPU plan chose, called directly with the normalised arguments (the CPU
   plan's arrangement, e.g. ``cp_conv2d_arranged``), i.e. the torch ops the layer runs and their own Python;
-- ``conv``: the ``nn.Conv2d`` the layer stands for.
+- ``conv``: the ``nn.Conv2d`` the layer stands for;
+- ``module``: an ``nn.Identity`` call, i.e. what torch's ``nn.Module.__call__`` costs any module on this machine
+  (``nn.Conv2d`` pays it too).
 
-``layer - impl`` is this package's per-call work. The candidates are timed interleaved, round by round, so load
-from other processes falls on each alike; the load average before and after is recorded.
+``layer - impl`` is the layer's per-call work above the ops it runs, torch's module call included;
+``layer - impl - module`` is this package's own share of it. The candidates are timed interleaved, round by
+round, so load from other processes falls on each alike; the load average before and after is recorded.
 
     python -m bench.per_call --out bench/results/cpu-intel-xeon-avx512-2core
 """
@@ -83,7 +86,7 @@ def run(calls: int = 300, rounds: int = 41, threads: int = 1) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     load_before = os.getloadavg()
-    rows = []
+    rows, empty = [], nn.Identity()
     for family, (layer, functional, conv) in layers().items():
         for grad in (False, True):
             layer.requires_grad_(grad)
@@ -97,12 +100,15 @@ def run(calls: int = 300, rounds: int = 41, threads: int = 1) -> dict:
                                                      layer.dilation, layer.padding_mode, layer.backend),
                     "impl": impl,
                     "conv": lambda: conv(x),
+                    "module": lambda: empty(x),
                 }
                 us, cpu_us = per_call_us(fns, calls, rounds)
             rows.append({"family": family, "autograd": grad, "arrangement": arrangement,
                          **{f"{k}_us": v for k, v in us.items()}, **{f"{k}_cpu_us": v for k, v in cpu_us.items()},
                          "own_work_us": round(us["layer"] - us["impl"], 2),
-                         "own_work_cpu_us": round(cpu_us["layer"] - cpu_us["impl"], 2)})
+                         "own_work_cpu_us": round(cpu_us["layer"] - cpu_us["impl"], 2),
+                         "beyond_module_us": round(us["layer"] - us["impl"] - us["module"], 2),
+                         "beyond_module_cpu_us": round(cpu_us["layer"] - cpu_us["impl"] - cpu_us["module"], 2)})
     return {"rows": rows, "input": [1, CHANNELS, SIZE, SIZE], "calls": calls, "rounds": rounds, "threads": threads,
             "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in os.getloadavg()], "environment": environment("cpu")}
@@ -117,13 +123,17 @@ def to_markdown(data: dict) -> str:
         f"{data['load_average_after']} after)",
         "",
         "Wall-clock µs, with this thread's CPU time in brackets (a loaded machine's waits for a core inflate the "
-        "first, not the second). layer − impl: this package's own work per call.",
+        "first, not the second). layer − impl: the layer's work per call above the ops it runs; module: an "
+        "nn.Identity call (torch's nn.Module.__call__, which every module pays); layer − impl − module: this "
+        "package's own share.",
         "",
-        "| family | autograd | CPU plan | layer | functional (unmemoised) | impl | nn.Conv2d | layer − impl |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | autograd | CPU plan | layer | functional (unmemoised) | impl | nn.Conv2d | module | layer − impl "
+        "| layer − impl − module |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
-        cells = [f"{r[k + '_us']} ({r[k + '_cpu_us']})" for k in ("layer", "functional", "impl", "conv", "own_work")]
+        cells = [f"{r[k + '_us']} ({r[k + '_cpu_us']})"
+                 for k in ("layer", "functional", "impl", "conv", "module", "own_work", "beyond_module")]
         lines.append(f"| {r['family']} | {'yes' if r['autograd'] else 'no'} | {r['arrangement']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

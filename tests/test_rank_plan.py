@@ -238,12 +238,17 @@ def test_latency_plan_from_another_machine_puts_the_dense_conv_back_where_it_is_
     rows = {r["name"]: r for r in report.rows}
     for name, rank in planned.items():
         layer = compressed.get_submodule(name)
+        conv = model.get_submodule(name)  # every conv of small_net sees 16x16: its MACs per image in the report
+        dense_macs = conv.weight.numel() * 16 * 16
+        assert rows[name]["macs_before"] == dense_macs
         if per_rank * rank < (1 - DENSE_MARGIN) * 100.0:  # a near tie goes to dense
             assert isinstance(layer, cpkernels.CPConv2d) and layer.rank == rank
+            assert rows[name]["macs_after"] == rank * (conv.in_channels + sum(conv.kernel_size)
+                                                       + conv.out_channels) * 16 * 16
         else:
             assert type(layer) is nn.Conv2d and layer.weight is not model.get_submodule(name).weight
             assert torch.equal(layer.weight, model.get_submodule(name).weight)
-            assert rows[name]["rank"] is None
+            assert rows[name]["rank"] is None and rows[name]["macs_after"] == dense_macs
             assert rows[name]["skipped"].startswith(f"dense: rank {rank} ran {per_rank * rank:,.1f} µs against the "
                                                     "dense conv's 100.0 µs on cpu, input 2x")
 

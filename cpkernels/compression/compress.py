@@ -341,7 +341,9 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
     report = CompressionReport()
     for planned in plan.rows:
         conv = model.get_submodule(planned["name"])
-        row = layer_row(planned["name"], conv, None, planned["reason"])
+        # a latency plan recorded the input each considered conv was timed at: its MACs there go in the report
+        shape = conv_shape(conv, tuple(planned["input_shape"][2:])) if planned.get("input_shape") else None
+        row = layer_row(planned["name"], conv, shape, planned["reason"])
         # A whole-network plan holds every conv's dense MACs; an older one only the considered convs'.
         if plan.metric == "macs" and (planned["considered"] or plan.budget_over == "network"):
             row.update(macs_before=planned["cost_before"], macs_after=planned["cost_before"])
@@ -354,7 +356,7 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
             factors = plan.factors.get(planned["name"])
             layer = (family.module.from_conv(conv, family.normalise(planned["rank"]), backend=backend)
                      if factors is None else family.from_factors(factors, conv, backend))
-            factored_row(row, conv, layer, None, time.perf_counter() - start)
+            factored_row(row, conv, layer, shape, time.perf_counter() - start)
             if plan.metric == "macs":
                 row.update(macs_before=planned["cost_before"], macs_after=planned["cost_after"])
             replace_everywhere(model, names_of[id(conv)], layer)

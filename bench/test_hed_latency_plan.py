@@ -1,0 +1,42 @@
+"""Smoke test of bench/hed_latency_plan.py at a tiny size on HED's real weights: a latency plan and a MAC plan end
+to end (planning by real timings, compression, F1, the interleaved timing and the table)."""
+import json
+
+import pytest
+
+from bench import hed_latency_plan, hed_methods
+from cpkernels.tools import hed
+
+pytest.importorskip("h5py", reason="HED's weights are read with h5py")
+pytest.importorskip("skimage", reason="the calibration photos ship with scikit-image")
+pytest.importorskip("sklearn", reason="the judging photos ship with scikit-learn")
+try:
+    hed.hed_weights_path()
+except FileNotFoundError as error:
+    pytest.skip(str(error), allow_module_level=True)
+
+
+def test_a_latency_plan_and_a_mac_plan_end_to_end(tmp_path, monkeypatch):
+    for key, value in dict(calibration_photos=hed.CALIBRATION_PHOTOS[:1], calibration_size=(32, 48), size=(48, 64),
+                           n_iter_max=1, ladder=(0.2, 0.1)).items():
+        monkeypatch.setitem(hed_methods.SETTINGS, key, value)
+    monkeypatch.setitem(hed_latency_plan.SETTINGS, "ladder", (0.3, 0.1))
+    monkeypatch.setitem(hed_latency_plan.SETTINGS, "runs", 1)
+    args = ["--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--budgets", "0.9", "--macs",
+            "cp-uniform-0.25"]
+    assert hed_latency_plan.main(args) == 0
+    data = json.loads((tmp_path / "hed_latency_plan.json").read_text())
+    rows = {r["config"]: r for r in data["rows"]}
+    assert list(rows) == ["latency-0.9", "cp-uniform-0.25"]
+    latency = rows["latency-0.9"]
+    assert 0 < latency["time_fraction"] <= 0.9 and 0 < latency["macs_fraction"] <= 1
+    assert set(latency["ranks"]) == set(hed.CONV_NAMES) and sum(latency["forms"].values()) == len(hed.CONV_NAMES)
+    assert set(latency["forms"]) <= {"cp", "tucker2", "dense"} and latency["ranks"]["conv1_1"] is None  # skip_first
+    for r in rows.values():
+        assert all(0 <= f <= 1 for f in r["f1"].values()) and set(r["f1"]) == set(hed.JUDGING_PHOTOS)
+        assert r["plan_s"] > 0 and r["dense_ms"] > 0 and r["compressed_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["compressed_ms"])
+    table = (tmp_path / "hed_latency_plan.md").read_text()
+    assert "| latency, auto | 0.9 |" in table and "| cp-uniform (MACs) | 0.25 |" in table
+    with pytest.raises(SystemExit, match="a budget is a fraction"):
+        hed_latency_plan.main(["--budgets", "1.5"])
