@@ -124,10 +124,18 @@ def test_sensitivity_is_zero_for_a_conv_the_output_ignores():
         pytest.param(torch.randn(2, 3, 6, 6), None, TypeError, "wrap it in a list", id="bare-tensor"),
         pytest.param([torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6)], None, ValueError, "batch 1 has shape",
                      id="inconsistent"),
-        pytest.param([torch.randn(2, 3, 6, 6)], (1, 3, 8, 8), ValueError, "batch 0 has shape", id="not-input-size"),
+        pytest.param([torch.randn(2, 3, 6, 6)], (1, 4, 6, 6), ValueError, r"batch 0 has shape .*\[N, 4, \.\.\.\]",
+                     id="not-the-input-channels"),
         pytest.param(["x"], None, TypeError, "tensor or a tuple", id="not-a-tensor"),
     ],
 )
 def test_bad_calibration_is_a_clear_error(calibration, shape, error, match):
     with pytest.raises(error, match=match):
         as_batches(calibration, shape)
+
+
+def test_calibration_may_be_smaller_crops_than_the_input_size():
+    """Only the channels must match the input size: the statistics are per channel."""
+    crops = [torch.randn(2, 3, 6, 6), torch.randn(1, 3, 6, 6)]
+    batches = as_batches(crops, (1, 3, 416, 640))
+    assert [b[0] is c for b, c in zip(batches, crops)] == [True, True]
