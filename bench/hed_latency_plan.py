@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from cpkernels import compress_model, plan_ranks
-from cpkernels.compression.convs import conv_input_sizes, conv_shape
 from cpkernels.tools import hed
 from cpkernels.tools.profile import environment
 
@@ -66,11 +65,7 @@ def latency_hed(model: nn.Module, budget: float) -> tuple[nn.Module, dict]:
     plan_s = time.perf_counter() - start
     planned = hed_rows(plan.rows)
     done = {r["name"]: r for r in hed_rows(report.rows)}
-    sizes = conv_input_sizes(model, size)
-    for name, r in done.items():  # a conv the plan did not consider (the first) has no MACs in the report
-        if r["macs_before"] is None:
-            conv = model.get_submodule(name)
-            r["macs_before"] = r["macs_after"] = conv_shape(conv, sizes[id(conv)]).dense_macs()
+    ranked = {r["name"] for r in planned if r["rank"] is not None}
     forms = {}
     for r in done.values():
         form = r["decomposition"] if r["rank"] is not None else "dense"
@@ -82,8 +77,7 @@ def latency_hed(model: nn.Module, budget: float) -> tuple[nn.Module, dict]:
         / sum(r["macs_before"] for r in done.values()),
         "forms": forms,
         "ranks": {n: list(r["rank"]) if isinstance(r["rank"], tuple) else r["rank"] for n, r in done.items()},
-        "kept_at_compress": {n: r["skipped"] for n, r in done.items()
-                             if r["rank"] is None and next(p for p in planned if p["name"] == n)["rank"] is not None},
+        "kept_at_compress": {n: r["skipped"] for n, r in done.items() if r["rank"] is None and n in ranked},
     }
 
 

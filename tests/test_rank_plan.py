@@ -215,6 +215,22 @@ def test_latency_plan_keeps_slower_layers_dense_and_caches_timings(monkeypatch):
     assert len(calls) == n  # every shape timed once
 
 
+def test_a_latency_plan_reports_the_macs_of_the_convs_it_leaves_out_too(monkeypatch):
+    """``skip_first``: the first conv is not considered, yet timed in the budget; the plan records its input
+    shape, so the report gives its MACs beside the planned convs'."""
+    monkeypatch.setattr(rank_plans, "_LATENCY_US", {})
+    monkeypatch.setattr(rank_plans, "_time_layer",
+                        lambda layer, x: 100.0 if isinstance(layer, nn.Conv2d) else 1.0)
+    model = small_net()
+    plan = plan_ranks(model, 0.9, metric="latency", input_size=(2, 3, 16, 16), skip_first=True, progress=False)
+    first = next(r for r in plan.rows if r["name"] == "0")
+    assert not first["considered"] and tuple(first["input_shape"]) == (2, 3, 16, 16)
+    _, report = compress_model(model, plan)
+    rows = {r["name"]: r for r in report.rows}
+    assert rows["0"]["rank"] is None and rows["0"]["macs_before"] == rows["0"]["macs_after"] == 16 * 3 * 9 * 16 * 16
+    assert all(r["macs_before"] is not None for r in report.rows)
+
+
 def test_latency_plan_from_another_machine_puts_the_dense_conv_back_where_it_is_slower_here(monkeypatch):
     """Planned under one clock (every CP layer fast), applied under another (CP slower than dense from rank 4 up):
     compress_model times each planned layer again on this device and keeps the slower ones as the original convs,

@@ -341,7 +341,7 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
     report = CompressionReport()
     for planned in plan.rows:
         conv = model.get_submodule(planned["name"])
-        # a latency plan recorded the input each considered conv was timed at: its MACs there go in the report
+        # a latency plan recorded the input each conv it reached was timed at: its MACs there go in the report
         shape = conv_shape(conv, tuple(planned["input_shape"][2:])) if planned.get("input_shape") else None
         row = layer_row(planned["name"], conv, shape, planned["reason"])
         # A whole-network plan holds every conv's dense MACs; an older one only the considered convs'.

@@ -410,7 +410,8 @@ def _dense_costs(plan: RankPlan, model, sizes, batch, metric) -> None:
         elif metric == "macs":
             cost = conv_shape(conv, in_hw).dense_macs()
         else:
-            cost = latency_us(conv, (batch, conv.in_channels, *in_hw), None)
+            row["input_shape"] = (batch, conv.in_channels, *in_hw)  # as a considered conv's: its MACs in the report
+            cost = latency_us(conv, row["input_shape"], None)
         row.update(cost_before=cost, cost_after=cost)
 
 
