@@ -7,13 +7,10 @@ import pytest
 
 from bench import hed_layers
 from cpkernels.ops.cp_arranged import merged_depthwise_weight
-from cpkernels.tools import hed
 
-pytest.importorskip("h5py", reason="HED's weights are read with h5py")
-try:
-    hed.hed_weights_path()
-except FileNotFoundError as error:
-    pytest.skip(str(error), allow_module_level=True)
+from .hed_smoke import skip_without_hed
+
+skip_without_hed(photos=False)
 
 LAYERS = ["conv1_1", "conv2_2"]  # conv1_1 is kept dense at cp-data-0.25
 ARGS = ["--size", "32", "48", "--threads", "1", "--runs", "1", "--layers", *LAYERS]

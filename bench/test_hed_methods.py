@@ -7,20 +7,14 @@ import pytest
 from bench import hed_methods
 from cpkernels.tools import hed
 
-pytest.importorskip("h5py", reason="HED's weights are read with h5py")
-pytest.importorskip("skimage", reason="the calibration photos ship with scikit-image")
-pytest.importorskip("sklearn", reason="the judging photos ship with scikit-learn")
+from .hed_smoke import skip_without_hed, tiny_settings
+
 pytest.importorskip("matplotlib", reason="the plot needs matplotlib")
-try:
-    hed.hed_weights_path()
-except FileNotFoundError as error:
-    pytest.skip(str(error), allow_module_level=True)
+skip_without_hed()
 
 
 def test_two_configurations_end_to_end(tmp_path, monkeypatch):
-    for key, value in dict(calibration_photos=hed.CALIBRATION_PHOTOS[:1], calibration_size=(48, 64), size=(48, 64),
-                           n_iter_max=1, ladder=(0.2, 0.1), runs=1).items():
-        monkeypatch.setitem(hed_methods.SETTINGS, key, value)
+    tiny_settings(monkeypatch, runs=1)
     args = ["--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--only", "cp-data-0.25", "cp-uniform-0.0625"]
     assert hed_methods.main(args) == 0
     data = json.loads((tmp_path / "hed_methods.json").read_text())
