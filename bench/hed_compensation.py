@@ -4,9 +4,11 @@
 
 For each budget and family: the plan of :mod:`bench.hed_methods` (``method="data"``, cached there), then
 :func:`cpkernels.compensate` on the same calibration batches (scikit-image's five photos and their mirrors at
-208x320; the last photo and its mirror held out to choose each layer's ridge), then :func:`cpkernels.distill` on
-random crops of those photos only. Each step's edge F1 against dense on scikit-learn's two photos at 416x640 (never
-seen), and the seconds it took (compensation and distillation on ``SETTINGS["threads"]`` threads).
+208x320; the last photo and its mirror held out to choose each layer's ridge) twice: every layer fitted to its
+conv's output (``relu_steps=0``), and, the default, the layers that only a ReLU reads fitted after it. Then
+:func:`cpkernels.distill` of the default's model on random crops of those photos only (``--steps 0``: none). Each
+step's edge F1 against dense on scikit-learn's two photos at 416x640 (never seen), and the seconds it took
+(compensation and distillation on ``SETTINGS["threads"]`` threads).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import time
 import torch
 
 from cpkernels import compensate, distill
+from cpkernels.compression.compensate import RELU_STEPS
 from cpkernels.tools import hed
 from cpkernels.tools.profile import environment
 
@@ -26,6 +29,8 @@ from .report import save_results
 BUDGETS = (0.25, 0.125, 0.0625)
 DECOMPOSITIONS = ("cp", "tucker2", "auto")
 DISTILL = dict(steps=120, lr=1e-5, crop=(160, 160), batch=2, seed=0)
+LAYER_KEYS = ("name", "fitted", "pixels", "unknowns", "ridge", "steps", "error_before", "error_after",
+              "holdout_before", "holdout_after", "refit")
 
 
 def crops(batches: list[torch.Tensor], n: int, size, batch: int, seed: int) -> list[torch.Tensor]:
@@ -59,19 +64,19 @@ def measure(budgets, decompositions, cache: str, distill_options: dict) -> list[
                 torch.set_num_threads(SETTINGS["threads"])
                 row = {"config": config_name(decomposition, "data", budget), "macs_fraction": info["macs_fraction"],
                        "plan_s": info["plan_s"], "f1_plan": edge_f1s(compressed, dense_maps, inputs)}
-                start = time.perf_counter()
-                compensated, report = compensate(compressed, model, batches, progress=False)
-                row.update(compensate_s=time.perf_counter() - start,
-                           f1_compensated=edge_f1s(compensated, dense_maps, inputs),
-                           layers=[{k: r[k] for k in ("name", "pixels", "unknowns", "ridge", "error_before",
-                                                      "error_after", "holdout_before", "holdout_after", "refit")}
-                                   for r in report.rows])
-                print(report, flush=True)
+                for key, steps in (("linear", 0), ("compensated", RELU_STEPS)):
+                    start = time.perf_counter()
+                    compensated, report = compensate(compressed, model, batches, relu_steps=steps, progress=False)
+                    row.update({f"{key}_s": time.perf_counter() - start,
+                                f"f1_{key}": edge_f1s(compensated, dense_maps, inputs),
+                                f"{key}_layers": [{k: r[k] for k in LAYER_KEYS} for r in report.rows]})
+                    print(report, flush=True)
                 o = distill_options
-                data = crops(batches, o["steps"], o["crop"], o["batch"], o["seed"])
-                result = distill(compensated, model, data, epochs=1, lr=o["lr"], progress=False)
-                row.update(distill_s=result.seconds, distill_loss=(result.first_loss, result.last_loss),
-                           f1_distilled=edge_f1s(compensated, dense_maps, inputs))
+                if o["steps"]:
+                    data = crops(batches, o["steps"], o["crop"], o["batch"], o["seed"])
+                    result = distill(compensated, model, data, epochs=1, lr=o["lr"], progress=False)
+                    row.update(distill_s=result.seconds, distill_loss=(result.first_loss, result.last_loss),
+                               f1_distilled=edge_f1s(compensated, dense_maps, inputs))
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
                 torch.set_num_threads(previous)
@@ -84,23 +89,27 @@ def to_markdown(rows: list[dict], env: dict, distill_options: dict) -> str:
     o = distill_options
     lines = [f"# HED's VGG-16: plan, compensation, distillation ({env['device']})", "",
              f"torch {env['torch']}, commit {env['git_commit'][:7]}. Plans: `bench.hed_methods` (method='data'). "
-             f"Compensation: calibration batches of the plan, the last photo and its mirror held out. Distillation: "
-             f"{o['steps']} steps of {o['batch']} random {o['crop'][0]}x{o['crop'][1]} crops of the calibration "
+             f"Compensation: calibration batches of the plan, the last photo and its mirror held out; every layer "
+             f"fitted to its conv's output (`relu_steps=0`), then the default (`relu_steps={RELU_STEPS}`: the layers "
+             f"only a ReLU reads fitted after it). Distillation (of the default's model): {o['steps']} steps of "
+             f"{o['batch']} random {o['crop'][0]}x{o['crop'][1]} crops of the calibration "
              f"photos, Adam lr {o['lr']:g}, relative MSE on the fused output. F1: edge F1 against dense on "
              f"scikit-learn's china / flower at {SETTINGS['size'][0]}x{SETTINGS['size'][1]}. Times on "
              f"{SETTINGS['threads']} threads (planning on {SETTINGS['plan_threads']}), with other jobs on the machine "
              "(see the load in hed_methods.md).", "",
-             "| family | budget | MACs kept | plan F1 | plan s | + compensation F1 | s | + distillation F1 | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| family | budget | MACs kept | plan F1 | plan s | + compensation, conv outputs F1 | s "
+             "| + compensation, after ReLU F1 | s | + distillation F1 | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f1(d):
         return f"{d['china']:.3f} / {d['flower']:.3f}"
 
     for r in rows:
         decomposition, _, budget = r["config"].split("-")
+        distilled = f"{f1(r['f1_distilled'])} | {r['distill_s']:.0f}" if "f1_distilled" in r else "- | -"
         lines.append(f"| {decomposition} | {budget} | {r['macs_fraction']:.3f} | {f1(r['f1_plan'])} | {r['plan_s']:.0f} "
-                     f"| {f1(r['f1_compensated'])} | {r['compensate_s']:.0f} | {f1(r['f1_distilled'])} "
-                     f"| {r['distill_s']:.0f} |")
+                     f"| {f1(r['f1_linear'])} | {r['linear_s']:.0f} | {f1(r['f1_compensated'])} "
+                     f"| {r['compensated_s']:.0f} | {distilled} |")
     return "\n".join(lines) + "\n"
 
 

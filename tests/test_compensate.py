@@ -11,7 +11,7 @@ from torch import nn
 import cpkernels
 import cpkernels.compression.compress
 from cpkernels import CPConv2d, SVDConv2d, TuckerConv2d, compensate, compress_model
-from cpkernels.compression.compensate import _Sums, intermediate
+from cpkernels.compression.compensate import _layer_pass, _Sums, intermediate
 from cpkernels.tools.digits import output_change
 
 from .oracle import TOLERANCE
@@ -80,6 +80,60 @@ def test_the_ridge_solve_is_least_squares_toward_the_current_factors(groups, bia
     assert sums.error(w) == pytest.approx(float(total / y.pow(2).sum()), rel=1e-10)
 
 
+def _relu_layer_case(seed: int = 0):
+    """A 3x3 conv read by a ReLU, its biases mostly negative so that the ReLU zeroes much of its output, the conv
+    compressed to rank 2, and calibration batches."""
+    torch.manual_seed(seed)
+    dense = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        dense[0].bias.uniform_(-1.5, 0.5)
+    compressed, _ = compress_model(dense, rank=2, progress=False, random_state=0)
+    return dense, compressed, [torch.randn(4, 6, 12, 12) for _ in range(4)]
+
+
+def test_the_one_sided_pass_against_the_float64_oracle():
+    """The pass at factors ``w``: its error is ``||relu(w z~) - relu(y)||^2`` and its sums are those of the
+    targets ``y`` where ``y > 0`` and ``min(w z~, 0)`` elsewhere, computed here directly in float64."""
+    dense, compressed, batches = _relu_layer_case()
+    layer = compressed.get_submodule("0")
+    w = torch.randn(1, 8, 3, dtype=torch.float64)
+    result = _layer_pass(compressed, dense, "0", [(b,) for b in batches], layer, w, one_sided=True)
+    x = torch.cat(batches)
+    with torch.no_grad():  # the pass's own float32 conv outputs, whose sums are then taken in float64 here
+        y = dense[0](x).double().permute(1, 0, 2, 3).reshape(8, -1)
+        z = intermediate(layer, x).double().permute(1, 0, 2, 3).reshape(2, -1)
+    z = torch.cat([z, torch.ones_like(z[:1])])  # [R+1, P]
+    prediction = w[0] @ z
+    target = torch.where(y > 0, y, prediction.clamp_max(0))
+    scale = float(z.abs().max() * max(y.abs().max(), prediction.abs().max()))
+    assert result.sums.pixels == x.shape[0] * 144
+    torch.testing.assert_close(result.sums.zz[0], z @ z.T, atol=1e-9 * scale * z.shape[1], rtol=0)
+    torch.testing.assert_close(result.sums.yz[0], target @ z.T, atol=1e-9 * scale * z.shape[1], rtol=0)
+    assert result.error == pytest.approx(float((prediction.clamp_min(0) - y.clamp_min(0)).pow(2).sum()), rel=1e-9)
+    assert result.norm == pytest.approx(float(y.clamp_min(0).pow(2).sum()), rel=1e-9)
+
+
+def test_a_layer_read_by_a_relu_is_fitted_after_it():
+    """On fresh inputs, the refit toward the ReLU's output leaves less error after the ReLU than the refit toward
+    the conv's output (measured: 0.59 against 0.73, the plan's own 0.73)."""
+    dense, compressed, batches = _relu_layer_case()
+    fresh = torch.randn(16, 6, 12, 12)
+
+    def error_after_relu(model):
+        with torch.no_grad():
+            out, target = F.relu(model[0](fresh)), F.relu(dense[0](fresh))
+        return float((out - target).pow(2).sum() / target.pow(2).sum())
+
+    plain, plain_report = compensate(compressed, dense, batches, relu_steps=0, progress=False)
+    relu, report = compensate(compressed, dense, batches, relu_steps=3, progress=False)
+    assert plain_report.rows[0]["fitted"] == "conv output"
+    (row,) = report.rows
+    assert row["fitted"] == "after ReLU" and row["refit"] and 1 <= row["steps"] <= 3
+    assert row["error_after"] < row["error_before"] and row["holdout_after"] < row["holdout_before"]
+    assert error_after_relu(relu) < 0.9 * min(error_after_relu(plain), error_after_relu(compressed))
+    assert "after ReLU" in str(report)
+
+
 @pytest.fixture
 def digits(compressed_digits):
     dense, compressed, x_train, x_test = compressed_digits
@@ -139,6 +193,9 @@ def test_bad_input_is_refused_before_any_work(digits):
         compensate(compressed, dense, [torch.randn(2, 3, 8, 8)] * 2, progress=False)
     with pytest.raises(ValueError, match="holdout must be a fraction"):
         compensate(compressed, dense, batches, holdout=1.0, progress=False)
+    for steps in (-1, True, 1.0):
+        with pytest.raises(ValueError, match="relu_steps must be an int >= 0"):
+            compensate(compressed, dense, batches, relu_steps=steps, progress=False)
     other = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1))
     with pytest.raises(ValueError, match="is it the model this one was compressed from"):
         compensate(compressed, other, batches, progress=False)

@@ -14,6 +14,11 @@ The output factor and the bias then have a closed form, ridge least squares towa
 accumulated as ``(R+1) x (R+1)`` and ``Cout x (R+1)`` sums per group over the calibration pixels, so memory does not
 grow with the data (Zhang et al., TPAMI 2016, "asymmetric reconstruction", for the output side).
 
+A layer whose output only a ReLU reads is fitted to the ReLU's output instead, since what the ReLU zeroes reaches
+no later layer (Zhang et al.'s "nonlinear" reconstruction): after the refit above, a few majorise-minimise steps,
+each the same closed form toward the ReLU's one-sided bound at the current factors (``y`` where ``y > 0``, else
+``min(A z + b, 0)``), each from one more pass over the batches.
+
 Overfitting is the danger: a refit on one photo and its mirror lowers every layer's calibration error and can
 lower an unseen photo's quality. So the last calibration batches are held out: the ridge is chosen on them, and a
 refit that does not lower their error is refused (the layer keeps its factors, and the report says so).
@@ -33,12 +38,29 @@ from tqdm.auto import tqdm
 from cpkernels.compression import batchnorm
 from cpkernels.compression.calibration import _ForwardHooks, _Kept, as_batches, run_batch
 from cpkernels.compression.families import family_of_layer
+from cpkernels.compression.relu import convs_read_by_relu
 from cpkernels.modules.factored import FactoredConv2d
 
 # Ridges to try, as multiples of the intermediate's mean energy per channel (trace(Gzz) / R over the pixels): a
 # scale-free grid from nearly plain least squares to nearly "keep the factors".
 RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 HOLDOUT = 0.25
+# Refits of a layer that only a ReLU reads, the first toward the conv's output: each costs one more pass over the
+# calibration batches (the report's "refits" column gives the one each layer kept).
+RELU_STEPS = 3
+
+
+def _grouped(t: Tensor, groups: int) -> Tensor:
+    """``[N, G*C, H, W]`` -> ``[G, C, N*H*W]`` in float64: one group's channels by its pixels."""
+    n = t.shape[0]
+    return t.to(torch.float64).reshape(n, groups, t.shape[1] // groups, -1).permute(1, 2, 0, 3).reshape(
+        groups, t.shape[1] // groups, -1)
+
+
+def _design(z: Tensor, groups: int) -> Tensor:
+    """The intermediate ``[N, G*R, H, W]`` as ``[G, R+1, P]``, with a row of ones for the bias."""
+    z = _grouped(z, groups)
+    return torch.cat([z, torch.ones_like(z[:, :1])], 1)
 
 
 @dataclass
@@ -56,11 +78,12 @@ class _Sums:
                    torch.zeros(groups, out_per_group, rank + 1, dtype=torch.float64, device=device))
 
     def add(self, z: Tensor, y: Tensor) -> None:
-        g, rank1 = self.zz.shape[:2]
-        n = z.shape[0]
-        z = z.to(torch.float64).reshape(n, g, rank1 - 1, -1).permute(1, 2, 0, 3).reshape(g, rank1 - 1, -1)
-        y = y.to(torch.float64).reshape(n, g, self.yz.shape[1], -1).permute(1, 2, 0, 3).reshape(g, self.yz.shape[1], -1)
-        z = torch.cat([z, torch.ones_like(z[:, :1])], 1)  # [G, R+1, P]: the bias's column
+        """Add the pixels of the intermediate ``z`` ``[N, G*R, H, W]`` and the target ``y`` ``[N, Cout, H, W]``."""
+        g = self.zz.shape[0]
+        self.add_grouped(_design(z, g), _grouped(y, g))
+
+    def add_grouped(self, z: Tensor, y: Tensor) -> None:
+        """Add the pixels of ``z`` ``[G, R+1, P]`` (:func:`_design`) and ``y`` ``[G, Cout/G, P]`` (:func:`_grouped`)."""
         self.zz += z @ z.transpose(1, 2)  # [G, R+1, P] @ [G, P, R+1] -> [G, R+1, R+1]
         self.yz += y @ z.transpose(1, 2)  # [G, Cout/G, P] @ [G, P, R+1] -> [G, Cout/G, R+1]
         self.yy += float(y.pow(2).sum())
@@ -94,21 +117,22 @@ class _Sums:
 
 @dataclass
 class CompensationReport:
-    """One row per factored layer, in forward order: its calibration pixels and its unknowns per output channel
-    (the rank, plus one for the bias: each output channel is a regression of its own on those pixels), the ridge
-    chosen, the relative output error ``||layer(x^) - y||^2 / ||y||^2`` on all calibration batches before and
-    after, the same on the held-out batches (after: of the refit on the other batches alone), and whether the refit
-    was kept."""
+    """One row per factored layer, in forward order: what it was fitted to (``"conv output"``, or ``"after ReLU"``
+    for a layer only a ReLU reads), its calibration pixels and its unknowns per output channel (the rank, plus one
+    for the bias: each output channel is a regression of its own on those pixels), the ridge chosen, the refits
+    kept (``steps``), the relative output error ``||layer(x^) - y||^2 / ||y||^2`` (after the ReLU:
+    ``||relu(layer(x^)) - relu(y)||^2 / ||relu(y)||^2``) on all calibration batches before and after, the same on
+    the held-out batches (after: of the refit on the other batches alone), and whether the refit was kept."""
 
     rows: list[dict] = field(default_factory=list)
 
     def __str__(self) -> str:
-        header = ("layer", "pixels", "unknowns per output", "ridge", "error before", "error after", "held-out before",
-                  "held-out after", "refit")
+        header = ("layer", "fitted", "pixels", "unknowns per output", "ridge", "refits", "error before", "error after",
+                  "held-out before", "held-out after", "refit")
         lines = [header]
         for r in self.rows:
-            lines.append((r["name"], f"{r['pixels']:,}", f"{r['unknowns']:,}",
-                          "" if r["ridge"] is None else f"{r['ridge']:g}", f"{r['error_before']:.4f}",
+            lines.append((r["name"], r["fitted"], f"{r['pixels']:,}", f"{r['unknowns']:,}",
+                          "" if r["ridge"] is None else f"{r['ridge']:g}", str(r["steps"]), f"{r['error_before']:.4f}",
                           f"{r['error_after']:.4f}", f"{r['holdout_before']:.4f}", f"{r['holdout_after']:.4f}",
                           "kept" if r["refit"] else f"refused: {r['reason']}"))
         widths = [max(len(line[k]) for line in lines) for k in range(len(header))]
@@ -168,6 +192,7 @@ def compensate(
     *,
     holdout: float = HOLDOUT,
     ridges: Sequence[float] = RIDGES,
+    relu_steps: int = RELU_STEPS,
     fold_batchnorm: bool = False,
     inplace: bool = False,
     progress: Optional[bool] = None,
@@ -183,6 +208,12 @@ def compensate(
             generalise. Keep a photo and its mirror together (they share one batch or sit side by side at the end).
         holdout: the fraction of the batches held out, in (0, 1).
         ridges: the ridges tried, as multiples of the intermediate's mean energy per channel.
+        relu_steps: a layer whose conv's output only a ReLU reads (in ``dense``, on the first batch:
+            :func:`cpkernels.compression.relu.convs_read_by_relu`) is fitted
+            to the ReLU's output, not the conv's: what the ReLU zeroes reaches no later layer. That takes this many
+            refits, the first toward the conv's output, each further one a majorise-minimise step toward the ReLU's
+            output, each from one more pass over the batches (the held-out batches pick the best); 0 fits every
+            layer to its conv's output, in one pass.
         fold_batchnorm: the dense model's BatchNorms folded into its convs first, as ``compress_model(...,
             fold_batchnorm=True)`` folded them (the targets are then the folded convs' outputs).
         inplace: refit ``compressed`` itself; by default a copy is refitted and ``compressed`` is left as it was.
@@ -194,6 +225,8 @@ def compensate(
     """
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
         raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
+    if isinstance(relu_steps, bool) or not isinstance(relu_steps, int) or relu_steps < 0:
+        raise ValueError(f"relu_steps must be an int >= 0, got {relu_steps!r}")
     if not ridges or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 for r in ridges):
         raise ValueError(f"ridges must be positive numbers, got {ridges!r}")
     if calibration is None:
@@ -216,28 +249,79 @@ def compensate(
         with torch.no_grad():
             fit, check = batches[:-held], batches[-held:]
             order = _forward_order(model, names, batches)
+            device = next(model.parameters()).device
+            read_by_relu = convs_read_by_relu(target, {n: target.get_submodule(n) for n in names},
+                                              tuple(a.to(device) for a in batches[0])) if relu_steps else set()
             for name in tqdm(order, desc="compensating", unit="layer",
                              disable=None if progress is None else not progress):
-                report.rows.append(_compensate_layer(model, target, name, fit, check, ridges))
+                report.rows.append(_compensate_layer(model, target, name, fit, check, ridges,
+                                                     relu_steps if name in read_by_relu else 0))
     finally:
         for m, training in flags.items():
             m.training = training
     return model, report
 
 
-def _layer_sums(model, target, name, batches, layer) -> _Sums:
+@dataclass
+class _Pass:
+    """One pass over some calibration batches: the sums a refit solves from, and, for a layer read by a ReLU, the
+    summed squared error after the ReLU of the factors the pass was made at, and the summed square of the target."""
+
+    sums: _Sums
+    error: float = 0.0
+    norm: float = 0.0
+
+    def relative_error(self) -> float:
+        return self.error / max(self.norm, 1e-300)
+
+
+def _layer_pass(model, target, name, batches, layer, w: Optional[Tensor] = None, one_sided: bool = False) -> _Pass:
+    """The layer's intermediate against the dense conv's output ``y`` over ``batches``, one batch at a time.
+
+    With ``w`` (``[A b]``, for a layer that only a ReLU reads) the pass also gives the error of ``w`` after the ReLU,
+    and with ``one_sided`` the targets are the ReLU's one-sided bound at ``w``: ``y`` where ``y > 0``, else
+    ``min(w z~, 0)``, since a prediction below zero there costs nothing after the ReLU. That bound's squared error
+    is at least ``||relu(W z~) - relu(y)||^2`` and equals it at ``W = w``, so that a solve from these sums lowers the
+    error after the ReLU (a majorise-minimise step)."""
     g, cout_g, rank = layer.factors.output.shape
     device = layer.factors.output.device
-    sums = _Sums.zeros(g, cout_g, rank, device)
+    result = _Pass(_Sums.zeros(g, cout_g, rank, device))
     for batch in batches:
         batch = tuple(a.to(device) for a in batch)  # one batch at a time on the models' device
-        y = _capture(target, name, batch, "output")
-        z = intermediate(layer, _capture(model, name, batch, "input"))
-        sums.add(z, y)
-    return sums
+        y = _grouped(_capture(target, name, batch, "output"), g)  # [G, Cout/G, P]
+        z = _design(intermediate(layer, _capture(model, name, batch, "input")), g)  # [G, R+1, P]
+        if w is not None:
+            prediction = w @ z  # [G, Cout/G, R+1] @ [G, R+1, P] -> [G, Cout/G, P]
+            result.error += float((prediction.clamp_min(0) - y.clamp_min(0)).pow(2).sum())
+            result.norm += float(y.clamp_min(0).pow(2).sum())
+            if one_sided:
+                y = torch.where(y > 0, y, prediction.clamp_max(0))
+        result.sums.add_grouped(z, y)
+    return result
 
 
-def _compensate_layer(model, target, name, fit, check, ridges) -> dict:
+def _best_ridge(fit: _Sums, check: _Sums, w0: Tensor, ridges, bias: bool) -> Optional[tuple[float, float]]:
+    """``(held-out error, ridge)`` of the ridge whose solve on ``fit`` has the least error on ``check``; None when
+    every solve was singular."""
+    candidates = []
+    for ridge in ridges:
+        try:
+            held_out = check.error(fit.solve(w0, ridge, bias))
+        except RuntimeError:  # torch.linalg.solve on a singular system: that ridge is too small
+            continue
+        if math.isfinite(held_out):
+            candidates.append((held_out, ridge))
+    return min(candidates) if candidates else None
+
+
+def _set_output(layer: FactoredConv2d, w: Tensor) -> None:
+    rank = layer.factors.output.shape[2]
+    layer.factors.output.copy_(w[:, :, :rank].to(layer.factors.output.dtype))
+    if layer.bias is not None:
+        layer.bias.copy_(w[:, :, rank].reshape(-1).to(layer.bias.dtype))
+
+
+def _compensate_layer(model, target, name, fit, check, ridges, relu_steps: int) -> dict:
     layer = model.get_submodule(name)
     output = layer.factors.output
     bias = layer.bias
@@ -245,24 +329,21 @@ def _compensate_layer(model, target, name, fit, check, ridges) -> dict:
     w0 = torch.cat([output.detach().to(torch.float64),
                     (torch.zeros(g, cout_g, 1, dtype=torch.float64, device=output.device) if bias is None
                      else bias.detach().to(torch.float64).reshape(g, cout_g, 1))], 2)
-    fit_sums, check_sums = _layer_sums(model, target, name, fit, layer), _layer_sums(model, target, name, check, layer)
-    every = fit_sums + check_sums
     # Each output channel is its own regression on the same pixels: R (+1 for the bias) unknowns against them.
-    row = {"name": name, "pixels": every.pixels, "unknowns": rank + (bias is not None), "ridge": None,
-           "error_before": every.error(w0), "holdout_before": check_sums.error(w0), "refit": False, "reason": ""}
+    row = {"name": name, "pixels": 0, "unknowns": rank + (bias is not None), "fitted": "conv output", "ridge": None,
+           "steps": 0, "refit": False, "reason": ""}
+    if relu_steps:
+        return _refit_through_relu(model, target, name, fit, check, ridges, relu_steps, layer, w0, row)
+    fit_sums = _layer_pass(model, target, name, fit, layer).sums
+    check_sums = _layer_pass(model, target, name, check, layer).sums
+    every = fit_sums + check_sums
+    row.update(pixels=every.pixels, error_before=every.error(w0), holdout_before=check_sums.error(w0))
     row.update(error_after=row["error_before"], holdout_after=row["holdout_before"])
-    candidates = []
-    for ridge in ridges:
-        try:
-            held_out = check_sums.error(fit_sums.solve(w0, ridge, bias is not None))
-        except RuntimeError:  # torch.linalg.solve on a singular system: that ridge is too small
-            continue
-        if math.isfinite(held_out):
-            candidates.append((held_out, ridge))
-    if not candidates:
+    choice = _best_ridge(fit_sums, check_sums, w0, ridges, bias is not None)
+    if choice is None:
         row["reason"] = "every solve was singular"
         return row
-    held_out, ridge = min(candidates)
+    held_out, ridge = choice
     if held_out >= row["holdout_before"]:
         row["reason"] = "it does not lower the held-out batches' error"
         return row
@@ -271,10 +352,49 @@ def _compensate_layer(model, target, name, fit, check, ridges) -> dict:
     if not error < row["error_before"]:  # the ridge solve cannot be worse in exact arithmetic; rounding can
         row["reason"] = "it does not lower the calibration error"
         return row
-    with torch.no_grad():
-        output.copy_(w[:, :, :rank].to(output.dtype))
-        if bias is not None:
-            bias.copy_(w[:, :, rank].reshape(-1).to(bias.dtype))
+    _set_output(layer, w)
     # held-out: the error of the refit on the other batches alone, the honest measure of what it generalises
-    row.update(ridge=ridge, error_after=error, holdout_after=held_out, refit=True)
+    row.update(ridge=ridge, error_after=error, holdout_after=held_out, steps=1, refit=True)
+    return row
+
+
+def _refit_through_relu(model, target, name, fit, check, ridges, steps: int, layer, w0: Tensor, row: dict) -> dict:
+    """A layer that only a ReLU reads: the refit to the conv's output, then ``steps - 1`` majorise-minimise refits
+    toward the ReLU's output, each from one more pass over the batches (:func:`_layer_pass`), fitted on ``fit``
+    with the ridge chosen on ``check`` at each step. Kept: the step with the least error after the ReLU on
+    ``check``, on which none was fitted; none, when no step beats the factors it started from there."""
+    bias = layer.bias is not None
+    row["fitted"] = "after ReLU"
+    w, ridge, best = w0, None, None
+    for step in range(steps + 1):
+        # the first solve fits the conv's output (the plain refit): a one-sided bound at the plan's factors would
+        # anchor the targets below zero at its poor predictions, and the steps from there climb slowly
+        fit_pass = _layer_pass(model, target, name, fit, layer, w, one_sided=step > 0)
+        check_pass = _layer_pass(model, target, name, check, layer, w, one_sided=step > 0)
+        error = (fit_pass.error + check_pass.error) / max(fit_pass.norm + check_pass.norm, 1e-300)
+        held_out = check_pass.relative_error()
+        if step == 0:
+            row.update(pixels=fit_pass.sums.pixels + check_pass.sums.pixels, error_before=error,
+                       holdout_before=held_out, error_after=error, holdout_after=held_out)
+        elif best is None or held_out < best[0]:
+            best = (held_out, error, w, ridge, step)
+        if step == steps:
+            break
+        choice = _best_ridge(fit_pass.sums, check_pass.sums, w0, ridges, bias)
+        if choice is None:
+            break
+        ridge = choice[1]
+        w = fit_pass.sums.solve(w0, ridge, bias)
+    if best is None:
+        row["reason"] = "every solve was singular"
+        return row
+    held_out, error, w, ridge, step = best
+    if held_out >= row["holdout_before"]:
+        row["reason"] = "it does not lower the held-out batches' error"
+        return row
+    if not error < row["error_before"]:
+        row["reason"] = "it does not lower the calibration error"
+        return row
+    _set_output(layer, w)
+    row.update(ridge=ridge, error_after=error, holdout_after=held_out, refit=True, steps=step)
     return row
