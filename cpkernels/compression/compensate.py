@@ -361,11 +361,13 @@ def _compensate_layer(model, target, name, fit, check, ridges, relu_steps: int) 
 def _refit_through_relu(model, target, name, fit, check, ridges, steps: int, layer, w0: Tensor, row: dict) -> dict:
     """A layer that only a ReLU reads: the refit to the conv's output, then ``steps - 1`` majorise-minimise refits
     toward the ReLU's output, each from one more pass over the batches (:func:`_layer_pass`), fitted on ``fit``
-    with the ridge chosen on ``check`` at each step. Kept: the step with the least error after the ReLU on
-    ``check``, on which none was fitted; none, when no step beats the factors it started from there."""
+    with the ridge chosen on ``check`` at each step. The step with the least error after the ReLU on ``check``, on
+    which none was fitted, is then solved again from every batch's sums at its targets, as the plain refit is, and
+    kept where one more pass finds it better than the step itself on every batch; none is kept when no step beats
+    the factors it started from on ``check``."""
     bias = layer.bias is not None
     row["fitted"] = "after ReLU"
-    w, ridge, best = w0, None, None
+    w, ridge, best, every = w0, None, None, None
     for step in range(steps + 1):
         # the first solve fits the conv's output (the plain refit): a one-sided bound at the plan's factors would
         # anchor the targets below zero at its poor predictions, and the steps from there climb slowly
@@ -377,7 +379,7 @@ def _refit_through_relu(model, target, name, fit, check, ridges, steps: int, lay
             row.update(pixels=fit_pass.sums.pixels + check_pass.sums.pixels, error_before=error,
                        holdout_before=held_out, error_after=error, holdout_after=held_out)
         elif best is None or held_out < best[0]:
-            best = (held_out, error, w, ridge, step)
+            best = (held_out, error, w, ridge, step, every)
         if step == steps:
             break
         choice = _best_ridge(fit_pass.sums, check_pass.sums, w0, ridges, bias)
@@ -385,16 +387,22 @@ def _refit_through_relu(model, target, name, fit, check, ridges, steps: int, lay
             break
         ridge = choice[1]
         w = fit_pass.sums.solve(w0, ridge, bias)
+        every = fit_pass.sums + check_pass.sums  # what this step's targets give on every batch
     if best is None:
         row["reason"] = "every solve was singular"
         return row
-    held_out, error, w, ridge, step = best
+    held_out, error, w, ridge, step, every = best
     if held_out >= row["holdout_before"]:
         row["reason"] = "it does not lower the held-out batches' error"
         return row
+    w_every = every.solve(w0, ridge, bias)
+    every_pass = _layer_pass(model, target, name, [*fit, *check], layer, w_every)
+    if every_pass.relative_error() < error:
+        w, error = w_every, every_pass.relative_error()
     if not error < row["error_before"]:
         row["reason"] = "it does not lower the calibration error"
         return row
     _set_output(layer, w)
+    # held-out: the error of the step fitted on the other batches alone, the honest measure of what it generalises
     row.update(ridge=ridge, error_after=error, holdout_after=held_out, refit=True, steps=step)
     return row

@@ -8,7 +8,8 @@ that do not trace, such as any whose forward checks its input's shape.
 """
 from __future__ import annotations
 
-from typing import Mapping
+import weakref
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,25 +39,29 @@ class _Readers(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.watched: dict[int, str] = {}
-        self.kept: list[Tensor] = []  # the watched tensors stay alive, so that no other tensor takes their id
+        # id -> (conv name, weak reference): a freed output's id may be taken by another tensor, which the
+        # reference then tells apart, and no output is kept alive beyond the forward pass's own use of it
+        self.watched: dict[int, tuple[str, weakref.ref]] = {}
         self.readers: dict[str, set] = {}
 
     def watch(self, name: str, output) -> None:
         for t in _tensors(output):
-            self.watched[id(t)] = name
-            self.kept.append(t)
+            self.watched[id(t)] = (name, weakref.ref(t))
             self.readers.setdefault(name, set())
+
+    def name_of(self, t: Tensor) -> Optional[str]:
+        entry = self.watched.get(id(t))
+        return entry[0] if entry is not None and entry[1]() is t else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func not in _METADATA and getattr(func, "__name__", "") != "__get__":  # .shape, .dtype, ... read no values
             for t in _tensors((args, kwargs)):
-                name = self.watched.get(id(t))
+                name = self.name_of(t)
                 if name is not None:
                     self.readers[name].add(func)
         out = func(*args, **kwargs)
-        if func in RELUS and id(out) in self.watched:  # in place: what reads this tensor now reads the ReLU's output
+        if func in RELUS and self.name_of(out) is not None:  # in place: what reads it now reads the ReLU's output
             del self.watched[id(out)]
         return out
 
