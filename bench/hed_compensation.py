@@ -91,12 +91,13 @@ def to_markdown(rows: list[dict], env: dict, distill_options: dict) -> str:
              f"torch {env['torch']}, commit {env['git_commit'][:7]}. Plans: `bench.hed_methods` (method='data'). "
              f"Compensation: calibration batches of the plan, the last photo and its mirror held out; every layer "
              f"fitted to its conv's output (`relu_steps=0`), then the default (`relu_steps={RELU_STEPS}`: the layers "
-             f"only a ReLU reads fitted after it). Distillation (of the default's model): {o['steps']} steps of "
-             f"{o['batch']} random {o['crop'][0]}x{o['crop'][1]} crops of the calibration "
-             f"photos, Adam lr {o['lr']:g}, relative MSE on the fused output. F1: edge F1 against dense on "
-             f"scikit-learn's china / flower at {SETTINGS['size'][0]}x{SETTINGS['size'][1]}. Times on "
-             f"{SETTINGS['threads']} threads (planning on {SETTINGS['plan_threads']}), with other jobs on the machine "
-             "(see the load in hed_methods.md).", "",
+             f"only a ReLU reads fitted after it). "
+             + (f"Distillation (of the default's model): {o['steps']} steps of {o['batch']} random "
+                f"{o['crop'][0]}x{o['crop'][1]} crops of the calibration photos, Adam lr {o['lr']:g}, relative MSE on "
+                "the fused output. " if o["steps"] else "No distillation (`--steps 0`). ")
+             + f"F1: edge F1 against dense on scikit-learn's china / flower at "
+             f"{SETTINGS['size'][0]}x{SETTINGS['size'][1]}. Times on {SETTINGS['threads']} threads (planning on "
+             f"{SETTINGS['plan_threads']}); other jobs shared the machine, so the times are inflated.", "",
              "| family | budget | MACs kept | plan F1 | plan s | + compensation, conv outputs F1 | s "
              "| + compensation, after ReLU F1 | s | + distillation F1 | s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
