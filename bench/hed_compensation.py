@@ -5,8 +5,9 @@
 For each budget and family: the plan of :mod:`bench.hed_methods` (``method="data"``, cached there), then
 :func:`cpkernels.compensate` on the same calibration batches (scikit-image's five photos and their mirrors at
 208x320; the last photo and its mirror held out to choose each layer's ridge) twice: every layer fitted to its
-conv's output (``relu_steps=0``), and, the default, the layers that only a ReLU reads fitted after it. Then
-:func:`cpkernels.distill` of the default's model on random crops of those photos only (``--steps 0``: none). Each
+conv's output (the default, ``relu_steps=0``), and the layers that only a ReLU reads fitted after it
+(``relu_steps=RELU_STEPS``). Then :func:`cpkernels.distill` of the default's model on random crops of those photos
+only (``--steps 0``: none). Each
 step's edge F1 against dense on scikit-learn's two photos at 416x640 (never seen), and the seconds it took
 (compensation and distillation on ``SETTINGS["threads"]`` threads).
 """
@@ -19,7 +20,6 @@ import time
 import torch
 
 from cpkernels import compensate, distill
-from cpkernels.compression.compensate import RELU_STEPS
 from cpkernels.tools import hed
 from cpkernels.tools.profile import environment
 
@@ -29,6 +29,7 @@ from .report import save_results
 BUDGETS = (0.25, 0.125, 0.0625)
 DECOMPOSITIONS = ("cp", "tucker2", "auto")
 DISTILL = dict(steps=120, lr=1e-5, crop=(160, 160), batch=2, seed=0)
+RELU_STEPS = 3  # the refits of compensate's fit after the ReLU (relu_steps)
 LAYER_KEYS = ("name", "fitted", "pixels", "unknowns", "ridge", "steps", "error_before", "error_after",
               "holdout_before", "holdout_after", "refit")
 
@@ -64,21 +65,23 @@ def measure(budgets, decompositions, cache: str, distill_options: dict) -> list[
                 torch.set_num_threads(SETTINGS["threads"])
                 row = {"config": config_name(decomposition, "data", budget), "macs_fraction": info["macs_fraction"],
                        "plan_s": info["plan_s"], "f1_plan": edge_f1s(compressed, dense_maps, inputs)}
-                for key, steps in (("linear", 0), ("compensated", RELU_STEPS)):
+                fits = {}
+                for key, steps in (("compensated", 0), ("relu", RELU_STEPS)):
                     start = time.perf_counter()
-                    compensated, report = compensate(compressed, model, batches, relu_steps=steps, progress=False)
+                    fits[key], report = compensate(compressed, model, batches, relu_steps=steps, progress=False)
                     row.update({f"{key}_s": time.perf_counter() - start,
-                                f"f1_{key}": edge_f1s(compensated, dense_maps, inputs),
+                                f"f1_{key}": edge_f1s(fits[key], dense_maps, inputs),
                                 f"{key}_layers": [{k: r[k] for k in LAYER_KEYS} for r in report.rows]})
                     print(report, flush=True)
                 o = distill_options
                 if o["steps"]:
+                    student = fits["compensated"]
                     data = crops(batches, o["steps"], o["crop"], o["batch"], o["seed"])
-                    result = distill(compensated, model, data, epochs=1, lr=o["lr"], progress=False)
+                    result = distill(student, model, data, epochs=1, lr=o["lr"], progress=False)
                     row.update(distill_s=result.seconds, distill_loss=(result.first_loss, result.last_loss),
-                               f1_distilled=edge_f1s(compensated, dense_maps, inputs))
+                               f1_distilled=edge_f1s(student, dense_maps, inputs))
                 rows.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if not k.endswith("layers")}), flush=True)
                 torch.set_num_threads(previous)
     finally:
         torch.set_num_threads(previous)
@@ -90,8 +93,8 @@ def to_markdown(rows: list[dict], env: dict, distill_options: dict) -> str:
     lines = [f"# HED's VGG-16: plan, compensation, distillation ({env['device']})", "",
              f"torch {env['torch']}, commit {env['git_commit'][:7]}. Plans: `bench.hed_methods` (method='data'). "
              f"Compensation: calibration batches of the plan, the last photo and its mirror held out; every layer "
-             f"fitted to its conv's output (`relu_steps=0`), then the default (`relu_steps={RELU_STEPS}`: the layers "
-             f"only a ReLU reads fitted after it). "
+             f"fitted to its conv's output (the default, `relu_steps=0`), then the layers only a ReLU reads fitted "
+             f"after it (`relu_steps={RELU_STEPS}`). "
              + (f"Distillation (of the default's model): {o['steps']} steps of {o['batch']} random "
                 f"{o['crop'][0]}x{o['crop'][1]} crops of the calibration photos, Adam lr {o['lr']:g}, relative MSE on "
                 "the fused output. " if o["steps"] else "No distillation (`--steps 0`). ")
@@ -109,8 +112,8 @@ def to_markdown(rows: list[dict], env: dict, distill_options: dict) -> str:
         decomposition, _, budget = r["config"].split("-")
         distilled = f"{f1(r['f1_distilled'])} | {r['distill_s']:.0f}" if "f1_distilled" in r else "- | -"
         lines.append(f"| {decomposition} | {budget} | {r['macs_fraction']:.3f} | {f1(r['f1_plan'])} | {r['plan_s']:.0f} "
-                     f"| {f1(r['f1_linear'])} | {r['linear_s']:.0f} | {f1(r['f1_compensated'])} "
-                     f"| {r['compensated_s']:.0f} | {distilled} |")
+                     f"| {f1(r['f1_compensated'])} | {r['compensated_s']:.0f} | {f1(r['f1_relu'])} "
+                     f"| {r['relu_s']:.0f} | {distilled} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,11 +18,11 @@ def test_plan_compensation_and_distillation_end_to_end(tmp_path, monkeypatch):
     assert hed_compensation.main(args) == 0
     (row,) = json.loads((tmp_path / "hed_compensation.json").read_text())["rows"]
     assert row["config"] == "cp-data-0.25"
-    for step in ("plan", "linear", "compensated", "distilled"):
+    for step in ("plan", "compensated", "relu", "distilled"):
         f1 = row[f"f1_{step}"]
         assert set(f1) == set(hed.JUDGING_PHOTOS) and all(0 <= f <= 1 for f in f1.values())
-    # every factored conv of HED is read by a ReLU alone: the default fits them all after it
-    assert {r["fitted"] for r in row["compensated_layers"]} == {"after ReLU"}
-    assert {r["fitted"] for r in row["linear_layers"]} == {"conv output"}
-    assert [r["name"] for r in row["compensated_layers"]] == [r["name"] for r in row["linear_layers"]]
+    # every factored conv of HED is read by a ReLU alone: the fit after the ReLU takes them all
+    assert {r["fitted"] for r in row["relu_layers"]} == {"after ReLU"}
+    assert {r["fitted"] for r in row["compensated_layers"]} == {"conv output"}
+    assert [r["name"] for r in row["compensated_layers"]] == [r["name"] for r in row["relu_layers"]]
     assert "| cp | 0.25 |" in (tmp_path / "hed_compensation.md").read_text()

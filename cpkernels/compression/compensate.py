@@ -14,8 +14,9 @@ The output factor and the bias then have a closed form, ridge least squares towa
 accumulated as ``(R+1) x (R+1)`` and ``Cout x (R+1)`` sums per group over the calibration pixels, so memory does not
 grow with the data (Zhang et al., TPAMI 2016, "asymmetric reconstruction", for the output side).
 
-A layer whose output only a ReLU reads is fitted to the ReLU's output instead, since what the ReLU zeroes reaches
-no later layer (Zhang et al.'s "nonlinear" reconstruction): after the refit above, a few majorise-minimise steps,
+With ``relu_steps``, a layer whose output only a ReLU reads is fitted to the ReLU's output instead, since what the
+ReLU zeroes reaches no later layer (Zhang et al.'s "nonlinear" reconstruction): after the refit above, a few
+majorise-minimise steps,
 each the same closed form toward the ReLU's one-sided bound at the current factors (``y`` where ``y > 0``, else
 ``min(A z + b, 0)``), each from one more pass over the batches.
 
@@ -45,10 +46,6 @@ from cpkernels.modules.factored import FactoredConv2d
 # scale-free grid from nearly plain least squares to nearly "keep the factors".
 RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 HOLDOUT = 0.25
-# Refits of a layer that only a ReLU reads, the first toward the conv's output: each costs one more pass over the
-# calibration batches (the report's "refits" column gives the one each layer kept). On HED at 0.125 and 0.0625 of
-# its MACs most layers kept the third (bench/hed_compensation).
-RELU_STEPS = 3
 
 
 def _grouped(t: Tensor, groups: int) -> Tensor:
@@ -193,7 +190,7 @@ def compensate(
     *,
     holdout: float = HOLDOUT,
     ridges: Sequence[float] = RIDGES,
-    relu_steps: int = RELU_STEPS,
+    relu_steps: int = 0,
     fold_batchnorm: bool = False,
     inplace: bool = False,
     progress: Optional[bool] = None,
@@ -209,12 +206,14 @@ def compensate(
             generalise. Keep a photo and its mirror together (they share one batch or sit side by side at the end).
         holdout: the fraction of the batches held out, in (0, 1).
         ridges: the ridges tried, as multiples of the intermediate's mean energy per channel.
-        relu_steps: a layer whose conv's output only a ReLU reads (in ``dense``, on the first batch:
-            :func:`cpkernels.compression.relu.convs_read_by_relu`) is fitted
-            to the ReLU's output, not the conv's: what the ReLU zeroes reaches no later layer. That takes this many
-            refits, the first toward the conv's output, each further one a majorise-minimise step toward the ReLU's
-            output, each from one more pass over the batches (the held-out batches pick the best); 0 fits every
-            layer to its conv's output, in one pass.
+        relu_steps: 0 (the default) fits every layer to its conv's output, in one pass. Above 0, a layer whose
+            conv's output only a ReLU reads (in ``dense``, on the first batch:
+            :func:`cpkernels.compression.relu.convs_read_by_relu`) is fitted to the ReLU's output instead: what the
+            ReLU zeroes reaches no later layer. That takes this many refits, the first toward the conv's output,
+            each further one a majorise-minimise step toward the ReLU's output, each from one more pass over the
+            batches (the held-out batches pick the best), and one more pass to check the last solve. On HED (README)
+            ``relu_steps=3`` raised the worse of two photos at deep budgets and lowered the other a little, for four
+            to five times the time: not yet a default.
         fold_batchnorm: the dense model's BatchNorms folded into its convs first, as ``compress_model(...,
             fold_batchnorm=True)`` folded them (the targets are then the folded convs' outputs).
         inplace: refit ``compressed`` itself; by default a copy is refitted and ``compressed`` is left as it was.
