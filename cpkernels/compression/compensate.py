@@ -212,8 +212,8 @@ def compensate(
             ReLU zeroes reaches no later layer. That takes this many refits, the first toward the conv's output,
             each further one a majorise-minimise step toward the ReLU's output, each from one more pass over the
             batches (the held-out batches pick the best), and one more pass to check the last solve. On HED (README)
-            ``relu_steps=3`` raised the worse of two photos at deep budgets and lowered the other a little, for four
-            to five times the time: not yet a default.
+            ``relu_steps=3`` raised the worse of two photos in four of five plans and lowered the other a little in
+            three, for four to seven times the time: not the default.
         fold_batchnorm: the dense model's BatchNorms folded into its convs first, as ``compress_model(...,
             fold_batchnorm=True)`` folded them (the targets are then the folded convs' outputs).
         inplace: refit ``compressed`` itself; by default a copy is refitted and ``compressed`` is left as it was.
