@@ -16,9 +16,8 @@ grow with the data (Zhang et al., TPAMI 2016, "asymmetric reconstruction", for t
 
 With ``relu_steps``, a layer whose output only a ReLU reads is fitted to the ReLU's output instead, since what the
 ReLU zeroes reaches no later layer (Zhang et al.'s "nonlinear" reconstruction): after the refit above, a few
-majorise-minimise steps,
-each the same closed form toward the ReLU's one-sided bound at the current factors (``y`` where ``y > 0``, else
-``min(A z + b, 0)``), each from one more pass over the batches.
+majorise-minimise steps, each the same closed form toward the ReLU's one-sided bound at the current factors (``y``
+where ``y > 0``, else ``min(A z + b, 0)``), each from one more pass over the batches.
 
 Overfitting is the danger: a refit on one photo and its mirror lowers every layer's calibration error and can
 lower an unseen photo's quality. So the last calibration batches are held out: the ridge is chosen on them, and a
