@@ -78,7 +78,7 @@ SETTINGS = dict(
     compile_limit_s=60.0,
 )
 RANKS = os.path.join(os.path.dirname(__file__), "results", "cpu-intel-xeon-avx512-2core", "hed_methods.json")
-FORMS = ("dense", "cp", "staged", "tucker2", "compiled", "compiled-arranged")
+FORMS = ("dense", "cp", "staged", "pixel-major", "tucker2", "compiled", "compiled-arranged")
 STAGES = ("weights", "stage1", "pad", "depthwise", "layout", "stage4")
 PAGE_BYTES = 4096
 
@@ -263,20 +263,26 @@ def measure_layer(name: str, conv: nn.Conv2d, cp: Optional[nn.Module], tucker2: 
         t2_padding = conv_args.explicit_padding(tucker2.padding, tuple(tucker2.kernel_size), tuple(tucker2.dilation))
         tucker2_plan = tucker2_cpu_plan(x, tucker2.input_factor, tucker2.core, tucker2.output_factor, tucker2.bias,
                                         list(tucker2.stride), list(t2_padding), list(tucker2.dilation))
-        chunk = x[:staged.chunk]
-        stages = arranged_stages(staged.arrangement, chunk, cp, padding)
+        # The banded arrangement runs every stage per band, so it has no whole-image stages to time: its row breaks
+        # down the whole-image pixel-major stages instead (timed as the form "pixel-major").
+        whole = cpu_dispatch.Plan("pixel-major", 1) if staged.arrangement == "banded" else staged
+        chunk = x[:whole.chunk]
+        stages = arranged_stages(whole.arrangement, chunk, cp, padding)
         outputs = chained_outputs(stages, chunk)
-        expected = cp_conv2d_arranged(cpu_dispatch.Plan(staged.arrangement, chunk.shape[0]), chunk, *tensors, *args)
+        expected = cp_conv2d_arranged(cpu_dispatch.Plan(whole.arrangement, chunk.shape[0]), chunk, *tensors, *args)
         torch.testing.assert_close(outputs[-1], expected, rtol=1e-4, atol=1e-4 * max(1.0, expected.abs().max().item()),
                                    msg=lambda m: f"{name}: the timed stages do not compute the arranged path: {m}")
     row.update(plan={"arrangement": chosen.arrangement, "chunk": chosen.chunk,
                      "measured_us": None if measured is None else measured.measured_us},
                staged={"arrangement": staged.arrangement, "chunk": staged.chunk,
-                       "chunks": math.ceil(x.shape[0] / staged.chunk)},
+                       "chunks": math.ceil(x.shape[0] / whole.chunk), "stages_of": whole.arrangement},
                tucker2_rank=list(tucker2.rank), tucker2_plan=tucker2_plan.arrangement)
     forms.update(cp=cp, staged=lambda t: cp_conv2d_arranged(staged, t, *tensors, *args), tucker2=tucker2)
     macs.update(cp=FAMILIES["cp"].macs(shape, cp.rank), tucker2=FAMILIES["tucker2"].macs(shape, tucker2.rank))
     macs["staged"] = shape.cp_macs(cp.rank, merged_depthwise=True)
+    if whole is not staged:
+        forms["pixel-major"], macs["pixel-major"] = (lambda t: cp_conv2d_arranged(whole, t, *tensors, *args),
+                                                     macs["staged"])
     chunk_shape = ConvShape.of_conv(conv, tuple(x.shape[2:]), batch=chunk.shape[0])
     chunk_macs = chunk_shape.cp_macs(cp.rank, merged_depthwise=True)
     assert sum(s.macs for s in stages) == chunk_macs, f"{name}: the stages' MACs are not the arrangement's"
@@ -308,6 +314,11 @@ def measure_layer(name: str, conv: nn.Conv2d, cp: Optional[nn.Module], tucker2: 
     return row
 
 
+def _whole_form(row: dict) -> str:
+    """The form whose stages a row breaks down: ``pixel-major`` where the staged form is banded."""
+    return "pixel-major" if "pixel-major" in row["forms"] else "staged"
+
+
 def network_summary(rows: Sequence[dict]) -> dict:
     """Each form's time summed over the convs (a missing form counts as the layer's ``cp`` time, a conv kept
     dense as its dense time, and the layers so substituted are named), and each stage's share of the staged time."""
@@ -317,6 +328,8 @@ def network_summary(rows: Sequence[dict]) -> dict:
         for r in rows:
             if form in r["forms"]:
                 total += r["forms"][form]["ms"]
+            elif form == "pixel-major" and r["rank"] is not None:
+                total += r["forms"]["staged"]["ms"]  # not banded: the staged form is the whole-image stages
             else:
                 fallback = "dense" if r["rank"] is None else "cp"
                 total += r["forms"][fallback]["ms"]
@@ -325,7 +338,7 @@ def network_summary(rows: Sequence[dict]) -> dict:
         totals[form] = total
         if missing:
             substituted[form] = missing
-    staged = sum(r["forms"]["staged"]["ms"] for r in rows if r["rank"] is not None)
+    staged = sum(r["forms"][_whole_form(r)]["ms"] for r in rows if r["rank"] is not None)
     stage_ms = {s: sum(r["stages"][s]["ms"] for r in rows if s in r["stages"]) for s in STAGES}
     allocation_ms = sum(r["allocation"]["ms"] for r in rows if r["rank"] is not None)
     shares = {s: ms / staged for s, ms in stage_ms.items() if ms and staged}
@@ -387,7 +400,8 @@ def to_markdown(rows: Sequence[dict], network: dict, settings: dict, env: dict) 
              f", batch {settings['batch']}, {settings['threads']} threads, median of {settings['runs']} interleaved "
              f"rounds, load average {settings['load_average'][0]:.1f} before and {env['load_average_at_end'][0]:.1f} "
              "after. Random factors; dense is HED's trained conv. `cp`: backend=\"auto\" (the CPU plan's choice); "
-             "`staged`: the arranged stages whole; `tucker2`: Tucker-2 at the pair of the same MACs; `compiled`: "
+             "`staged`: the arranged stages whole (banded where the plan bands the image); `pixel-major`: the "
+             "whole-image stages where `staged` is banded; `tucker2`: Tucker-2 at the pair of the same MACs; `compiled`: "
              "torch.compile of the layer; `compiled-arranged`: of the arranged stages.", "",
              "## Forms (ms, speed-up against dense)", "",
              "| conv | input | Cin->Cout | rank | plan | " + " | ".join(FORMS) + " | Tucker-2 rank | compile s |",
@@ -410,10 +424,11 @@ def to_markdown(rows: Sequence[dict], network: dict, settings: dict, env: dict) 
         if r["rank"] is None:
             continue
         stages = r["stages"]
-        rest = r["forms"]["staged"]["ms"] - sum(e["ms"] for e in stages.values())
-        lines.append(f"| {r['name']} | {r['staged']['arrangement']} | {_rate(r['forms']['dense'])} | "
-                     + " | ".join(_rate(stages.get(s)) for s in STAGES)
-                     + f" | {r['allocation']['ms']:.2f} | {r['forms']['staged']['ms']:.2f} | {rest:.2f} |")
+        whole = r["forms"][_whole_form(r)]["ms"]
+        rest = whole - sum(e["ms"] for e in stages.values())
+        lines.append(f"| {r['name']} | {r['staged'].get('stages_of', r['staged']['arrangement'])} | "
+                     f"{_rate(r['forms']['dense'])} | " + " | ".join(_rate(stages.get(s)) for s in STAGES)
+                     + f" | {r['allocation']['ms']:.2f} | {whole:.2f} | {rest:.2f} |")
     totals = network["ms"]
     lines += ["", "## Network (the convs summed)", "",
               "| " + " | ".join(FORMS) + " |", "|" + "---|" * len(FORMS),

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from bench import hed_layers
+from cpkernels.dispatch import cpu as cpu_dispatch
 from cpkernels.ops.cp_arranged import merged_depthwise_weight
 
 from .hed_smoke import skip_without_hed
@@ -48,6 +49,20 @@ def test_layers_and_stages(tmp_path):
     assert "| conv2_2 | 16x24 | 128->128 | 192 | " in markdown
     assert "| conv1_1 | 32x48 | 3->64 | - | dense (kept) |" in markdown
     assert "Share of the staged time" in markdown
+
+
+def test_a_banded_layer_breaks_down_the_whole_image_stages(tmp_path, monkeypatch):
+    # the plan bands an image whose rank-R intermediate exceeds CHUNK_BYTES: here every image
+    monkeypatch.setattr(cpu_dispatch, "CHUNK_BYTES", 0)
+    cpu_dispatch.clear_cache()
+    assert hed_layers.main(["--out", str(tmp_path), *ARGS[:-2], "conv2_2", "--no-compile"]) == 0
+    cpu_dispatch.clear_cache()
+    row = json.loads((tmp_path / "hed_layers.json").read_text())["layers"][0]
+    assert row["staged"]["arrangement"] == "banded" and row["staged"]["stages_of"] == "pixel-major"
+    assert {"staged", "pixel-major"} <= set(row["forms"])
+    assert sum(row["stages"][s]["macs"] for s in ("stage1", "depthwise", "stage4")) == \
+        row["forms"]["pixel-major"]["macs"]
+    assert "| conv2_2 | pixel-major | " in (tmp_path / "hed_layers.md").read_text()
 
 
 def test_stages_checked_against_the_arranged_path(monkeypatch):

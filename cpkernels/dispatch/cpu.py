@@ -60,6 +60,13 @@ def depthwise_by_im2col(n: int, channels: int, kernel_size, out_size, dilation, 
 # intermediates stay in cache and their memory is reused instead of page-faulted in fresh each call
 # (a 128-channel 112x112 batch-8 layer: 50 ms whole, 33 ms in chunks of 4, on a 2-core x86 CPU).
 CHUNK_BYTES = 8 << 20
+# Inference on an image whose rank-R intermediate alone exceeds CHUNK_BYTES runs in bands of output rows
+# (``banded``, ops/cp_banded.py) whose stage-1 rows take about this much: on HED's 416x640 and 208x320 convs
+# (2-core AVX2 EPYC) bands of 3-6 MB ran as fast as any, and 8-row bands up to 15 % slower.
+BAND_BYTES = 4 << 20
+# The banded arrangement pads the rank to a multiple of this: MKL's fp32 GEMM ran 1.5x faster at 80 columns
+# than at 77 there, and the depthwise taps then fill whole AVX2 vectors.
+RANK_ALIGN = 8
 
 
 # The model's constant: MACs per byte moved at which the CPU is as busy computing as moving data.
@@ -121,9 +128,10 @@ class Plan:
 
     ``arrangement``: ``"dense-weight"`` (dense conv of the reconstructed weight), ``"im2col"`` (NCHW
     intermediates, im2col depthwise conv), ``"pixel-major"`` (channels_last intermediates between GEMMs),
-    ``"nchw"`` (NCHW intermediates, grouped depthwise conv), or for channels_last inputs
-    ``"channels-last-im2col"`` and ``"channels-last-convs"`` (1x1 and depthwise convs). ``chunk``: images
-    per batch chunk (the whole batch when not chunked).
+    ``"nchw"`` (NCHW intermediates, grouped depthwise conv), for channels_last inputs
+    ``"channels-last-im2col"`` and ``"channels-last-convs"`` (1x1 and depthwise convs), or for either layout
+    ``"banded"`` (the stages over bands of output rows, in cache). ``chunk``: images per batch chunk (the whole
+    batch when not chunked); for ``"banded"``, output rows per band.
     """
 
     arrangement: str
@@ -145,6 +153,10 @@ def staged_plan(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_s
     """The arrangement of the CP stages for ``x`` (4-D) and a layer of these dimensions."""
     n, _, h, w = x.shape
     es = x.element_size()
+    if not needs_grad and groups == 1 and rank >= PIXEL_MAJOR_MIN_RANK and rank * h * w * es > CHUNK_BYTES:
+        row_bytes = w * -(-rank // RANK_ALIGN) * RANK_ALIGN * es  # one input row's stage-1 output
+        rows_per_output_row = max(1, h // max(1, out_size[0]))  # about the vertical stride
+        return Plan("banded", max(1, BAND_BYTES // (row_bytes * rows_per_output_row)))
     if is_channels_last(x):
         if groups == 1 and depthwise_by_im2col(n, rank, kernel_size, out_size, dilation, es):
             return Plan("channels-last-im2col", n)
