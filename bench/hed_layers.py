@@ -434,12 +434,12 @@ def to_markdown(rows: Sequence[dict], network: dict, settings: dict, env: dict) 
               "| " + " | ".join(FORMS) + " |", "|" + "---|" * len(FORMS),
               "| " + " | ".join(f"{totals[f]:.1f} ({network['speedup'][f]:.2f}x)" for f in FORMS) + " |", ""]
     if network["substituted"]:
-        lines.append("Where a form is missing (a failed compile) the layer's `cp` time stands in: "
+        lines.append("Where a form is missing (not run, or a failed compile) the layer's `cp` time stands in: "
                      + "; ".join(f"{f}: {', '.join(names)}" for f, names in network["substituted"].items()) + ".")
         lines.append("")
     shares = ", ".join(f"{s} {100 * v:.0f} %" for s, v in network["stage_share"].items() if v is not None)
-    lines.append(f"Share of the staged time ({network['staged_ms']:.1f} ms summed): {shares}; allocating the "
-                 f"intermediates alone {network['allocation_ms']:.1f} ms.")
+    lines.append(f"Share of the whole-image stages' time ({network['staged_ms']:.1f} ms summed): {shares}; "
+                 f"allocating the intermediates alone {network['allocation_ms']:.1f} ms.")
     return "\n".join(lines) + "\n"
 
 

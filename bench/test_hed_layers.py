@@ -48,7 +48,7 @@ def test_layers_and_stages(tmp_path):
     markdown = (tmp_path / "hed_layers.md").read_text()
     assert "| conv2_2 | 16x24 | 128->128 | 192 | " in markdown
     assert "| conv1_1 | 32x48 | 3->64 | - | dense (kept) |" in markdown
-    assert "Share of the staged time" in markdown
+    assert "Share of the whole-image stages' time" in markdown
 
 
 def test_a_banded_layer_breaks_down_the_whole_image_stages(tmp_path, monkeypatch):

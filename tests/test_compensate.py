@@ -217,6 +217,36 @@ def test_compress_model_compensates_when_asked(digits):
     assert _same(_state(dense), state)
 
 
+def test_compress_model_passes_compensate_its_options(digits):
+    dense, compressed, batches, x_test = digits
+    one_step, report = compress_model(dense, rank=0.1, random_state=0, n_iter_max=20, progress=False,
+                                      compensate={"relu_steps": 2, "holdout": 0.5}, calibration=batches)
+    two_steps, separate = compensate(compressed, dense, batches, relu_steps=2, holdout=0.5, progress=False)
+    assert [r["steps"] for r in report.compensation.rows] == [r["steps"] for r in separate.rows]
+    assert any(r["fitted"] == "after ReLU" for r in report.compensation.rows)
+    with torch.no_grad():
+        torch.testing.assert_close(one_step(x_test), two_steps(x_test), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        pytest.param({"relu_step": 2}, ValueError, "compensate's options are holdout, ridges, relu_steps; got "
+                     "'relu_step'", id="unknown-option"),
+        pytest.param({"relu_steps": -1}, ValueError, "relu_steps must be an int >= 0", id="bad-relu-steps"),
+        pytest.param({"holdout": 1.5}, ValueError, "holdout must be a fraction", id="bad-holdout"),
+        pytest.param("yes", TypeError, "compensate must be a bool or a dict", id="not-a-dict"),
+    ],
+)
+def test_compress_model_refuses_bad_compensate_options_before_any_work(digits, monkeypatch, options, error, match):
+    dense, _, batches, _ = digits
+    calls = []
+    monkeypatch.setattr(cpkernels.compression.compress, "convs_of", lambda *a: calls.append(a) or [])
+    with pytest.raises(error, match=match):
+        compress_model(dense, rank=0.1, compensate=options, calibration=batches, progress=False)
+    assert calls == []
+
+
 def test_compress_model_refuses_compensation_without_calibration_before_any_work(digits, monkeypatch):
     dense, _, batches, _ = digits
     calls = []

@@ -182,6 +182,19 @@ def _check_pairs(compressed: nn.Module, dense: nn.Module, names: list[str]) -> N
                              "model this one was compressed from?")
 
 
+OPTIONS = ("holdout", "ridges", "relu_steps")  # what compress_model(..., compensate={...}) may pass on
+
+
+def check_options(holdout: float = HOLDOUT, ridges: Sequence[float] = RIDGES, relu_steps: int = 0) -> None:
+    """Raise ``ValueError`` for a bad value of :func:`compensate`'s options, before any work."""
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
+        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
+    if isinstance(relu_steps, bool) or not isinstance(relu_steps, int) or relu_steps < 0:
+        raise ValueError(f"relu_steps must be an int >= 0, got {relu_steps!r}")
+    if not ridges or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 for r in ridges):
+        raise ValueError(f"ridges must be positive numbers, got {ridges!r}")
+
+
 def compensate(
     compressed: nn.Module,
     dense: nn.Module,
@@ -222,12 +235,7 @@ def compensate(
     models' device: memory is one batch's activations plus the per-layer sums. Returns the compensated model and a
     :class:`CompensationReport`.
     """
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
-        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
-    if isinstance(relu_steps, bool) or not isinstance(relu_steps, int) or relu_steps < 0:
-        raise ValueError(f"relu_steps must be an int >= 0, got {relu_steps!r}")
-    if not ridges or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 for r in ridges):
-        raise ValueError(f"ridges must be positive numbers, got {ridges!r}")
+    check_options(holdout=holdout, ridges=ridges, relu_steps=relu_steps)
     if calibration is None:
         raise ValueError("compensate needs calibration: an iterable of input batches")
     batches = as_batches(calibration)

@@ -15,14 +15,15 @@ import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from torch import nn
 from tqdm.auto import tqdm
 
 from cpkernels.compression.batchnorm import fold_batchnorm as fold_batchnorm_into_convs
 from cpkernels.compression.calibration import as_batches
-from cpkernels.compression.compensate import CompensationReport
+from cpkernels.compression.compensate import OPTIONS as COMPENSATE_OPTIONS
+from cpkernels.compression.compensate import CompensationReport, check_options
 from cpkernels.compression.compensate import compensate as compensate_model
 from cpkernels.compression.convs import conv_input_sizes, conv_shape, convs_of, filter_reason, replace_everywhere
 from cpkernels.compression.families import (FAMILIES, applicable, families_for, family_for, family_named,
@@ -154,7 +155,7 @@ def compress_model(
     rank_multiple: int = 1,
     decomposition: str = "cp",
     fold_batchnorm: bool = False,
-    compensate: bool = False,
+    compensate: Union[bool, Mapping[str, Any]] = False,
     calibration: Optional[Iterable] = None,
     keep_dense_where_faster: bool = False,
     **decompose_kwargs,
@@ -193,7 +194,8 @@ def compress_model(
             mode. A plan made with ``fold_batchnorm=True`` folds whatever this says.
         compensate: then refit every factored layer, front to back, to reproduce the dense conv's output from the
             input the compressed network gives it, on ``calibration`` (:func:`cpkernels.compensate`; its report is
-            ``report.compensation``).
+            ``report.compensation``). A dict instead of True passes :func:`cpkernels.compensate` its options
+            (``holdout``, ``ridges``, ``relu_steps``), e.g. ``compensate={"relu_steps": 3}``.
         calibration: input batches for ``compensate`` (at least two: some are held out to choose the ridge).
         keep_dense_where_faster: time each factored layer against its conv on the model's device, at the input
             shape ``input_size`` or ``example_inputs`` gives it, and keep the conv where the factored form is not
@@ -209,7 +211,8 @@ def compress_model(
         ``decomposition="cp"`` or ``"tucker2"`` leaves them dense), layers under ``min_channels`` and layers
         where the factored form would not save MACs are skipped, each with its reason. A conv shared by several parents is replaced once.
     """
-    if compensate:  # checked before any work: the batches, and a dense copy for the targets when in place
+    options = _compensate_options(compensate)
+    if compensate is not False:  # checked before any work: the batches, and a dense copy for the targets in place
         if calibration is None:
             raise ValueError("compensate=True needs calibration: an iterable of input batches")
         batches = as_batches(calibration)
@@ -225,11 +228,25 @@ def compress_model(
     compressed, report = _compress(model, rank, target_error, include, exclude, predicate, min_channels, skip_first,
                                    inplace, input_size, example_inputs, backend, progress, rank_multiple,
                                    decomposition, fold_batchnorm, keep_dense_where_faster, decompose_kwargs)
-    if compensate:
+    if compensate is not False:
         folded = fold_batchnorm or (isinstance(rank, RankPlan) and rank.fold_batchnorm)
         compressed, report.compensation = compensate_model(compressed, dense, batches, fold_batchnorm=folded,
-                                                           inplace=True, progress=progress)
+                                                           inplace=True, progress=progress, **options)
     return compressed, report
+
+
+def _compensate_options(compensate) -> dict:
+    """``compress_model``'s ``compensate`` argument as :func:`cpkernels.compensate`'s options, checked."""
+    if isinstance(compensate, bool):
+        return {}
+    if not isinstance(compensate, Mapping):
+        raise TypeError(f"compensate must be a bool or a dict of compensate's options, got {type(compensate).__name__}")
+    unknown = sorted(set(compensate) - set(COMPENSATE_OPTIONS))
+    if unknown:
+        raise ValueError(f"compensate's options are {', '.join(COMPENSATE_OPTIONS)}; got "
+                         f"{', '.join(map(repr, unknown))}")
+    check_options(**compensate)
+    return dict(compensate)
 
 
 def _compress(model, rank, target_error, include, exclude, predicate, min_channels, skip_first, inplace, input_size,

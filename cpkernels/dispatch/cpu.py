@@ -61,7 +61,7 @@ def depthwise_by_im2col(n: int, channels: int, kernel_size, out_size, dilation, 
 # (a 128-channel 112x112 batch-8 layer: 50 ms whole, 33 ms in chunks of 4, on a 2-core x86 CPU).
 CHUNK_BYTES = 8 << 20
 # Inference on an image whose rank-R intermediate alone exceeds CHUNK_BYTES runs in bands of output rows
-# (``banded``, ops/cp_banded.py) whose stage-1 rows take about this much: on HED's 416x640 and 208x320 convs
+# (``banded``, ops/banded.py) whose stage-1 rows take about this much: on HED's 416x640 and 208x320 convs
 # (2-core AVX2 EPYC) bands of 3-6 MB ran as fast as any, and 8-row bands up to 15 % slower.
 BAND_BYTES = 4 << 20
 # The banded arrangement pads the rank to a multiple of this: MKL's fp32 GEMM ran 1.5x faster at 80 columns
@@ -148,15 +148,26 @@ def plan(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size, di
     return staged_plan(x, rank, groups, cout, kernel_size, out_size, dilation, needs_grad)
 
 
+def banded_plan(x: Tensor, rank: int, groups: int, out_size, needs_grad: bool) -> Optional[Plan]:
+    """``Plan("banded", output rows per band)`` where one image's first rank-``rank`` intermediate exceeds
+    :data:`CHUNK_BYTES` at inference without groups (CP's rank, Tucker-2's R_in), else None."""
+    _, _, h, w = x.shape
+    es = x.element_size()
+    if needs_grad or groups != 1 or rank < PIXEL_MAJOR_MIN_RANK or rank * h * w * es <= CHUNK_BYTES:
+        return None
+    row_bytes = w * -(-rank // RANK_ALIGN) * RANK_ALIGN * es  # one input row's first-stage output
+    rows_per_output_row = max(1, h // max(1, out_size[0]))  # about the vertical stride
+    return Plan("banded", max(1, BAND_BYTES // (row_bytes * rows_per_output_row)))
+
+
 def staged_plan(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size, dilation,
                 needs_grad: bool) -> Plan:
     """The arrangement of the CP stages for ``x`` (4-D) and a layer of these dimensions."""
     n, _, h, w = x.shape
     es = x.element_size()
-    if not needs_grad and groups == 1 and rank >= PIXEL_MAJOR_MIN_RANK and rank * h * w * es > CHUNK_BYTES:
-        row_bytes = w * -(-rank // RANK_ALIGN) * RANK_ALIGN * es  # one input row's stage-1 output
-        rows_per_output_row = max(1, h // max(1, out_size[0]))  # about the vertical stride
-        return Plan("banded", max(1, BAND_BYTES // (row_bytes * rows_per_output_row)))
+    banded = banded_plan(x, rank, groups, out_size, needs_grad)
+    if banded is not None:
+        return banded
     if is_channels_last(x):
         if groups == 1 and depthwise_by_im2col(n, rank, kernel_size, out_size, dilation, es):
             return Plan("channels-last-im2col", n)

@@ -19,7 +19,7 @@ What profiling the four-stage reference on a 2-core x86 CPU showed (``python -m 
   function, is faster: the CPU plan times both on a signature's first call and keeps the faster
   (:func:`cpkernels.dispatch.cpu.choose`; or a fixed cost rule, :func:`cpkernels.dispatch.cpu.dense_is_cheaper`).
 - At inference on an image whose rank-R intermediate is too large for cache (HED's 416x640 and 208x320 convs),
-  the stages run over bands of output rows instead (:mod:`cpkernels.ops.cp_banded`): 1.2-1.5x faster than the
+  the stages run over bands of output rows instead (:mod:`cpkernels.ops.banded`): 1.2-1.5x faster than the
   whole-image stages on HED's first six convs.
 - 16-bit inputs run in fp32 and the output is rounded once. On the 2-core AMD EPYC (no native bf16
   arithmetic) bf16 CP layers ran 10-16x slower than the same layer in fp32 (batch 8: 256->256 @28^2
@@ -39,7 +39,7 @@ from torch import Tensor
 
 from cpkernels.core.conv_args import output_size
 from cpkernels.dispatch import cpu as cpu_dispatch
-from cpkernels.ops.cp_banded import cp_conv2d_banded
+from cpkernels.ops.banded import cp_conv2d_banded
 from cpkernels.ops.reference import cp_conv2d_dense_weight, cp_conv2d_reference, upcast_16bit
 
 

@@ -1,22 +1,23 @@
-"""The CPU path's banded arrangement (cpkernels/ops/cp_banded.py) against the float64 oracle: every conv semantic,
-bands that split the image unevenly, both layouts, NaN-poisoned outputs; and where the CPU plan takes it."""
+"""The CPU path's banded arrangement (cpkernels/ops/banded.py), CP's and Tucker-2's, against the float64 oracle: every
+conv semantic, bands that split the image unevenly, both layouts, NaN-poisoned outputs; and where the CPU plan takes
+it."""
 import pytest
 import torch
 
-from cpkernels import cp_conv2d
+from cpkernels import cp_conv2d, tucker2_conv2d
 from cpkernels.core.conv_args import is_channels_last
 from cpkernels.dispatch import cpu as cpu_dispatch
-from cpkernels.ops import cp_arranged, cp_banded
+from cpkernels.ops import banded, cp_arranged, tucker2_arranged
 
 from .cases import CONV_CASES
-from .oracle import assert_matches_oracle, oracle_conv2d, random_factors
+from .oracle import assert_matches_oracle, oracle_conv2d, random_factors, random_tucker2
 
 
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
     """Every output the banded arrangement allocates starts as NaN, so an element no band writes fails the oracle."""
-    original = cp_banded.new_output
-    monkeypatch.setattr(cp_banded, "new_output", lambda shape, x: original(shape, x).fill_(float("nan")))
+    original = banded.new_output
+    monkeypatch.setattr(banded, "new_output", lambda shape, x: original(shape, x).fill_(float("nan")))
 
 
 @pytest.fixture
@@ -30,8 +31,9 @@ def banded_calls(monkeypatch, poisoned_outputs):
     monkeypatch.setattr(cpu_dispatch, "BAND_BYTES", 1)
     cpu_dispatch.clear_cache()
     ran = []
-    original = cp_arranged.cp_conv2d_banded
-    monkeypatch.setattr(cp_arranged, "cp_conv2d_banded", lambda *args: ran.append(args[-1]) or original(*args))
+    for module, name in ((cp_arranged, "cp_conv2d_banded"), (tucker2_arranged, "tucker2_conv2d_banded")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _f=original: ran.append(args[-1]) or _f(*args))
     yield ran
     cpu_dispatch.clear_cache()
 
@@ -42,6 +44,17 @@ def test_banded_matches_oracle(banded_calls, c):
     bias = torch.randn(c.cout) if c.bias else None
     x = c.make_input(torch.float32, "cpu")
     y = cp_conv2d(x, factors, bias, **c.conv_kwargs(), backend="auto")
+    assert_matches_oracle(y, oracle_conv2d(x, factors, bias, **c.conv_kwargs()), torch.float32)
+    assert is_channels_last(y) == is_channels_last(x)
+    assert banded_calls == [1]
+
+
+@pytest.mark.parametrize("c", [p for p in CONV_CASES if p.values[0].groups == 1])
+def test_tucker2_banded_matches_oracle(banded_calls, c):
+    factors = random_tucker2(c.cout, c.cin, c.kernel_size, (max(1, c.cout // 2), max(1, c.cin // 2 + 1)))
+    bias = torch.randn(c.cout) if c.bias else None
+    x = c.make_input(torch.float32, "cpu")
+    y = tucker2_conv2d(x, factors, bias, **c.conv_kwargs(), backend="auto")
     assert_matches_oracle(y, oracle_conv2d(x, factors, bias, **c.conv_kwargs()), torch.float32)
     assert is_channels_last(y) == is_channels_last(x)
     assert banded_calls == [1]
@@ -58,14 +71,20 @@ def test_banded_matches_oracle(banded_calls, c):
         pytest.param("nchw", (3, 1), (0, 3, 2, 0), (2, 1), id="strided-dilated-asymmetric"),
     ],
 )
-def test_band_heights(poisoned_outputs, band_rows, layout, stride, padding, dilation):
-    factors = random_factors(7, 5, (3, 2), 11)  # a rank off the alignment: padded with zero components
+@pytest.mark.parametrize("family", ["cp", "tucker2"])
+def test_band_heights(poisoned_outputs, family, band_rows, layout, stride, padding, dilation):
     bias = torch.randn(7)
     x = torch.randn(2, 5, 13, 12)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
-    y = cp_banded.cp_conv2d_banded(x, factors.input, factors.vertical, factors.horizontal, factors.output, bias, stride,
-                                   padding, dilation, band_rows)
+    if family == "cp":
+        factors = random_factors(7, 5, (3, 2), 11)  # a rank off the alignment: padded with zero components
+        y = banded.cp_conv2d_banded(x, factors.input, factors.vertical, factors.horizontal, factors.output, bias,
+                                    stride, padding, dilation, band_rows)
+    else:
+        factors = random_tucker2(7, 5, (3, 2), (6, 3))
+        y = banded.tucker2_conv2d_banded(x, factors.input, factors.core, factors.output, bias, stride, padding,
+                                         dilation, band_rows)
     top, bottom, left, right = padding
     expected = oracle_conv2d(torch.nn.functional.pad(x, (left, right, top, bottom)), factors, bias, stride=stride,
                              dilation=dilation)
@@ -115,3 +134,22 @@ def test_the_plan_bands_large_images_at_inference():
     assert plan(1, 64, (416, 640), 77, needs_grad=True).arrangement == "pixel-major"
     assert plan(1, 64, (416, 640), 78, groups=2).arrangement == "nchw"
     assert plan(1, 512, (26, 40), 768).arrangement == "pixel-major"  # 3.2 MB: under CHUNK_BYTES
+
+
+def test_tucker2_plan_bands_large_images_at_inference(monkeypatch):
+    """Tucker-2's staged candidate is banded where its R_in intermediate exceeds CHUNK_BYTES, at inference only."""
+    monkeypatch.setattr(cpu_dispatch, "MEASURE", False)
+    monkeypatch.setattr(cpu_dispatch, "tucker2_dense_is_cheaper", lambda *args: False)
+    cpu_dispatch.clear_cache()
+    factors = random_tucker2(64, 64, (3, 3), (24, 24))
+    big, small = torch.randn(1, 64, 300, 300), torch.randn(1, 64, 30, 30)  # 24 * 300^2 * 4 = 8.6 MB
+    plan = tucker2_arranged.tucker2_cpu_plan(big, factors.input, factors.core, factors.output, None, [1, 1],
+                                             [1, 1, 1, 1], [1, 1])
+    assert plan == cpu_dispatch.Plan("banded", cpu_dispatch.BAND_BYTES // (300 * 24 * 4))
+    assert tucker2_arranged.tucker2_cpu_plan(small, factors.input, factors.core, factors.output, None, [1, 1],
+                                             [1, 1, 1, 1], [1, 1]).arrangement == tucker2_arranged.STAGES
+    with torch.enable_grad():
+        grad = tucker2_arranged.tucker2_cpu_plan(big, factors.input.requires_grad_(), factors.core, factors.output,
+                                                 None, [1, 1], [1, 1, 1, 1], [1, 1])
+    assert grad.arrangement == tucker2_arranged.STAGES
+    cpu_dispatch.clear_cache()
