@@ -38,23 +38,17 @@ def banded_calls(monkeypatch, poisoned_outputs):
     cpu_dispatch.clear_cache()
 
 
+@pytest.mark.parametrize("family", ["cp", "tucker2"])
 @pytest.mark.parametrize("c", [p for p in CONV_CASES if p.values[0].groups == 1])
-def test_banded_matches_oracle(banded_calls, c):
-    factors = random_factors(c.cout, c.cin, c.kernel_size, c.rank)
+def test_banded_matches_oracle(banded_calls, c, family):
+    if family == "cp":
+        factors, op = random_factors(c.cout, c.cin, c.kernel_size, c.rank), cp_conv2d
+    else:
+        pair = (max(1, c.cout // 2), max(1, c.cin // 2 + 1))
+        factors, op = random_tucker2(c.cout, c.cin, c.kernel_size, pair), tucker2_conv2d
     bias = torch.randn(c.cout) if c.bias else None
     x = c.make_input(torch.float32, "cpu")
-    y = cp_conv2d(x, factors, bias, **c.conv_kwargs(), backend="auto")
-    assert_matches_oracle(y, oracle_conv2d(x, factors, bias, **c.conv_kwargs()), torch.float32)
-    assert is_channels_last(y) == is_channels_last(x)
-    assert banded_calls == [1]
-
-
-@pytest.mark.parametrize("c", [p for p in CONV_CASES if p.values[0].groups == 1])
-def test_tucker2_banded_matches_oracle(banded_calls, c):
-    factors = random_tucker2(c.cout, c.cin, c.kernel_size, (max(1, c.cout // 2), max(1, c.cin // 2 + 1)))
-    bias = torch.randn(c.cout) if c.bias else None
-    x = c.make_input(torch.float32, "cpu")
-    y = tucker2_conv2d(x, factors, bias, **c.conv_kwargs(), backend="auto")
+    y = op(x, factors, bias, **c.conv_kwargs(), backend="auto")
     assert_matches_oracle(y, oracle_conv2d(x, factors, bias, **c.conv_kwargs()), torch.float32)
     assert is_channels_last(y) == is_channels_last(x)
     assert banded_calls == [1]
