@@ -26,11 +26,11 @@ def favouring(monkeypatch, winner: str) -> list:
     candidates it timed."""
     timed = []
 
-    def timer(fn):
-        timed.append(fn.args[0])
-        return 1e-3 if fn.args[0] == winner else 2e-3
+    def timer(calls, repeats, warmup=True):
+        timed.extend(calls)
+        return {name: 1e-3 if name == winner else 2e-3 for name in calls}
 
-    monkeypatch.setattr(measured_mod, "median_seconds", timer)
+    monkeypatch.setattr(measured_mod, "interleaved_median_seconds", timer)
     return timed
 
 
@@ -73,7 +73,7 @@ def test_measured_mode_keeps_dense_unless_the_staged_form_wins_by_the_margin(mon
     """A near tie goes to dense: timing noise must not swap a dense conv for a slower factored one."""
     assert measured_mod.DENSE_MARGIN == 0.05
     times = {"dense-weight": 1000e-6, "pixel-major": staged_us * 1e-6}
-    monkeypatch.setattr(measured_mod, "median_seconds", lambda fn: times[fn.args[0]])
+    monkeypatch.setattr(measured_mod, "interleaved_median_seconds", lambda calls, *a, **k: {n: times[n] for n in calls})
     factors = random_factors(24, 20, (3, 3), 24)
     x = torch.randn(2, 20, 11, 13)
     y = cp_conv2d(x, factors, None, padding=1)
@@ -85,7 +85,7 @@ def test_measured_mode_keeps_dense_unless_the_staged_form_wins_by_the_margin(mon
 
 def test_model_mode_never_times(monkeypatch):
     monkeypatch.setattr(cpu_dispatch, "MEASURE", False)
-    monkeypatch.setattr(measured_mod, "median_seconds", lambda fn: pytest.fail("timed in model mode"))
+    monkeypatch.setattr(measured_mod, "interleaved_median_seconds", lambda *a, **k: pytest.fail("timed in model mode"))
     factors = random_factors(8, 6, (3, 3), 4)
     x = torch.randn(2, 6, 9, 9)
     assert_matches_oracle(cp_conv2d(x, factors, padding=1), oracle_conv2d(x, factors, padding=1), torch.float32)
@@ -255,3 +255,17 @@ def test_dense_weight_kept_in_inference_mode_serves_a_later_input_gradient():
     expected = oracle_conv2d(xg.double(), factors, padding=1)
     (g64,) = torch.autograd.grad(expected.sum(), [xg])
     assert_matches_oracle(g, g64.double(), torch.float32)
+
+
+def test_cpu_candidates_take_turns_after_their_checks():
+    """Without a timer, the CPU candidates are timed round by round (a load change lands on all alike), after each
+    has run once for the check, which is also its warm-up."""
+    calls = []
+
+    def run(name):
+        calls.append(name)
+        return torch.ones(3)
+
+    times = measured_mod.measure(run, ("dense", "staged"), torch.float32, reference="reference")
+    assert calls == ["reference", "dense", "staged"] + ["dense", "staged"] * measured_mod.CPU_REPEATS
+    assert set(times) == {"dense", "staged"} and all(t > 0 for t in times.values())

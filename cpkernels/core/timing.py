@@ -41,12 +41,14 @@ def time_median(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: 
         return median_seconds(lambda: fn(x), repeats, cuda=x.is_cuda)
 
 
-def interleaved_median_seconds(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall-clock seconds of each of ``calls`` (name -> call) on the CPU, after one warm-up call each, the
-    calls taking turns in every round, so that a change of the machine's load lands on all of them alike. Timed one
-    after the other, the same dense network's time moved by up to 2x between runs on a shared 2-core VM; what is
-    compared (a compressed model and its dense original) is timed this way."""
-    for call in calls.values():
+def interleaved_median_seconds(calls: dict[str, Callable[[], object]], repeats: int,
+                               warmup: bool = True) -> dict[str, float]:
+    """Median wall-clock seconds of each of ``calls`` (name -> call) on the CPU, after one warm-up call each (unless
+    ``warmup=False``: the caller has just run each), the calls taking turns in every round, so that a change of the
+    machine's load lands on all of them alike. Timed one after the other, the same dense network's time moved by up
+    to 2x between runs on a shared 2-core VM; what is compared (a compressed model and its dense original) is timed
+    this way."""
+    for call in calls.values() if warmup else ():
         call()
     samples = {name: [] for name in calls}
     for _ in range(repeats):

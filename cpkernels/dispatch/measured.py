@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from cpkernels.core.timing import cuda_median_seconds, median_seconds
+from cpkernels.core.timing import cuda_median_seconds, interleaved_median_seconds, median_seconds
 
 # A factored candidate replaces the dense one only when it is at least this much faster in the same measurement:
 # on a shared 2-core VM a whole network's time moved by up to 10 % between two measurements of the same model
@@ -42,6 +42,9 @@ def fastest_keeping_dense(times: dict, dense: str, margin: float = DENSE_MARGIN)
     return best
 
 
+# Rounds of the CPU candidates' interleaved timing (median_seconds' default count).
+CPU_REPEATS = 5
+
 # Largest difference from the reference, relative to its largest |value|, that a candidate may show before
 # it is refused: fp32 loose enough for TF32 on a GPU.
 AGREEMENT = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-9}
@@ -56,11 +59,15 @@ def measure(run: Callable[[str], torch.Tensor], candidates: tuple[str, ...], dty
     A candidate whose largest difference from the reference exceeds :data:`AGREEMENT` (relative to the
     reference's largest |value|) raises a RuntimeError; with ``refused`` (a dict) it is not timed and its
     relative difference is written there instead (NaN where either output is not finite), so the caller
-    picks among the rest. A candidate is never timed before it has agreed."""
+    picks among the rest. A candidate is never timed before it has agreed. Without ``timer``, CPU candidates take
+    turns round by round (:func:`cpkernels.core.timing.interleaved_median_seconds`): timed one after the other, a
+    change of the machine's load between them decided HED's conv2_1 for dense (109 ms) against a banded CP form
+    that ran 87 ms in the same benchmark."""
     expected = run(reference).float()
+    interleaved = timer is None and not expected.is_cuda
     timer = timer or (cuda_median_seconds if expected.is_cuda else median_seconds)
     scale = max(expected.abs().max().item(), 1e-6) if expected.numel() else 1.0
-    times = {}
+    times, agreed = {}, []
     for strategy in candidates:
         y = run(strategy)  # also the warm-up: first-touch page faults and one-off set-up fall outside the timing
         diff = (y.float() - expected).abs().max().item() if y.numel() else 0.0
@@ -70,5 +77,12 @@ def measure(run: Callable[[str], torch.Tensor], candidates: tuple[str, ...], dty
                                    f"(scale {scale:.3g}); not choosing it")
             refused[strategy] = float(f"{diff / scale:.3g}")
             continue
-        times[strategy] = round(timer(partial(run, strategy)) * 1e6, 2)
+        if interleaved:
+            agreed.append(strategy)
+        else:
+            times[strategy] = round(timer(partial(run, strategy)) * 1e6, 2)
+    if agreed:
+        # no warm-up: each candidate has just run for the check
+        seconds = interleaved_median_seconds({s: partial(run, s) for s in agreed}, CPU_REPEATS, warmup=False)
+        times = {s: round(seconds[s] * 1e6, 2) for s in agreed}
     return times
