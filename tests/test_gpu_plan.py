@@ -214,3 +214,30 @@ def test_docs_show_the_current_model():
     docs = (Path(__file__).parent.parent / "docs" / "kernel.md").read_text()
     assert gpu_plan_tables.layer_table(gpu.GPUS["h100"]) in docs
     assert gpu_plan_tables.per_pixel_table(gpu.GPUS["h100"]) in docs
+
+
+@pytest.mark.parametrize("family, rank", [("cp", 8), ("tucker2", (6, 5)), ("svd", 8)])
+def test_the_model_plan_traces_with_fullgraph(family, rank):
+    """A compiled call whose signature has no plan yet runs the model inside dynamo's trace: it must trace without
+    a graph break (fullgraph=True) and choose what the model chooses eagerly."""
+    kernel = (1, 1) if family == "svd" else (3, 3)
+    padding = (0, 0, 0, 0) if family == "svd" else (1, 1, 1, 1)
+
+    def plan(x):
+        return gpu.choose(x, rank, 1, 16, kernel, (1, 1), padding, (1, 1), spec=gpu.GPUS["h100"], family=family)
+
+    x = torch.randn(2, 16, 12, 12)
+    expected = plan(x).chosen
+    gpu.clear_cache()
+    strategies = sorted(plan(x).modeled_us)
+    gpu.clear_cache()
+
+    def f(x):
+        return x * (1.0 + strategies.index(plan(x).chosen))
+
+    torch._dynamo.reset()
+    try:
+        y = torch.compile(f, fullgraph=True, backend="eager")(x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(y, x * (1.0 + strategies.index(expected)))
