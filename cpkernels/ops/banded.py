@@ -5,7 +5,7 @@ What profiling HED's conv1_2 (64->64 at 416x640, CP at R = 77, batch 1) on the 2
 the whole-image stages (:mod:`cpkernels.ops.cp_arranged`, ``pixel-major``):
 - Each rank-R intermediate of one image is 82 MB. Freshly allocated, it is page-faulted in on every call: the
   stage-1 GEMM took 99 ms in the network and 53 ms into a buffer already touched.
-- oneDNN's depthwise conv (``brdgmm_dw:avx2``) ran at 6-8 GMAC/s.
+- oneDNN's depthwise conv (``brdgmm_dw:avx2``) ran at 2-3 GMAC/s over the whole image, 6-8 on a band of 8 rows.
 - MKL's GEMM with an inner or outer size of 77 ran at 35 GMAC/s against 53 at 80 (K = 64, 5120 pixels).
 
 So here each band of output rows runs all the stages while its intermediates stay in cache, in buffers allocated
@@ -17,8 +17,9 @@ once per call and reused by every band:
 The ranks are padded with zero components to a multiple of :data:`cpkernels.dispatch.cpu.RANK_ALIGN`: the padded
 components contribute exact zeros.
 
-On conv1_2 CP took 191-197 ms against 289 ms for the whole-image stages and 306 ms for the dense conv (medians
-of 11 interleaved rounds). It writes with ``out=``, so it serves calls without autograd only.
+On conv1_2 (``python -m bench.hed_layers``, commit dd533d8) CP ran 180.8 ms in bands against 259.2 ms for the
+whole-image stages and 294.2 ms for the dense conv, and Tucker-2 at the same MACs 139.2 ms. It writes with
+``out=``, so it serves calls without autograd only.
 """
 from __future__ import annotations
 
