@@ -62,7 +62,8 @@ def depthwise_by_im2col(n: int, channels: int, kernel_size, out_size, dilation, 
 CHUNK_BYTES = 8 << 20
 # Inference on an image whose rank-R intermediate alone exceeds CHUNK_BYTES runs in bands of output rows
 # (``banded``, ops/banded.py) whose stage-1 rows take about this much: on HED's 416x640 and 208x320 convs
-# (2-core AVX2 EPYC) bands of 3-6 MB ran as fast as any, and 8-row bands up to 15 % slower.
+# (2-core AVX2 EPYC) bands of 3-8 MB ran within 4 % of each other, and 1.6 MB bands (8 rows of conv1_2) 15 %
+# slower.
 BAND_BYTES = 4 << 20
 # The banded arrangement pads the rank to a multiple of this: MKL's fp32 GEMM ran 1.5x faster at 80 columns
 # than at 77 there, and the depthwise taps then fill whole AVX2 vectors.

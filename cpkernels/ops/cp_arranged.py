@@ -19,8 +19,8 @@ What profiling the four-stage reference on a 2-core x86 CPU showed (``python -m 
   function, is faster: the CPU plan times both on a signature's first call and keeps the faster
   (:func:`cpkernels.dispatch.cpu.choose`; or a fixed cost rule, :func:`cpkernels.dispatch.cpu.dense_is_cheaper`).
 - At inference on an image whose rank-R intermediate is too large for cache (HED's 416x640 and 208x320 convs),
-  the stages run over bands of output rows instead (:mod:`cpkernels.ops.banded`): 1.2-1.5x faster than the
-  whole-image stages on HED's first six convs.
+  the stages run over bands of output rows instead (:mod:`cpkernels.ops.banded`): 1.34-1.43x faster than the
+  whole-image stages on HED's 416x640 and 208x320 convs, 0.97-1.27x at 104x160 (AVX2 EPYC).
 - 16-bit inputs run in fp32 and the output is rounded once. On the 2-core AMD EPYC (no native bf16
   arithmetic) bf16 CP layers ran 10-16x slower than the same layer in fp32 (batch 8: 256->256 @28^2
   at R = 256, 765 ms against 75 ms with the casts; 128->128 @56^2 at R = 32, 396 ms against 30 ms),
