@@ -265,7 +265,7 @@ def measure_layer(name: str, conv: nn.Conv2d, cp: Optional[nn.Module], tucker2: 
                                         list(tucker2.stride), list(t2_padding), list(tucker2.dilation))
         # The banded arrangement runs every stage per band, so it has no whole-image stages to time: its row breaks
         # down the whole-image pixel-major stages instead (timed as the form "pixel-major").
-        whole = cpu_dispatch.Plan("pixel-major", 1) if staged.arrangement == "banded" else staged
+        whole = cpu_dispatch.Plan("pixel-major", 1) if staged.arrangement == cpu_dispatch.BANDED else staged
         chunk = x[:whole.chunk]
         stages = arranged_stages(whole.arrangement, chunk, cp, padding)
         outputs = chained_outputs(stages, chunk)

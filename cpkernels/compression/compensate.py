@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -182,17 +183,21 @@ def _check_pairs(compressed: nn.Module, dense: nn.Module, names: list[str]) -> N
                              "model this one was compressed from?")
 
 
-OPTIONS = ("holdout", "ridges", "relu_steps")  # what compress_model(..., compensate={...}) may pass on
-
-
-def check_options(holdout: float = HOLDOUT, ridges: Sequence[float] = RIDGES, relu_steps: int = 0) -> None:
-    """Raise ``ValueError`` for a bad value of :func:`compensate`'s options, before any work."""
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
+def check_options(holdout: Optional[float] = None, ridges: Optional[Sequence[float]] = None,
+                  relu_steps: Optional[int] = None) -> None:
+    """Raise ``ValueError`` for a bad value of :func:`compensate`'s options, before any work (None: not given)."""
+    if holdout is not None and (isinstance(holdout, bool) or not isinstance(holdout, (int, float))
+                                or not 0 < holdout < 1):
         raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
-    if isinstance(relu_steps, bool) or not isinstance(relu_steps, int) or relu_steps < 0:
+    if relu_steps is not None and (isinstance(relu_steps, bool) or not isinstance(relu_steps, int) or relu_steps < 0):
         raise ValueError(f"relu_steps must be an int >= 0, got {relu_steps!r}")
-    if not ridges or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 for r in ridges):
+    if ridges is not None and (not ridges or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0
+                                                 for r in ridges)):
         raise ValueError(f"ridges must be positive numbers, got {ridges!r}")
+
+
+# What compress_model(..., compensate={...}) may pass on: the options check_options checks.
+OPTIONS = tuple(inspect.signature(check_options).parameters)
 
 
 def compensate(

@@ -70,6 +70,11 @@ BAND_BYTES = 4 << 20
 RANK_ALIGN = 8
 
 
+def aligned_rank(rank: int) -> int:
+    """``rank`` rounded up to a multiple of :data:`RANK_ALIGN` (the banded arrangement's padded rank)."""
+    return -(-rank // RANK_ALIGN) * RANK_ALIGN
+
+
 # The model's constant: MACs per byte moved at which the CPU is as busy computing as moving data.
 # On the 2-core x86 machine the project was tuned on, a square fp32 matmul ran at ~90 GMAC/s and a
 # freshly allocated 51 MB activation cost ~9 ms of first-touch page faults (~6 GB/s) before any copy;
@@ -140,6 +145,7 @@ class Plan:
 
 
 DENSE = "dense-weight"
+BANDED = "banded"
 
 
 def plan(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size, dilation, needs_grad: bool) -> Plan:
@@ -150,15 +156,15 @@ def plan(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size, di
 
 
 def banded_plan(x: Tensor, rank: int, groups: int, out_size, needs_grad: bool) -> Optional[Plan]:
-    """``Plan("banded", output rows per band)`` where one image's first rank-``rank`` intermediate exceeds
+    """``Plan(BANDED, output rows per band)`` where one image's first rank-``rank`` intermediate exceeds
     :data:`CHUNK_BYTES` at inference without groups (CP's rank, Tucker-2's R_in), else None."""
     _, _, h, w = x.shape
     es = x.element_size()
     if needs_grad or groups != 1 or rank < PIXEL_MAJOR_MIN_RANK or rank * h * w * es <= CHUNK_BYTES:
         return None
-    row_bytes = w * -(-rank // RANK_ALIGN) * RANK_ALIGN * es  # one input row's first-stage output
+    row_bytes = w * aligned_rank(rank) * es  # one input row's first-stage output
     rows_per_output_row = max(1, h // max(1, out_size[0]))  # about the vertical stride
-    return Plan("banded", max(1, BAND_BYTES // (row_bytes * rows_per_output_row)))
+    return Plan(BANDED, max(1, BAND_BYTES // (row_bytes * rows_per_output_row)))
 
 
 def staged_plan(x: Tensor, rank: int, groups: int, cout: int, kernel_size, out_size, dilation,

@@ -314,7 +314,7 @@ def candidate_costs(s: ConvShape, rank: int, dtype: torch.dtype, spec: GPUSpec, 
 
     def best(kernel, model, tiles=None):
         tiles = _tiles(kernel, dtype, spec.arch) if tiles is None else tiles
-        return _least([model(t) for t in tiles], spec, dtype, tf32)
+        return _first_least([model(t) for t in tiles], lambda c: c.seconds(spec, dtype, tf32))
 
     # the kernels import triton: loaded on first use
     from cpkernels.kernels.cp_conv2d_fused import rows_kernel_applies
@@ -346,8 +346,8 @@ def tucker2_candidate_costs(s: ConvShape, rank: tuple[int, int], dtype: torch.dt
     if dtype == torch.float64:
         return costs
     precise = dtype != torch.float32
-    best = _least([cost_taps(s, r_out, es, t, precise, folded=True) for t in _tiles("taps", dtype, spec.arch)],
-                  spec, dtype, tf32)
+    best = _first_least([cost_taps(s, r_out, es, t, precise, folded=True) for t in _tiles("taps", dtype, spec.arch)],
+                        lambda c: c.seconds(spec, dtype, tf32))
     costs["fused-taps"] = Cost(best.flops + 2 * fold, best.hbm_bytes, best.l2_bytes, best.simt_flops,
                                best.launches + 1, best.programs, best.tile)
     return costs
@@ -388,7 +388,7 @@ class GPUPlan:
     @property
     def model_choice(self) -> Optional[str]:
         """What the model alone picks (None where no candidate was modeled)."""
-        return min(self.modeled_us, key=self.modeled_us.get) if self.modeled_us else None
+        return _first_least(self.modeled_us, self.modeled_us.get)
 
     def as_dict(self) -> dict:
         out = {"gpu": self.gpu, "chosen": self.chosen, "modeled_us": self.modeled_us}
@@ -399,15 +399,15 @@ class GPUPlan:
         return out
 
 
-def _least(costs: list, spec: GPUSpec, dtype: torch.dtype, tf32: bool):
-    """The cost of least modeled time, the first of equals. A loop, not ``min(key=)``: the model runs inside
+def _first_least(items, value: Callable):
+    """The first of ``items`` with the least ``value(item)``. A loop, not ``min(key=)``: the model runs inside
     ``torch.compile(fullgraph=True)`` when a compiled call's signature has no plan yet, and dynamo cannot trace
     ``min`` with a key."""
-    best, best_s = None, None
-    for c in costs:
-        seconds = c.seconds(spec, dtype, tf32)
-        if best is None or seconds < best_s:
-            best, best_s = c, seconds
+    best, best_value = None, None
+    for item in items:
+        v = value(item)
+        if best is None or v < best_value:
+            best, best_value = item, v
     return best
 
 
@@ -417,11 +417,7 @@ def model_plan(s: ConvShape, rank, dtype: torch.dtype, spec: GPUSpec, tf32: bool
     or the SVD family's with ``family="svd"``) or a pair ``(R_out, R_in)`` with ``family="tucker2"``."""
     costs = CANDIDATE_COSTS[_family(family)](s, rank, dtype, spec, tf32)
     modeled = {k: round(c.seconds(spec, dtype, tf32) * 1e6, 2) for k, c in costs.items()}
-    chosen = None
-    for k, us in modeled.items():  # the least modeled time; a loop, not min(key=), which dynamo cannot trace
-        if chosen is None or us < modeled[chosen]:
-            chosen = k
-    return GPUPlan(spec.name, chosen, modeled)
+    return GPUPlan(spec.name, _first_least(modeled, modeled.get), modeled)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,17 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cpkernels.core.conv_args import is_channels_last, memory_format_of, output_size
-from cpkernels.dispatch.cpu import RANK_ALIGN
+from cpkernels.dispatch.cpu import aligned_rank
 
 
 def new_output(shape: tuple[int, ...], x: Tensor) -> Tensor:
     """The uninitialised output, in ``x``'s dtype, device and memory format (tests poison it with NaN)."""
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
-
-
-def aligned(rank: int) -> int:
-    """``rank`` rounded up to a multiple of :data:`cpkernels.dispatch.cpu.RANK_ALIGN`."""
-    return -(-rank // RANK_ALIGN) * RANK_ALIGN
 
 
 def padded_rank(t: Tensor, rank: int, dim: int = -1) -> Tensor:
@@ -117,7 +112,7 @@ def cp_conv2d_banded(x: Tensor, input_factor: Tensor, vertical_factor: Tensor, h
     (sh, sw), (dh, dw), (_, _, pl, pr) = stride, dilation, padding
     w = x.shape[3]
     wo = output_size(x.shape[2:], (kh, kw), tuple(stride), tuple(padding), tuple(dilation))[1]
-    rank = aligned(input_factor.shape[2])
+    rank = aligned_rank(input_factor.shape[2])
     taps_v = padded_rank(vertical_factor[0], rank)  # [kh, R]
     taps_h = padded_rank(horizontal_factor[0], rank)  # [kw, R]
     band_rows = max(1, band_rows)
@@ -152,7 +147,7 @@ def tucker2_conv2d_banded(x: Tensor, input_factor: Tensor, core: Tensor, output_
     as a channels_last image."""
     r_out, r_in, kh, kw = core.shape[1:]
     (_, _, pl, pr) = padding
-    rank_in, rank_out = aligned(r_in), aligned(r_out)
+    rank_in, rank_out = aligned_rank(r_in), aligned_rank(r_out)
     w_core = padded_rank(padded_rank(core[0], rank_in, dim=1), rank_out, dim=0)  # [R_out, R_in, kh, kw]
     w_core = w_core.contiguous(memory_format=torch.channels_last)
 

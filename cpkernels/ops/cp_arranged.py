@@ -157,7 +157,7 @@ def cp_conv2d_arranged(how: cpu_dispatch.Plan, x: Tensor, input_factor: Tensor, 
     if how.arrangement == cpu_dispatch.DENSE:
         return cp_conv2d_dense_weight(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias,
                                       stride, padding, dilation)
-    if how.arrangement == "banded":
+    if how.arrangement == cpu_dispatch.BANDED:
         return cp_conv2d_banded(x, input_factor, vertical_factor, horizontal_factor, output_factor, bias, stride,
                                 padding, dilation, how.chunk)
     groups, _, rank = input_factor.shape

@@ -74,7 +74,7 @@ def tucker2_conv2d_arranged(how, x: Tensor, input_factor: Tensor, core: Tensor, 
     """The Tucker-2 conv of a 4-D fp32/fp64 ``x`` computed the way ``how`` says."""
     if how.arrangement == cpu_dispatch.DENSE:
         return tucker2_conv2d_dense_weight(x, input_factor, core, output_factor, bias, stride, padding, dilation)
-    if how.arrangement == "banded":
+    if how.arrangement == cpu_dispatch.BANDED:
         return tucker2_conv2d_banded(x, input_factor, core, output_factor, bias, stride, padding, dilation, how.chunk)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return tucker2_conv2d_reference(x, input_factor, core, output_factor, bias, stride, padding, dilation)
