@@ -26,3 +26,18 @@ def test_plan_compensation_and_distillation_end_to_end(tmp_path, monkeypatch):
     assert {r["fitted"] for r in row["compensated_layers"]} == {"conv output"}
     assert [r["name"] for r in row["compensated_layers"]] == [r["name"] for r in row["relu_layers"]]
     assert "| cp | 0.25 |" in (tmp_path / "hed_compensation.md").read_text()
+
+
+def test_one_fit_at_another_calibration_size(tmp_path, monkeypatch):
+    tiny_settings(monkeypatch)
+    monkeypatch.setitem(hed_compensation.DISTILL, "crop", (32, 32))
+    args = ["--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--budgets", "0.25", "--decompositions",
+            "cp", "--steps", "1", "--fits", "relu", "--calibration-size", "64", "96"]
+    assert hed_compensation.main(args) == 0
+    (row,) = json.loads((tmp_path / "hed_compensation.json").read_text())["rows"]
+    assert row["calibration_size"] == [64, 96]
+    assert "f1_compensated" not in row and "compensated_layers" not in row
+    assert row["distilled_from"] == "relu" and set(row["f1_distilled"]) == set(hed.JUDGING_PHOTOS)
+    # conv1_2 at full resolution saw the photo and its mirror at 64x96 (at the plan's 48x64: half the pixels)
+    assert row["relu_layers"][0]["name"] == "conv1_2" and row["relu_layers"][0]["pixels"] == 2 * 64 * 96
+    assert "| cp | 0.25 | " in (md := (tmp_path / "hed_compensation.md").read_text()) and "| 64x96 | - | - |" in md

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from cpkernels import CPConv2d, SVDConv2d, TuckerConv2d, cp_conv2d, svd_conv2d, tucker2_conv2d
-from cpkernels.dispatch import cpu
+from cpkernels.dispatch import cpu, gpu
 from cpkernels.ops import frontend
 
 FAMILIES = {
@@ -241,6 +241,63 @@ def test_cpu_plan_switches_are_read_at_call_time(monkeypatch):
     monkeypatch.setenv("CPKERNELS_CPU_PLAN", "fastest")
     with pytest.raises(ValueError, match="CPKERNELS_CPU_PLAN must be one of"):
         layer(x)
+
+
+@pytest.fixture
+def gpu_plan_calls(monkeypatch):
+    """A CPU layer sent down the GPU plan's path (what backend="auto" takes on a CUDA tensor), with each
+    :func:`gpu.choose` recorded; the plan's answer is ``answer["plan"]`` (a measured choice by default)."""
+    monkeypatch.setattr(frontend, "resolve_backend", lambda backend, x: "gpu-plan")
+    answer = {"plan": gpu.GPUPlan("test", "four-stage", measured_us={"four-stage": 1.0, "dense": 2.0})}
+    calls = []
+    monkeypatch.setattr(gpu, "choose", lambda *a, **k: calls.append(k.get("run")) or answer["plan"])
+    return calls, answer
+
+
+def test_a_settled_gpu_choice_is_kept_until_the_plan_changes(monkeypatch, gpu_plan_calls):
+    calls, _ = gpu_plan_calls
+    layer = CPConv2d(6, 8, 3, rank=3, padding=1)
+    x = torch.randn(2, 6, 7, 7)
+    expected = unmemoised(layer, cp_conv2d, x)
+    assert len(calls) == 1  # the functional op asks on every call
+    for _ in range(3):
+        assert torch.equal(layer(x), expected)
+    assert len(calls) == 2  # the layer asked once, with a run to time by
+    assert calls[-1] is not None
+    events = [  # the tests' gpu.MEASURE is False (conftest)
+        lambda: gpu.clear_cache(),
+        lambda: monkeypatch.setattr(gpu, "MEASURE", True),
+        lambda: monkeypatch.setattr(gpu, "MEASURE", None),
+        lambda: monkeypatch.setenv("CPKERNELS_GPU_PLAN", "model"),
+        lambda: monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32),
+        lambda: torch.use_deterministic_algorithms(True),
+    ]
+    try:
+        for event in events:
+            before = len(calls)
+            event()
+            layer(x)
+            layer(x)
+            assert len(calls) == before + 1, event
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_a_choice_still_to_be_measured_is_asked_for_again(monkeypatch, gpu_plan_calls):
+    """While the plan measures, the model's stand-in (no timing was possible, or no candidate agreed) is not
+    kept: the next call asks the plan again, which then measures."""
+    calls, answer = gpu_plan_calls
+    monkeypatch.setattr(gpu, "MEASURE", True)
+    answer["plan"] = gpu.GPUPlan("test", "four-stage")  # no times
+    layer = CPConv2d(6, 8, 3, rank=3, padding=1)
+    x = torch.randn(2, 6, 7, 7)
+    for _ in range(3):
+        layer(x)
+    assert len(calls) == 3
+    monkeypatch.setattr(gpu, "MEASURE", False)  # the model decides: its choice is settled
+    for _ in range(3):
+        layer(x)
+    assert len(calls) == 4
 
 
 def test_graph_capture_after_eager_calls_sees_the_custom_op(family):

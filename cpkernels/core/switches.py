@@ -63,12 +63,25 @@ def cpu_plan_mode() -> str:
 # one C lookup. Both are CPython's os._Environ internals, kept in step by os.environ's own writes; where they
 # are missing, os.environ.get answers the same.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
-_CPU_PLAN_KEY = os.environ.encodekey("CPKERNELS_CPU_PLAN") if hasattr(os.environ, "encodekey") else None
+_ENCODE_KEY = getattr(os.environ, "encodekey", None)
+
+
+def _raw_switch(variable: str, key):
+    if _ENVIRON_DATA is None or key is None:
+        return os.environ.get(variable)
+    return _ENVIRON_DATA.get(key)
+
+
+_CPU_PLAN_KEY = _ENCODE_KEY("CPKERNELS_CPU_PLAN") if _ENCODE_KEY is not None else None
+_GPU_PLAN_KEY = _ENCODE_KEY("CPKERNELS_GPU_PLAN") if _ENCODE_KEY is not None else None
 
 
 def cpu_plan_switch():
     """``CPKERNELS_CPU_PLAN`` as os.environ holds it (bytes on POSIX), or None: for telling that it changed,
     not for its meaning (:func:`cpu_plan_mode`)."""
-    if _ENVIRON_DATA is None or _CPU_PLAN_KEY is None:
-        return os.environ.get("CPKERNELS_CPU_PLAN")
-    return _ENVIRON_DATA.get(_CPU_PLAN_KEY)
+    return _raw_switch("CPKERNELS_CPU_PLAN", _CPU_PLAN_KEY)
+
+
+def gpu_plan_switch():
+    """``CPKERNELS_GPU_PLAN`` as os.environ holds it, or None, as :func:`cpu_plan_switch` for the GPU plan."""
+    return _raw_switch("CPKERNELS_GPU_PLAN", _GPU_PLAN_KEY)

@@ -43,7 +43,7 @@ import torch
 
 from cpkernels.core.conv_args import is_channels_last
 from cpkernels.core.cost import ConvShape
-from cpkernels.core.switches import GPU_PLAN_MODES, gpu_plan_mode
+from cpkernels.core.switches import GPU_PLAN_MODES, gpu_plan_mode, gpu_plan_switch
 # AGREEMENT: part of this module's surface
 from cpkernels.dispatch.measured import AGREEMENT, fastest_keeping_dense, measure, plan_measures  # noqa: F401
 
@@ -424,10 +424,30 @@ def model_plan(s: ConvShape, rank, dtype: torch.dtype, spec: GPUSpec, tf32: bool
 # Per-call choice (what backend="auto" on a CUDA tensor follows)
 # --------------------------------------------------------------------------------------------------
 _CACHE: dict[tuple, GPUPlan] = {}
+# Counts clear_cache() calls: a choice a layer memoised (cpkernels.ops.frontend.layer_conv2d) goes with the cache.
+_generation = 0
 
 
 def clear_cache() -> None:
+    global _generation
     _CACHE.clear()
+    _generation += 1
+
+
+def plan_state() -> tuple:
+    """What a settled choice (:func:`settled`) depends on besides its call signature: the switches
+    :func:`measuring` reads, the TF32 switch :func:`choose` keys on, and the cache's generation. A layer keeps the
+    choice of a signature while this is unchanged (the switches read raw, as :func:`cpkernels.dispatch.cpu.plan_state`
+    does, to keep each call cheap)."""
+    return MEASURE, _generation, torch.are_deterministic_algorithms_enabled(), gpu_plan_switch(), \
+        torch.backends.cudnn.allow_tf32
+
+
+def settled(plan: GPUPlan) -> bool:
+    """Whether :func:`choose` gives ``plan`` again for its signature while :func:`plan_state` holds: a measured
+    choice it cached, or any choice while the plan does not measure. The model's stand-in for a choice still to
+    be measured (the call could not time, or no candidate agreed) is not: a later call measures."""
+    return bool(plan.measured_us) or not measuring()
 
 
 def measuring() -> bool:

@@ -18,7 +18,7 @@ class FactoredConv2d(nn.Module):
     factor parameters (``factor_shapes``, named as the op's arguments), and defines ``factors`` and
     ``reset_parameters``.
 
-    ``forward`` memoises its argument checks, backend and CPU plan per call signature
+    ``forward`` memoises its argument checks, backend, CPU plan and settled GPU plan per call signature
     (:func:`cpkernels.ops.frontend.layer_conv2d`), keyed by the identity of the parameter tensors among the rest.
     Where a tensor changes in place of the same object the memo is cleared: ``.to()``, ``.double()``, ``.cuda()``
     and the rest of ``_apply``, ``load_state_dict`` (its ``assign=True`` and tensor swaps included), and

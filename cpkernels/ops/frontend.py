@@ -202,8 +202,9 @@ def register_reference_autograd(custom_op, reference_backward: Callable) -> tupl
     return setup_context, backward
 
 
-def planned_impl(op: FactoredOp, tensors: list, stride, pad, dilation, measure: bool) -> str:
-    """The implementation the GPU plan picks for this call (cached per call signature)."""
+def planned_impl(op: FactoredOp, tensors: list, stride, pad, dilation, measure: bool) -> tuple[str, bool]:
+    """The implementation the GPU plan picks for this call (cached per call signature), and whether the choice
+    is settled (:func:`cpkernels.dispatch.gpu.settled`: a layer may keep it)."""
     rank, groups, cout, kernel_size = op.plan_shape(tensors)
 
     def run(strategy: str) -> Tensor:
@@ -212,7 +213,7 @@ def planned_impl(op: FactoredOp, tensors: list, stride, pad, dilation, measure: 
 
     chosen = gpu.choose(tensors[0], rank, groups, cout, kernel_size, stride, pad, dilation,
                         run=run if measure else None, family=op.plan_family)
-    return op.strategy_impls[chosen.chosen]
+    return op.strategy_impls[chosen.chosen], gpu.settled(chosen)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ def factored_conv2d(op: FactoredOp, x: Tensor, factors, bias: Optional[Tensor], 
     # eager path's choices for this one call.
     compiling = torch.compiler.is_compiling() or torch.jit.is_tracing()
     if impl == "gpu-plan":
-        impl = planned_impl(op, tensors, stride_, pad, dilation_, measure=not compiling)
+        impl, _ = planned_impl(op, tensors, stride_, pad, dilation_, measure=not compiling)
     if compiling:
         y = op.custom_op(*tensors, list(stride_), list(pad), list(dilation_), impl)
     else:
@@ -257,12 +258,13 @@ def _run_eager(op: FactoredOp, impl: str, tensors: list, stride, pad, dilation) 
 # --------------------------------------------------------------------------------------------------
 class _Call:
     """What the checks and choices of one layer's call signature came to: everything :func:`factored_conv2d`
-    works out before the implementation runs, and the CPU plan's arrangement. ``tensors`` holds the layer's
+    works out before the implementation runs, the CPU plan's arrangement, and the GPU plan's choice once settled.
+    ``tensors`` holds the layer's
     tensors it was worked out for: their ids are in the memo's key, and the references keep the ids from being
     reused while the entry lives."""
 
     __slots__ = ("tensors", "stride", "dilation", "pad", "mode_pad", "padding_mode", "unbatched", "impl",
-                 "cpu_plan", "plan_state")
+                 "cpu_plan", "plan_state", "gpu_impl", "gpu_state")
 
 
 def _any_autocast_by_device() -> bool:
@@ -285,7 +287,8 @@ def layer_conv2d(op: FactoredOp, memo: dict, x: Tensor, parameters: dict, factor
     identity of its parameter tensors. What else they read is checked on each call: graph capture, an ONNX
     export and autocast take :func:`factored_conv2d` whole and memoise nothing; so do tensor subclasses (fake
     tensors of an export among them) and parameters moved out of ``parameters`` (a parametrization). A CPU plan
-    is kept while :func:`cpkernels.dispatch.cpu.plan_state` is unchanged. A call that fails its checks memoises
+    is kept while :func:`cpkernels.dispatch.cpu.plan_state` is unchanged, a settled GPU plan's choice while
+    :func:`cpkernels.dispatch.gpu.plan_state` is. A call that fails its checks memoises
     nothing, so every call of a bad signature raises. The layer clears ``memo`` where its tensors change
     without changing identity (``.to()``, ``load_state_dict``; see :class:`cpkernels.modules.factored.FactoredConv2d`).
     """
@@ -317,7 +320,13 @@ def layer_conv2d(op: FactoredOp, memo: dict, x: Tensor, parameters: dict, factor
     impl = call.impl if backend != "triton" else resolve_backend(backend, x)
     args = [x, *tensors]
     if impl == "gpu-plan":
-        impl = planned_impl(op, args, call.stride, call.pad, call.dilation, measure=True)
+        # the GPU plan's choice, kept in the memo once settled (a dict lookup per call saved on the GPU's path)
+        if call.gpu_state is not None and call.gpu_state == gpu.plan_state():
+            impl = call.gpu_impl
+        else:
+            impl, settled = planned_impl(op, args, call.stride, call.pad, call.dilation, measure=True)
+            if settled:
+                call.gpu_impl, call.gpu_state = impl, gpu.plan_state()
     if call.cpu_plan is not None:
         y = op.cpu_planned(call.cpu_plan, *args, call.stride, call.pad, call.dilation)
     else:
@@ -338,7 +347,7 @@ def _memoise(op: FactoredOp, memo: dict, key: tuple, x: Tensor, factors, tensors
         pt, pb, pl, pr = pad
         call.mode_pad, pad = (pl, pr, pt, pb), (0, 0, 0, 0)
     call.pad = pad
-    call.cpu_plan = call.plan_state = None
+    call.cpu_plan = call.plan_state = call.gpu_impl = call.gpu_state = None
     if call.impl == "cpu" and op.cpu_plan is not None:
         x4 = x.unsqueeze(0) if call.unbatched else x
         if call.mode_pad is not None:
