@@ -1,6 +1,7 @@
 """HED against what users would pick instead: channel pruning and int8, beside CP and Tucker-2, at equal conv MACs.
 
     python -m bench.hed_alternatives --out bench/results/cpu-intel-xeon-avx512-2core
+    python -m bench.hed_alternatives --out DIR --budgets 0.25 --methods CP Tucker-2   # some rows, no pruning or int8
 
 On HED's trained VGG-16 (:mod:`cpkernels.tools.hed`), at 0.5, 0.25 and 0.125 of the 13 3x3 convs' MACs, before any
 fine-tuning, five rows per budget:
@@ -250,9 +251,14 @@ def _with_threads(threads: int, fn: Callable):
 
 
 def measure(budgets: Sequence[float] = BUDGETS, runs: int = RUNS, cache: Optional[str] = CACHE,
-            workdir: Optional[str] = None, print_fn: Callable[[str], None] = print) -> dict:
-    """Every row of every budget (see the module docstring); ONNX files go to ``workdir`` (default: a temporary
-    folder)."""
+            workdir: Optional[str] = None, print_fn: Callable[[str], None] = print,
+            methods: Sequence[str] = METHODS) -> dict:
+    """Every row of every budget (see the module docstring), or the rows of ``methods`` and dense; ONNX files go
+    to ``workdir`` (default: a temporary folder)."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}: choose from {METHODS}")
+    methods = tuple(m for m in METHODS if m in methods)
     threads, plan_threads = SETTINGS["threads"], SETTINGS["plan_threads"]
     model = hed.load_hed()
     inputs = judging_inputs()
@@ -269,21 +275,32 @@ def measure(budgets: Sequence[float] = BUDGETS, runs: int = RUNS, cache: Optiona
         os.makedirs(folder, exist_ok=True)
         dense_onnx = os.path.join(folder, "dense.onnx")
         export(model, x, dense_onnx, False, threads)
-        dense_int8 = quantize_int8(dense_onnx, ort_calibration, os.path.join(folder, "dense_int8.onnx"))
+        dense_int8 = (quantize_int8(dense_onnx, ort_calibration, os.path.join(folder, "dense_int8.onnx"))
+                      if "int8 dense" in methods else None)
         for budget in budgets:
-            pruned, prune_info = _with_threads(plan_threads, lambda: prune_to_macs(model, budget, prune_example))
-            prune_info["macs_fraction"] = conv_macs(pruned, SETTINGS["size"]) / dense_macs
-            cp, cp_info = compressed_hed(model, "cp", "data", budget, cache=cache)
-            t2, t2_info = compressed_hed(model, "tucker2", "data", budget, cache=cache)
+            # the fp32 models to export: each method's own row, and the factored ones its int8 row quantizes
+            fp32, factored, infos, prune_info = {}, {}, {}, None
+            if "pruned" in methods:
+                fp32["pruned"], prune_info = _with_threads(plan_threads,
+                                                           lambda: prune_to_macs(model, budget, prune_example))
+                prune_info["macs_fraction"] = conv_macs(fp32["pruned"], SETTINGS["size"]) / dense_macs
+                factored["pruned"] = False
+            for name, family in (("CP", "cp"), ("Tucker-2", "tucker2")):
+                if name in methods or f"int8 {name}" in methods:
+                    fp32[name], infos[family] = compressed_hed(model, family, "data", budget, cache=cache)
+                    factored[name] = True
             paths, chosen = {}, {}
-            for name, m, factored in (("pruned", pruned, False), ("CP", cp, True), ("Tucker-2", t2, True)):
+            for name, m in fp32.items():
                 paths[name] = os.path.join(folder, f"{name}_{budget:g}.onnx")
-                chosen[name] = export(m, x, paths[name], factored, threads)
+                chosen[name] = export(m, x, paths[name], factored[name], threads)
             for name, stem in (("CP", "cp"), ("Tucker-2", "tucker2")):
-                paths[f"int8 {name}"] = quantize_int8(paths[name], ort_calibration,
-                                                      os.path.join(folder, f"{stem}_int8_{budget:g}.onnx"))
-            eager = {"dense": model, "pruned": pruned, "CP": cp, "Tucker-2": t2}
-            ort_models = {"dense": OrtModel(dense_onnx, threads), "int8 dense": OrtModel(dense_int8, threads),
+                if f"int8 {name}" in methods:
+                    paths[f"int8 {name}"] = quantize_int8(paths[name], ort_calibration,
+                                                          os.path.join(folder, f"{stem}_int8_{budget:g}.onnx"))
+            eager = {"dense": model, **{name: m for name, m in fp32.items() if name in methods}}
+            paths = {name: p for name, p in paths.items() if name in methods}
+            ort_models = {"dense": OrtModel(dense_onnx, threads),
+                          **({"int8 dense": OrtModel(dense_int8, threads)} if dense_int8 else {}),
                           **{name: OrtModel(p, threads) for name, p in paths.items()}}
             f1 = {"eager": {name: edge_f1s(m, dense_maps, inputs) for name, m in eager.items()},
                   "ort": {name: edge_f1s(m, dense_maps, inputs) for name, m in ort_models.items()}}
@@ -293,11 +310,14 @@ def measure(budgets: Sequence[float] = BUDGETS, runs: int = RUNS, cache: Optiona
             load_after = os.getloadavg()
             ms = {"eager": {k: 1e3 * s for (rt, k), s in seconds.items() if rt == "eager"},
                   "ort": {k: 1e3 * s for (rt, k), s in seconds.items() if rt == "ort"}}
-            fractions = {"dense": 1.0, "pruned": prune_info["macs_fraction"], "CP": cp_info["macs_fraction"],
-                         "Tucker-2": t2_info["macs_fraction"], "int8 dense": 1.0, "int8 CP": cp_info["macs_fraction"],
-                         "int8 Tucker-2": t2_info["macs_fraction"]}
+            fractions = {"dense": 1.0, "int8 dense": 1.0}
+            if prune_info is not None:
+                fractions["pruned"] = prune_info["macs_fraction"]
+            for name, family in (("CP", "cp"), ("Tucker-2", "tucker2")):
+                if family in infos:
+                    fractions[name] = fractions[f"int8 {name}"] = infos[family]["macs_fraction"]
             rows = []
-            for name in ("dense",) + METHODS:
+            for name in ("dense",) + methods:
                 row = {"method": name, "macs_fraction": fractions[name]}
                 for runtime in ("eager", "ort"):
                     if name in ms[runtime]:
@@ -309,9 +329,10 @@ def measure(budgets: Sequence[float] = BUDGETS, runs: int = RUNS, cache: Optiona
                 rows.append(row)
             entry = {"budget": budget, "rows": rows, "load_average_before": load_before,
                      "load_average_after": load_after, "pruning": prune_info,
-                     "cp": {**{k: cp_info[k] for k in ("config", "plan_s", "macs_fraction", "ranks")},
-                            "cancellation": cp_cancellation(cp)},
-                     "tucker2": {k: t2_info[k] for k in ("config", "plan_s", "macs_fraction", "ranks")}}
+                     **{family: {k: info[k] for k in ("config", "plan_s", "macs_fraction", "ranks")}
+                        for family, info in infos.items()}}
+            if "CP" in eager:
+                entry["cp"]["cancellation"] = cp_cancellation(eager["CP"])
             result["budgets"].append(entry)
             print_fn(json.dumps({"budget": budget, "load": load_before[0], "rows": [
                 {k: v for k, v in r.items() if k != "onnx_forms"} for r in rows]}))
@@ -345,9 +366,11 @@ def to_markdown(result: dict, env: dict, runs: int) -> str:
         for row in entry["rows"]:
             lines.append(f"| {entry['budget']:g} | {row['method']} | {row['macs_fraction']:.3f} | {_f1(row, 'china')} "
                          f"| {_f1(row, 'flower')} | {_cell(row, 'eager')} | {_cell(row, 'ort')} | {load} |")
-    lines += ["", "Pruning: the global ratio found by bisection, the fraction of Torch-Pruning's count of the 3x3 convs "
-              "(MACs + bias adds) it reached, and the pruned widths of conv1_1 ... conv5_3.", ""]
-    for entry in sorted(result["budgets"], key=lambda e: -e["budget"]):
+    pruned = [e for e in sorted(result["budgets"], key=lambda e: -e["budget"]) if e["pruning"] is not None]
+    if pruned:  # none without a pruned row (--methods)
+        lines += ["", "Pruning: the global ratio found by bisection, the fraction of Torch-Pruning's count of the 3x3 "
+                  "convs (MACs + bias adds) it reached, and the pruned widths of conv1_1 ... conv5_3.", ""]
+    for entry in pruned:
         p = entry["pruning"]
         lines.append(f"- {entry['budget']:g}: ratio {p['pruning_ratio']:.4f}, Torch-Pruning count "
                      f"{p['tp_fraction']:.4f}, kernel MACs {p['macs_fraction']:.4f}, {len(p['trials'])} trials; "
@@ -379,8 +402,10 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--cache", default=CACHE, help="the compressed models' cache (bench/hed_methods.py's)")
     parser.add_argument("--workdir", default=None, help="keep the ONNX files here (default: a temporary folder)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="the rows beside dense (default: all)")
     args = parser.parse_args(argv)
-    result = measure(args.budgets, args.runs, args.cache, args.workdir)
+    result = measure(args.budgets, args.runs, args.cache, args.workdir, methods=args.methods)
     env = {**environment("cpu"), **versions(), "load_average_at_end": os.getloadavg()}
     save_results(args.out, "hed_alternatives", {"environment": env, "settings": SETTINGS, "arguments": vars(args),
                                                 **result}, to_markdown(result, env, args.runs))

