@@ -144,8 +144,13 @@ class RankPlan:
 _LATENCY_US: dict = {}  # (conv signature, input shape, rank or None, device, dtype) -> median microseconds
 
 
+# Seconds of timed calls after which a candidate's timing stops (after three calls; at most ten): a call of
+# 100 ms, as VGG's first convs at 416x640 take on two cores, is timed three times, a call of 5 ms ten times.
+LATENCY_BUDGET_S = 0.3
+
+
 def _time_layer(layer: nn.Module, x: torch.Tensor) -> float:
-    return 1e6 * time_median(layer, x)
+    return 1e6 * time_median(layer, x, budget_s=LATENCY_BUDGET_S)
 
 
 def latency_us(conv: nn.Conv2d, input_shape: tuple, rank) -> float:

@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 5, cuda: bool = False) -> float:
-    """Median seconds of ``fn()`` after one warm-up call; ``cuda``: timed with CUDA events instead."""
+# The fewest calls a time budget (median_seconds' budget_s) leaves: a median of three outvotes one outlier.
+MIN_REPEATS = 3
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, cuda: bool = False,
+                   budget_s: Optional[float] = None) -> float:
+    """Median seconds of ``fn()`` after one warm-up call; ``cuda``: timed with CUDA events instead.
+
+    ``budget_s`` (CPU): stop before ``repeats`` calls, after :data:`MIN_REPEATS`, once the timed calls have taken
+    that long. A call of a tenth of a second varies far less, relative to its length, than a call of a
+    millisecond; without a budget, ten calls of each candidate of a layer at 416x640 are most of a latency plan's
+    time."""
+    if budget_s is not None and budget_s < 0:
+        raise ValueError(f"budget_s must be >= 0, got {budget_s}")
     fn()
     if cuda:
         # triton is optional (CPU-only installs may lack it); a CUDA timing needs it, and it ships with CUDA torch
@@ -27,6 +39,8 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, cuda: bool = Fals
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
+        if budget_s is not None and len(samples) >= MIN_REPEATS and sum(samples) >= budget_s:
+            break
     return sorted(samples)[len(samples) // 2]
 
 
@@ -35,10 +49,12 @@ def cuda_median_seconds(fn: Callable[[], object]) -> float:
     return median_seconds(fn, cuda=True)
 
 
-def time_median(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int = 10) -> float:
-    """Median seconds of ``fn(x)`` under ``torch.inference_mode()``, on ``x``'s device."""
+def time_median(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int = 10,
+                budget_s: Optional[float] = None) -> float:
+    """Median seconds of ``fn(x)`` under ``torch.inference_mode()``, on ``x``'s device (``budget_s``: as
+    :func:`median_seconds`)."""
     with torch.inference_mode():
-        return median_seconds(lambda: fn(x), repeats, cuda=x.is_cuda)
+        return median_seconds(lambda: fn(x), repeats, cuda=x.is_cuda, budget_s=budget_s)
 
 
 def interleaved_median_seconds(calls: dict[str, Callable[[], object]], repeats: int,
