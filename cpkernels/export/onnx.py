@@ -87,6 +87,11 @@ def export_onnx(
 
     With ``"auto"`` the plan and its timings are stored in the file's metadata under
     ``cpkernels.forms`` (JSON).
+
+    Quantizing the file: static int8 in ONNX Runtime (``quantize_static``) kept the output of dense and
+    Tucker-2 exports of HED's trained VGG-16, and lost it for CP exports (edge F1 0.000-0.334 against fp32;
+    README, *Against pruning and int8*). A CP layer's rank-one components largely cancel, and int8 rounds each
+    on one scale. For int8, compress with Tucker-2, or keep the CP layers in float.
     """
 
 
