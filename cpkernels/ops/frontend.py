@@ -320,7 +320,7 @@ def layer_conv2d(op: FactoredOp, memo: dict, x: Tensor, parameters: dict, factor
     impl = call.impl if backend != "triton" else resolve_backend(backend, x)
     args = [x, *tensors]
     if impl == "gpu-plan":
-        # the GPU plan's choice, kept in the memo once settled (a dict lookup per call saved on the GPU's path)
+        # the GPU plan's choice, kept once settled: its key, switches and cache are not worked out again per call
         if call.gpu_state is not None and call.gpu_state == gpu.plan_state():
             impl = call.gpu_impl
         else:
