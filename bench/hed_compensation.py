@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -30,7 +31,8 @@ from cpkernels import compensate, distill
 from cpkernels.tools import hed
 from cpkernels.tools.profile import environment
 
-from .hed_methods import CACHE, SETTINGS, calibration_batches, compressed_hed, config_name, edge_f1s, judging_inputs
+from .hed_methods import (CACHE, SETTINGS, calibration_batches, check_same_machine, compressed_hed, config_name,
+                          edge_f1s, judging_inputs, merged_rows)
 from .report import save_results
 
 BUDGETS = (0.25, 0.125, 0.0625)
@@ -129,6 +131,8 @@ def to_markdown(rows: list[dict], env: dict, distill_options: dict) -> str:
     for r in rows:
         decomposition, _, budget = r["config"].split("-")
         size = "x".join(map(str, r.get("calibration_size", SETTINGS["calibration_size"])))
+        if "commit" in r:  # a row kept from an earlier run
+            size += f" (commit {r['commit'][:7]})"
         lines.append(f"| {decomposition} | {budget} | {r['macs_fraction']:.3f} | {f1(r['f1_plan'])} | {r['plan_s']:.0f} "
                      f"| {size} | {cell(r, 'compensated', 'compensated_s')} | {cell(r, 'relu', 'relu_s')} "
                      f"| {cell(r, 'distilled', 'distill_s')} |")
@@ -148,8 +152,15 @@ def main(argv=None) -> int:
     parser.add_argument("--fits", nargs="+", choices=tuple(FITS), default=list(FITS))
     args = parser.parse_args(argv)
     options = {**DISTILL, "steps": args.steps, "lr": args.lr}
+    path = os.path.join(args.out, "hed_compensation.json")
+    if os.path.exists(path):  # refused before any work
+        with open(path) as f:
+            check_same_machine(json.load(f), path)
     rows = measure(args.budgets, args.decompositions, args.cache, options, args.calibration_size,
                    tuple(dict.fromkeys(args.fits)))
+    # the rows already there for another configuration or calibration size stay (each names its commit)
+    rows = merged_rows(rows, path, key=lambda r: (r["config"], tuple(r.get("calibration_size",
+                                                                             SETTINGS["calibration_size"]))))
     env = environment("cpu")
     save_results(args.out, "hed_compensation", {"environment": env, "settings": SETTINGS, "distill": options,
                                                 "rows": rows}, to_markdown(rows, env, options))

@@ -31,7 +31,7 @@ import json
 import os
 import statistics
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -207,16 +207,17 @@ def check_same_machine(old: dict, path: str) -> None:
         raise ValueError(f"{path} holds rows measured on {there}, not on this machine ({here}): give another --out")
 
 
-def merged_rows(new: Sequence[dict], path: str) -> list[dict]:
-    """``new`` and the rows of the JSON at ``path`` (when there is one) for the configurations not in ``new``, in
-    the table's order. Rows of files written before rows named their commit get the file's."""
+def merged_rows(new: Sequence[dict], path: str, key: Callable[[dict], object] = lambda r: r["config"]) -> list[dict]:
+    """``new`` and the rows of the JSON at ``path`` (when there is one) whose ``key`` (default: the configuration)
+    no row of ``new`` has, in the table's order. Rows of files written before rows named their commit get the
+    file's."""
     kept = []
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         check_same_machine(old, path)
-        rerun = {r["config"] for r in new}
-        kept = [{"commit": old["environment"]["git_commit"], **r} for r in old["rows"] if r["config"] not in rerun]
+        rerun = {key(r) for r in new}
+        kept = [{"commit": old["environment"]["git_commit"], **r} for r in old["rows"] if key(r) not in rerun]
     order = {config_name(d, m, b): i for i, (d, m, b) in enumerate((d, m, b) for d, m in PAIRS for b in BUDGETS)}
     return sorted([*kept, *new], key=lambda r: order.get(r["config"], len(order)))
 

@@ -41,3 +41,8 @@ def test_one_fit_at_another_calibration_size(tmp_path, monkeypatch):
     # conv1_2 at full resolution saw the photo and its mirror at 64x96 (at the plan's 48x64: half the pixels)
     assert row["relu_layers"][0]["name"] == "conv1_2" and row["relu_layers"][0]["pixels"] == 2 * 64 * 96
     assert "| cp | 0.25 | " in (md := (tmp_path / "hed_compensation.md").read_text()) and "| 64x96 | - | - |" in md
+    # a run at the plan's size adds its row; the 64x96 row stays, naming its commit
+    assert hed_compensation.main([*args[:-2], "48", "64", "--steps", "0"]) == 0
+    rows = json.loads((tmp_path / "hed_compensation.json").read_text())["rows"]
+    assert [r["calibration_size"] for r in rows] == [[64, 96], [48, 64]] and "commit" in rows[0]
+    assert "commit" not in rows[1] and "| 64x96 (commit " in (tmp_path / "hed_compensation.md").read_text()
