@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from cpkernels import decompose_conv
+from cpkernels import compress_model, decompose_conv, plan_ranks
 from cpkernels.tools.profile import device_name
 
 # (name, Cout, Cin) of VGG-16's 3x3 convs.
@@ -43,8 +43,6 @@ def vgg16_features() -> torch.nn.Sequential:
 
 
 def time_planning(budget: float) -> float:
-    from cpkernels import compress_model, plan_ranks
-
     torch.manual_seed(0)
     model = vgg16_features()
     start = time.perf_counter()

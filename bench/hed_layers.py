@@ -59,8 +59,7 @@ from cpkernels.core import conv_args
 from cpkernels.core.conv_args import output_size
 from cpkernels.core.cost import ConvShape
 from cpkernels.dispatch import cpu as cpu_dispatch
-# _pointwise_to_pixel_major is the pixel-major arrangement's stage 1; the library has no public name for it.
-from cpkernels.ops.cp_arranged import (_pointwise_to_pixel_major, cp_conv2d_arranged, cp_cpu_plan, im2col_depthwise,
+from cpkernels.ops.cp_arranged import (pointwise_to_pixel_major, cp_conv2d_arranged, cp_cpu_plan, im2col_depthwise,
                                        merged_depthwise_weight, pointwise_matmul)
 from cpkernels.ops.tucker2_arranged import tucker2_cpu_plan
 from cpkernels.tools import hed
@@ -152,7 +151,7 @@ def arranged_stages(arrangement: str, x: Tensor, layer: nn.Module, padding: Sequ
                 Stage("stage4", lambda t: F.conv2d(t, f_out.reshape(-1, rank, 1, 1), bias, 1, 0, 1, groups), macs4),
                 Stage("layout", lambda t: t.contiguous(memory_format=torch.channels_last), 0)]
     if arrangement == "pixel-major":
-        first = Stage("stage1", lambda t: _pointwise_to_pixel_major(t, f_in[0]), macs1)
+        first = Stage("stage1", lambda t: pointwise_to_pixel_major(t, f_in[0]), macs1)
         copy_after = []
     elif arrangement == "nchw":
         first = Stage("stage1", lambda t: pointwise_matmul(t, w_in, None), macs1)

@@ -90,6 +90,8 @@ def to_markdown(table: list[dict], rows: list[dict]) -> str:
 
 
 def plot_speedups(table: list[dict], path: str) -> None:
+    # optional: the plots only (matplotlib comes with the test and bench extras); Agg is chosen before
+    # pyplot loads, so no display is needed
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,6 +123,8 @@ def plot_speedups(table: list[dict], path: str) -> None:
 
 
 def plot_roofline(rows: list[dict], path: str) -> None:
+    # optional: the plots only (matplotlib comes with the test and bench extras); Agg is chosen before
+    # pyplot loads, so no display is needed
     import matplotlib
 
     matplotlib.use("Agg")

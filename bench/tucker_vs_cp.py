@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cpkernels import compress_model, decompose_conv, decompose_tucker2, plan_ranks
-from cpkernels.compression.calibration import _Hooks
+from cpkernels.compression.calibration import EvalHooks
 from cpkernels.compression.compress import rank_for_mac_fraction
 from cpkernels.compression.convs import conv_shape
 from cpkernels.compression.families import family_of_rank
@@ -46,7 +46,7 @@ def layer_errors(model: nn.Module, x: torch.Tensor) -> list[dict]:
             inputs[name] = args[0]
         return record
 
-    with _Hooks(model, convs, hook):  # eval mode, no grad; hooks removed after
+    with EvalHooks(model, convs, hook):  # eval mode, no grad; hooks removed after
         model(x)
     rows = []
     for name, conv in convs.items():

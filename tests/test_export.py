@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import cpkernels
-from cpkernels import CPConv2d
+from cpkernels import CPConv2d, SVDConv2d, TuckerConv2d
 
 from .cases import CONV_CASES
 from .oracle import assert_matches_oracle, oracle_conv2d
@@ -19,7 +19,7 @@ pytest.importorskip("onnxscript", reason="the export extra (onnx, onnxruntime, o
 
 from cpkernels.dispatch.measured import DENSE_MARGIN  # noqa: E402
 from cpkernels.export import forms as onnx_plans  # noqa: E402
-from cpkernels.export.onnx import check_standard_graph, export_onnx  # noqa: E402
+from cpkernels.export.onnx import ALIGN_RANKS, check_standard_graph, export_onnx  # noqa: E402
 
 # Input layouts are PyTorch's business; an ONNX graph takes a plain batch, whose size varies below.
 EXPORT_CASES = [c for c in CONV_CASES if c.values[0].layout == "nchw" and c.values[0].batch == 2]
@@ -49,7 +49,9 @@ def test_onnx_runtime_matches_eager_at_other_batch_sizes(c, tmp_path):
     assert ops.count("Pad") <= 1
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     groups = [next(a.i for a in n.attribute if a.name == "group") for n in convs]
-    assert groups == [c.groups, c.groups * c.rank, c.groups]  # 1x1, depthwise over the rank, 1x1
+    # 1x1, depthwise over the rank (padded with zero channels to ALIGN_RANKS without groups), 1x1
+    rank = -(-c.rank // ALIGN_RANKS) * ALIGN_RANKS if c.groups == 1 else c.rank
+    assert groups == [c.groups, c.groups * rank, c.groups]
     for batch in (1, 3, 7):
         x = torch.randn(batch, c.cin, *c.size)
         y = _run(tmp_path / "layer.onnx", x)
@@ -72,6 +74,42 @@ def test_legacy_exporter_and_unmerged_depthwise(c, merge, tmp_path):
     x = torch.randn(3, c.cin, *c.size)
     assert_matches_oracle(_run(tmp_path / "layer.onnx", x),
                           oracle_conv2d(x, layer.factors.detach(), layer.bias, **c.conv_kwargs()), torch.float32)
+
+
+def _conv_weight_shapes(proto) -> list[list[int]]:
+    initializers = {t.name: list(t.dims) for t in proto.graph.initializer}
+    return [initializers[n.input[1]] for n in proto.graph.node if n.op_type == "Conv"]
+
+
+ALIGN_CASES = {  # layer, then its Conv weights' shapes with the ranks as they are and padded to 16
+    "cp": (lambda: CPConv2d(8, 12, 3, rank=5, padding=1),
+           [[5, 8, 1, 1], [5, 1, 3, 3], [12, 5, 1, 1]], [[16, 8, 1, 1], [16, 1, 3, 3], [12, 16, 1, 1]]),
+    "tucker2": (lambda: TuckerConv2d(8, 12, 3, rank=(5, 3), padding=1),  # (R_out, R_in)
+                [[3, 8, 1, 1], [5, 3, 3, 3], [12, 5, 1, 1]], [[16, 8, 1, 1], [16, 16, 3, 3], [12, 16, 1, 1]]),
+    "svd": (lambda: SVDConv2d(8, 12, 1, rank=5, stride=2),
+            [[5, 8, 1, 1], [12, 5, 1, 1]], [[16, 8, 1, 1], [12, 16, 1, 1]]),
+}
+
+
+@pytest.mark.parametrize("family", list(ALIGN_CASES))
+@pytest.mark.parametrize("align", [1, 16])
+def test_ranks_padded_with_zero_channels_keep_the_output(family, align, tmp_path):
+    make, shapes, padded = ALIGN_CASES[family]
+    torch.manual_seed(0)
+    layer = make().eval()
+    x = torch.randn(2, 8, 9, 10)
+    proto = export_onnx(layer, x, tmp_path / "layer.onnx", merge_depthwise=True, align_ranks=align)
+    assert _conv_weight_shapes(proto) == (padded if align == 16 else shapes)
+    x = torch.randn(3, 8, 9, 10)
+    assert_matches_oracle(_run(tmp_path / "layer.onnx", x),
+                          oracle_conv2d(x, layer.factors.detach(), layer.bias.detach(), layer.stride, layer.padding),
+                          torch.float32)
+
+
+def test_grouped_layers_keep_their_ranks(tmp_path):
+    layer = CPConv2d(8, 12, 3, rank=5, padding=1, groups=2).eval()
+    proto = export_onnx(layer, torch.randn(1, 8, 9, 10), tmp_path / "layer.onnx", merge_depthwise=True)
+    assert _conv_weight_shapes(proto) == [[10, 4, 1, 1], [10, 1, 3, 3], [12, 5, 1, 1]]
 
 
 def _compressed_net():
@@ -170,3 +208,10 @@ def test_export_leaves_the_model_as_it_was(tmp_path):
 def test_bad_example_inputs_are_a_clear_error(tmp_path):
     with pytest.raises(TypeError, match="example_inputs must be a tensor"):
         export_onnx(_compressed_net(), [[1, 2]], tmp_path / "net.onnx")
+
+
+@pytest.mark.parametrize("align", [0, 2.0, True])
+def test_bad_align_ranks_is_a_clear_error(align, tmp_path):
+    with pytest.raises(ValueError, match="align_ranks must be an int >= 1"):
+        export_onnx(_compressed_net(), torch.randn(1, 3, 10, 10), tmp_path / "net.onnx", align_ranks=align)
+    assert not (tmp_path / "net.onnx").exists()

@@ -7,7 +7,7 @@ much the network's output moves per unit of error in each conv's output.
 
 Both run the model in eval mode under ``torch.no_grad`` with forward hooks that are always removed,
 and restore its training flag: the model is left as it was. The forward-hook helpers they run on
-(``_ForwardHooks``, ``_Hooks``, ``_Kept``) and the batch check (:func:`batch_args`) serve the other compression
+(``_ForwardHooks``, ``EvalHooks``, ``_Kept``) and the batch check (:func:`batch_args`) serve the other compression
 modules too.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ class _ForwardHooks:
         return exc_type is _Stop
 
 
-class _Hooks(_ForwardHooks):
+class EvalHooks(_ForwardHooks):
     """Forward hooks on ``modules`` for the length of a ``with`` block, in eval mode without grad; every
     submodule's training flag and the grad mode are restored after it."""
 
@@ -158,7 +158,7 @@ def input_statistics(model: nn.Module, batches: Sequence[tuple], convs: Mapping[
             counts[name] = counts.get(name, 0) + flat.shape[1]
         return record
 
-    with _Hooks(model, convs, hook):
+    with EvalHooks(model, convs, hook):
         for k in range(len(batches)):
             run_batch(model, batches, k)
     return {name: InputStatistics(sums[name] / counts[name], counts[name]) for name in sums}
@@ -198,7 +198,7 @@ def output_sensitivity(model: nn.Module, batches: Sequence[tuple], convs: Mappin
         return perturb
 
     sensitivity = {}
-    with _Hooks(model, convs, hook):
+    with EvalHooks(model, convs, hook):
         clean = flat(run_batch(model, batches, 0)).double()
         for name in convs:
             target["name"] = name

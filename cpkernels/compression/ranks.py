@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cpkernels.compression.batchnorm import fold_batchnorm as fold_batchnorm_into_convs
-from cpkernels.compression.calibration import _Hooks, as_batches, input_statistics, output_sensitivity, shrink
+from cpkernels.compression.calibration import EvalHooks, as_batches, input_statistics, output_sensitivity, shrink
 from cpkernels.compression.convs import conv_input_sizes, conv_shape, convs_of, filter_reason
 from cpkernels.compression.families import (DECOMPOSITIONS, applicable, families_for, family_for, family_named,
                                             not_applicable_reason)
@@ -337,7 +337,7 @@ def _calibration_batches(method, calibration, input_size, example_inputs):
 
 
 def _input_sizes(model, input_size, example_inputs, batches) -> dict[int, tuple[int, int]]:
-    with _Hooks(model, {}, None):  # eval mode for the size probe; the training flag comes back after
+    with EvalHooks(model, {}, None):  # eval mode for the size probe; the training flag comes back after
         try:
             return conv_input_sizes(model, input_size, example_inputs)
         except RuntimeError as error:

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from cpkernels.compression.calibration import _Hooks
+from cpkernels.compression.calibration import EvalHooks
 from cpkernels.compression.convs import set_submodule
 from cpkernels.compression.families import FAMILIES, family_of_layer
 from cpkernels.core.timing import median_seconds
@@ -110,7 +110,7 @@ def plan_onnx_forms(model: nn.Module, example_inputs: Sequence[torch.Tensor], th
             inputs.setdefault(name, args[0].detach().clone())
         return record
 
-    with _Hooks(model, layers, hook):  # eval mode, no grad; hooks removed and training flags restored after
+    with EvalHooks(model, layers, hook):  # eval mode, no grad; hooks removed and training flags restored after
         model(*example_inputs)
     per_layer = {}
     for name, x in inputs.items():

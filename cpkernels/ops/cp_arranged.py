@@ -95,7 +95,7 @@ def pointwise_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Opt
     return y
 
 
-def _pointwise_to_pixel_major(x: Tensor, input_factor: Tensor) -> Tensor:
+def pointwise_to_pixel_major(x: Tensor, input_factor: Tensor) -> Tensor:
     """Stage 1 without groups as one GEMM over the pixels: ``x [N, Cin, H, W]`` (NCHW enters as a
     transposed operand, no copy) times ``input_factor [Cin, R]`` -> ``[N, R, H, W]`` with channels_last
     strides, the layout oneDNN's depthwise conv runs natively."""
@@ -195,7 +195,7 @@ def cp_conv2d_arranged(how: cpu_dispatch.Plan, x: Tensor, input_factor: Tensor, 
             # oneDNN's NCHW depthwise conv reorders to a blocked layout and back; in channels_last it
             # does not (3-18 % faster per layer, 8x{128..512} channels, R 16..64). Stage 4 reads the
             # channels_last intermediate as a transposed operand.
-            t = grouped_depthwise(_pointwise_to_pixel_major(xs, input_factor[0]))
+            t = grouped_depthwise(pointwise_to_pixel_major(xs, input_factor[0]))
         else:
             t = grouped_depthwise(pointwise_matmul(xs, w_in, None)).contiguous()
         return pointwise_matmul(t, output_factor, bias, out)

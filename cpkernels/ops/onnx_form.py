@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -26,17 +27,47 @@ from cpkernels.ops.tucker2_reference import tucker2_stage_weights
 # Two depthwise stages or one: set for the length of an export by :func:`depthwise_merged`. One merged
 # kh x kw depthwise Conv ran faster in ONNX Runtime on the CPU (bench/onnx_speed.py), so it is the default.
 _MERGE_DEPTHWISE = [True]
+# Ranks padded with zero channels to a multiple of this while exporting: set by :func:`rank_aligned`.
+_RANK_ALIGN = [1]
 
 
 @contextlib.contextmanager
-def depthwise_merged(merge: bool):
-    """Within the block, exported CP layers write their depthwise stage as one Conv (``True``) or two."""
-    previous = _MERGE_DEPTHWISE[0]
-    _MERGE_DEPTHWISE[0] = bool(merge)
+def _holding(box: list, value):
+    """``box[0] = value`` within the block, the previous value put back after it."""
+    previous = box[0]
+    box[0] = value
     try:
         yield
     finally:
-        _MERGE_DEPTHWISE[0] = previous
+        box[0] = previous
+
+
+def depthwise_merged(merge: bool):
+    """Within the block, exported CP layers write their depthwise stage as one Conv (``True``) or two."""
+    return _holding(_MERGE_DEPTHWISE, bool(merge))
+
+
+def rank_aligned(multiple: int):
+    """Within the block, exported factored layers without groups pad each rank with zero channels up to a
+    multiple of ``multiple`` (1: as they are). The output is the same: a zero channel adds nothing."""
+    return _holding(_RANK_ALIGN, int(multiple))
+
+
+def _zero_padded(w: Tensor, dim: int, groups: int) -> Tensor:
+    """``w`` with zeros appended along ``dim`` up to a multiple of :func:`rank_aligned`'s (grouped layers as
+    they are)."""
+    multiple, size = _RANK_ALIGN[0], int(w.shape[dim])  # an int, not a traced size: the pad is a constant
+    extra = -size % multiple if groups == 1 and multiple > 1 else 0
+    if extra == 0:
+        return w
+    if torch.jit.is_tracing():
+        # The TorchScript exporter gives a padded weight no shape, which its Conv needs; it folds a concatenation
+        # with zeros into the initializer.
+        shape = [int(d) for d in w.shape]
+        shape[dim] = extra
+        return torch.cat([w, torch.zeros(shape, dtype=w.dtype, device=w.device)], dim)
+    # The torch.export-based exporter's optimizer (onnxscript's) folds a Pad of the weight, not a concatenation.
+    return F.pad(w, [0, 0] * (w.dim() - 1 - dim) + [0, extra])  # F.pad lists the last dimension first
 
 
 def _padded_input(x: Tensor, padding, kernel_size, dilation, padding_mode: str) -> tuple[Tensor, tuple[int, int]]:
@@ -64,6 +95,10 @@ def cp_conv2d_onnx_form(
     groups, _, rank = factors.input.shape
     x, (pt, pl) = _padded_input(x, padding, factors.kernel_size, dilation, padding_mode)
     w_in, w_vert, w_horz, w_out = stage_weights(factors.input, factors.vertical, factors.horizontal, factors.output)
+    # [R', Cin, 1, 1], [R', 1, kh, 1], [R', 1, 1, kw], [Cout, R', 1, 1]: R' = R padded (rank_aligned)
+    w_in, w_vert, w_horz = (_zero_padded(w, 0, groups) for w in (w_in, w_vert, w_horz))
+    w_out = _zero_padded(w_out, 1, groups)
+    rank = w_vert.shape[0] // groups
     (sh, sw), (dh, dw) = stride, dilation
     t = F.conv2d(x, w_in, None, 1, 0, 1, groups)  # [N, G*R, H, W]
     if merge:
@@ -89,6 +124,9 @@ def tucker2_conv2d_onnx_form(
     groups = factors.groups
     x, (pt, pl) = _padded_input(x, padding, factors.kernel_size, dilation, padding_mode)
     w_in, w_core, w_out = tucker2_stage_weights(factors.input, factors.core, factors.output)
+    # [R_in', Cin, 1, 1], [R_out', R_in', kh, kw], [Cout, R_out', 1, 1]: the ranks padded (rank_aligned)
+    w_in, w_out = _zero_padded(w_in, 0, groups), _zero_padded(w_out, 1, groups)
+    w_core = _zero_padded(_zero_padded(w_core, 0, groups), 1, groups)
     t = F.conv2d(x, w_in, None, 1, 0, 1, groups)  # [N, G*R_in, H, W]
     t = F.conv2d(t, w_core, None, stride, (pt, pl), dilation, groups)  # [N, G*R_out, OH, OW]
     return F.conv2d(t, w_out, bias, 1, 0, 1, groups)
@@ -108,5 +146,6 @@ def svd_conv2d_onnx_form(
     groups = factors.groups
     x, (pt, pl) = _padded_input(x, padding, factors.kernel_size, dilation, padding_mode)
     w_in, w_out = svd_stage_weights(factors.input, factors.output)
+    w_in, w_out = _zero_padded(w_in, 0, groups), _zero_padded(w_out, 1, groups)  # R padded (rank_aligned)
     t = F.conv2d(x, w_in, None, stride, (pt, pl), dilation, groups)  # [N, G*R, OH, OW]
     return F.conv2d(t, w_out, bias, 1, 0, 1, groups)
