@@ -197,7 +197,7 @@ def quantize_int8(onnx_path: str, batches: Sequence[torch.Tensor], out_path: str
 
 class OrtModel:
     """An ONNX Runtime CPU session called like HED: ``[N, 3, H, W]`` tensor in, the first output as a tensor out
-    (CPU provider, all graph optimisations, ``intra_op_num_threads=threads``)."""
+    (CPU provider, all graph optimisations, ``intra_op_num_threads=threads``, no spin-waiting)."""
 
     def __init__(self, path: str, threads: int) -> None:
         # the export extra is optional: imported on first use
@@ -206,6 +206,9 @@ class OrtModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The models take turns in one loop: an idle session's threads must not spin-wait through the next
+        # model's run (bench/onnx_speed.py measured what that costs).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 

@@ -159,7 +159,8 @@ def test_auto_writes_the_fastest_whole_model(fastest, forms, convs, tmp_path, mo
         return 1.0 if written == candidates[fastest] else 2.0
 
     monkeypatch.setattr(onnx_plans, "time_form", lambda layer, form, x, threads, repeats: clock[x.shape[1]][form])
-    monkeypatch.setattr(onnx_plans, "_model_ms", fake_model_ms)
+    monkeypatch.setattr(onnx_plans, "_whole_models_ms", lambda models, *args: {
+        candidate: fake_model_ms(m, *args) for candidate, m in models.items()})
     net = _compressed_net()
     x = torch.randn(2, 3, 10, 10)
     proto = export_onnx(net, x, tmp_path / "net.onnx")
@@ -181,7 +182,8 @@ def test_auto_keeps_every_layer_dense_unless_a_form_wins_by_the_margin(merged_ms
         written = {m.form for m in model.modules() if isinstance(m, onnx_plans._Form)}
         return clock[written.pop()] if len(written) == 1 else 2.0
 
-    monkeypatch.setattr(onnx_plans, "_model_ms", fake_model_ms)
+    monkeypatch.setattr(onnx_plans, "_whole_models_ms", lambda models, *args: {
+        candidate: fake_model_ms(m, *args) for candidate, m in models.items()})
     plan = onnx_plans.plan_onnx_forms(_compressed_net(), (torch.randn(2, 3, 10, 10),), threads=1, repeats=1)
     assert plan["chosen"] == chosen and set(plan["forms"].values()) == {chosen}
     assert plan["ms"]["merged"] == merged_ms and plan["ms"]["dense"] == 1.0
