@@ -27,7 +27,7 @@ from torch import nn
 from cpkernels.compression.compress import apply_structure, compress_model
 from cpkernels.compression.families import DECOMPOSITIONS
 from cpkernels.compression.ranks import BUDGET_OVER, METHODS, METRICS, RankPlan, plan_ranks
-from cpkernels.export.onnx import export_onnx
+from cpkernels.export.onnx import ALIGN_RANKS, export_onnx
 
 
 def load_object(spec: str, what: str):
@@ -159,7 +159,12 @@ def export_main(argv) -> int:
     parser.add_argument("--two-depthwise", action="store_true",
                         help="write each CP layer's depthwise stage as kh x 1 and 1 x kw convs, not one kh x kw")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to --input-size's")
+    parser.add_argument("--align-ranks", type=int, default=ALIGN_RANKS,
+                        help="pad each factored layer's ranks with zero channels to a multiple of this (1: as they "
+                             f"are; default {ALIGN_RANKS}, ONNX Runtime's NCHWc block on x86)")
     args = parser.parse_args(argv)
+    if args.align_ranks < 1:
+        raise SystemExit(f"--align-ranks must be >= 1, got {args.align_ranks}")
     model = load_model(args.model)
     saved = torch.load(args.compressed, map_location="cpu")
     if not isinstance(saved, dict) or not {"structure", "state_dict"} <= set(saved):
@@ -168,7 +173,8 @@ def export_main(argv) -> int:
     model.load_state_dict(saved["state_dict"])
     ref = next(model.parameters())
     x = torch.randn(args.input_size, dtype=ref.dtype)
-    export_onnx(model, x, args.out, merge_depthwise=not args.two_depthwise, dynamic_batch=not args.static_batch)
+    export_onnx(model, x, args.out, merge_depthwise=not args.two_depthwise, dynamic_batch=not args.static_batch,
+                align_ranks=args.align_ranks)
     print(f"ONNX model written to {args.out}")
     return 0
 

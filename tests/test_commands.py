@@ -5,7 +5,7 @@ import textwrap
 import pytest
 import torch
 
-from cpkernels import RankPlan, apply_structure
+from cpkernels import CPConv2d, RankPlan, apply_structure
 from cpkernels.__main__ import main
 
 MODEL_FILE = textwrap.dedent("""
@@ -100,25 +100,43 @@ def test_demo_trains_plans_and_compresses():
     assert r["params_compressed"] < r["params_dense"]
 
 
-def test_export_what_compress_wrote(model_file, tmp_path):
+@pytest.mark.parametrize("align", [None, 1, 8])
+def test_export_what_compress_wrote(model_file, tmp_path, align):
     pytest.importorskip("onnxruntime", reason="the export extra is not installed")
     pytest.importorskip("onnxscript", reason="the export extra is not installed")
+    onnx = pytest.importorskip("onnx", reason="the export extra is not installed")
     import onnxruntime as ort
 
     cp, onnx_path = tmp_path / "cp.pt", tmp_path / "cp.onnx"
     assert main(["compress", f"{model_file}:net", "--budget", "0.3", "--input-size", "1,3,12,12",
                  "--out", str(cp)]) == 0
-    assert main(["export", f"{model_file}:net", str(cp), "--input-size", "2,3,12,12", "--out", str(onnx_path)]) == 0
+    flags = [] if align is None else ["--align-ranks", str(align)]
+    assert main(["export", f"{model_file}:net", str(cp), "--input-size", "2,3,12,12", "--out", str(onnx_path),
+                 *flags]) == 0
     namespace = {}
     exec(MODEL_FILE, namespace)
     saved = torch.load(cp)
     model = apply_structure(namespace["net"](), saved["structure"])
     model.load_state_dict(saved["state_dict"])
+    # each CP layer's depthwise conv runs over its rank, padded to the multiple (16 by default)
+    multiple = 16 if align is None else align
+    ranks = [m.rank for m in model.modules() if isinstance(m, CPConv2d)]
+    proto = onnx.load(str(onnx_path))
+    initializers = {t.name: list(t.dims) for t in proto.graph.initializer}
+    depthwise = [initializers[n.input[1]][0] for n in proto.graph.node if n.op_type == "Conv"
+                 and next(a.i for a in n.attribute if a.name == "group") > 1]
+    assert ranks and depthwise == [-(-r // multiple) * multiple for r in ranks]
     x = torch.randn(5, 3, 12, 12)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]),
                                    model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_refuses_a_bad_rank_multiple(model_file, tmp_path):
+    with pytest.raises(SystemExit, match="--align-ranks must be >= 1"):
+        main(["export", f"{model_file}:net", str(tmp_path / "cp.pt"), "--input-size", "1,3,12,12",
+              "--out", str(tmp_path / "x.onnx"), "--align-ranks", "0"])
 
 
 def test_export_refuses_a_file_compress_did_not_write(model_file, tmp_path):
