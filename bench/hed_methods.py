@@ -154,11 +154,16 @@ def compressed_hed(model: nn.Module, decomposition: str = "cp", method: str = "d
     info = {"config": name, "plan_s": plan_s, "macs_fraction": fraction,
             "ranks": {k: list(v) if isinstance(v, tuple) else v for k, v in ranks.items()}}
     if path is not None:
-        os.makedirs(cache, exist_ok=True)
-        torch.save(compressed.state_dict(), path)
-        with open(path[:-3] + ".json", "w") as f:
-            json.dump(info, f)
+        save_cached(path, compressed, info)
     return compressed, info
+
+
+def save_cached(path: str, model: nn.Module, info: dict) -> None:
+    """A cache entry: ``model``'s state_dict at ``path`` (``.pt``), ``info`` beside it (``.json``)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(model.state_dict(), path)
+    with open(path[:-3] + ".json", "w") as f:
+        json.dump(info, f)
 
 
 def edge_f1s(model: nn.Module, dense_maps: dict, inputs: dict) -> dict[str, float]:
