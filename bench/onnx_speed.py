@@ -29,6 +29,7 @@ from cpkernels import apply_structure, export_onnx, resolve_rank
 from cpkernels.compression.compress import convs_kept_dense
 from cpkernels.compression.convs import filter_reason
 from cpkernels.core.timing import interleaved_median_seconds
+from cpkernels.export.onnx import ALIGN_RANKS
 from cpkernels.tools.profile import environment
 
 from .decompose_timing import vgg16_features
@@ -174,7 +175,9 @@ def to_markdown(rows: list[dict], env: dict, args) -> str:
              "PyTorch and in ONNX Runtime alike, whose sessions do not spin-wait); ranks = "
              "compress_model(rank=fraction) rounded up "
              f"to multiples of {args.rank_multiple}.", "",
-             "`export_onnx` writes every CP layer as one depthwise conv (`merged`) or two (`two`), or, with "
+             f"`export_onnx` pads each CP layer's rank with zero channels to a multiple of {ALIGN_RANKS} "
+             "(`align_ranks`, its default), and writes every CP layer as one depthwise conv (`merged`) or two "
+             "(`two`), or, with "
              "the default `merge_depthwise=\"auto\"`, as the fastest whole model in ONNX Runtime of all "
              "merged, all two, all dense (the reconstructed weights) and each layer in its own fastest form "
              "(the last column: the candidate chosen, and its layers per form). Eager PyTorch runs the CP "
