@@ -164,10 +164,10 @@ def measure(budgets, decompositions, cache: str, distill_options: dict, calibrat
 
 def recipe(o: dict) -> str:
     """A distillation's recipe in words."""
-    what = (f"{o['batch']} whole calibration photo(s) a step in a random order" if o.get("inputs") == "photos" else
+    what = (f"{o['batch']} whole calibration photo(s) a step in a random order" if o["inputs"] == "photos" else
             f"{o['batch']} random {o['crop'][0]}x{o['crop'][1]} crops of the calibration photos a step")
     target = {"prob": "the fused probability", "sides": "the six logits"}.get(
-        o.get("target", "prob"), f"tanh(fused logit / {o.get('target', 'tanh:')[5:]})")
+        o["target"], f"tanh(fused logit / {o['target'][len('tanh:'):]})")
     return f"{o['steps']} steps of {what}, Adam lr {o['lr']:g}, relative MSE on {target}"
 
 
@@ -225,8 +225,9 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-inputs", choices=DISTILL_INPUTS, default=DISTILL["inputs"])
     parser.add_argument("--distill-target", choices=DISTILL_TARGETS, default=DISTILL["target"])
     args = parser.parse_args(argv)
-    options = {**DISTILL, "steps": args.steps, "lr": args.lr, "inputs": args.distill_inputs,
-               "target": args.distill_target}
+    # as JSON keeps them (the crop size a list), so that a row read back compares equal to this run's recipe
+    options = json.loads(json.dumps({**DISTILL, "steps": args.steps, "lr": args.lr, "inputs": args.distill_inputs,
+                                     "target": args.distill_target}))
     path = os.path.join(args.out, "hed_compensation.json")
     if os.path.exists(path):  # refused before any work
         with open(path) as f:

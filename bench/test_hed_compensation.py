@@ -48,6 +48,14 @@ def test_a_second_run_starts_from_the_cached_compensation(tmp_path, monkeypatch)
     assert second["distill"]["inputs"] == "crops" and set(second["f1_distilled"]) == set(hed.JUDGING_PHOTOS)
     md = (tmp_path / "hed_compensation.md").read_text()
     assert " (cached) |" in md and "random 32x32 crops" in md and "the fused probability" in md
+    # a row read back from the file (its crop size a JSON list) under a run of the same recipe names no recipe of its
+    # own; under another recipe it does
+    assert hed_compensation.main([*args, "--steps", "2", "--distill-inputs", "crops", "--distill-target", "prob",
+                                  "--calibration-size", "32", "48"]) == 0
+    assert "(2 steps of" not in (tmp_path / "hed_compensation.md").read_text()
+    assert hed_compensation.main([*args, "--steps", "2", "--calibration-size", "32", "48"]) == 0
+    md = (tmp_path / "hed_compensation.md").read_text()
+    assert md.count("(2 steps of 1 random 32x32 crops of the calibration photos a step") == 1
 
 
 def test_distillation_inputs_are_whole_photos_in_a_seeded_order():

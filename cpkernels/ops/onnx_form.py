@@ -20,6 +20,7 @@ from torch import Tensor
 
 from cpkernels.core import conv_args
 from cpkernels.factors import CPFactors
+from cpkernels.ops.banded import padded_rank
 from cpkernels.ops.reference import stage_weights
 from cpkernels.ops.svd_reference import svd_stage_weights
 from cpkernels.ops.tucker2_reference import tucker2_stage_weights
@@ -67,7 +68,7 @@ def _zero_padded(w: Tensor, dim: int, groups: int) -> Tensor:
         shape[dim] = extra
         return torch.cat([w, torch.zeros(shape, dtype=w.dtype, device=w.device)], dim)
     # The torch.export-based exporter's optimizer (onnxscript's) folds a Pad of the weight, not a concatenation.
-    return F.pad(w, [0, 0] * (w.dim() - 1 - dim) + [0, extra])  # F.pad lists the last dimension first
+    return padded_rank(w, size + extra, dim)
 
 
 def _padded_input(x: Tensor, padding, kernel_size, dilation, padding_mode: str) -> tuple[Tensor, tuple[int, int]]:
