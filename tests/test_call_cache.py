@@ -127,18 +127,26 @@ def test_switching_grad_mode_and_requires_grad(family):
     assert torch.equal(gx, ex)
 
 
-def test_changed_conv_arguments_and_backend(family):
+def test_changed_conv_arguments_and_backend(family, memoise_counter):
+    # The memo's key leaves the conv arguments out: assigning one must clear it.
     make, functional = family
     layer = make(bias=False)
     x = torch.randn(2, 6, 7, 7)
     assert_same_call(layer, functional, x)
-    layer.stride = (2, 1)
+    for change in (lambda: setattr(layer, "stride", (2, 1)),
+                   lambda: setattr(layer, "padding", (1, 2)),
+                   lambda: setattr(layer, "padding_mode", "reflect"),
+                   lambda: setattr(layer, "dilation", (1, 2)),
+                   lambda: setattr(layer, "backend", "reference")):
+        before = len(memoise_counter)
+        change()
+        assert not layer._call_memo
+        assert_same_call(layer, functional, x)
+        assert len(memoise_counter) == before + 1
+    layer.padding = [1, 1]  # unhashable, and could change in place: never memoised, still computed
     assert_same_call(layer, functional, x)
-    layer.padding, layer.padding_mode = (1, 2), "reflect"
-    assert_same_call(layer, functional, x)
-    layer.backend = "reference"
-    assert_same_call(layer, functional, x)
-    layer.padding = [1, 1]  # unhashable: not memoised, still computed
+    assert not layer._call_memo
+    layer.padding[0] = 0
     assert_same_call(layer, functional, x)
 
 

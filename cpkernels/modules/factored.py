@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from cpkernels.core import conv_args
-from cpkernels.ops.frontend import BACKENDS, FactoredOp, layer_conv2d
+from cpkernels.ops.frontend import BACKENDS, CALL_ARGUMENTS, FactoredOp, layer_conv2d
 
 
 class FactoredConv2d(nn.Module):
@@ -22,7 +22,8 @@ class FactoredConv2d(nn.Module):
     (:func:`cpkernels.ops.frontend.layer_conv2d`), keyed by the identity of the parameter tensors among the rest.
     Where a tensor changes in place of the same object the memo is cleared: ``.to()``, ``.double()``, ``.cuda()``
     and the rest of ``_apply``, ``load_state_dict`` (its ``assign=True`` and tensor swaps included), and
-    assigning or registering a parameter. In-place updates of values (an optimizer step) change nothing it
+    assigning or registering a parameter, and assigning a conv argument (``stride``, ``padding``, ``dilation``,
+    ``padding_mode``) or ``backend``. In-place updates of values (an optimizer step) change nothing it
     memoises. Not seen: assigning a parameter's ``.data`` a tensor of another shape, dtype or device (assign a
     new ``nn.Parameter``, or call ``.to()``, instead)."""
 
@@ -71,6 +72,11 @@ class FactoredConv2d(nn.Module):
         memo = self.__dict__.get("_call_memo")
         if memo:
             memo.clear()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in CALL_ARGUMENTS:
+            self._forget_calls()  # the memo's key leaves the conv arguments out (layer_conv2d)
+        super().__setattr__(name, value)
 
     def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
         self._forget_calls()  # also what assigning a parameter attribute calls

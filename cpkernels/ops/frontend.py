@@ -273,8 +273,12 @@ def _any_autocast_by_device() -> bool:
 
 # Whether autocast is on for any device (a layer's memo then stands aside): one call where torch has it.
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", _any_autocast_by_device)
+# TorchScript's tracing state, read directly: torch.jit.is_tracing is this behind one more Python call.
+_is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 # A layer keeps this many call signatures; one more clears them (a layer fed ever new shapes stays small).
 MEMO_SIZE = 8
+# A layer's attributes that layer_conv2d reads but keeps out of the memo's key: assigning one clears the memo.
+CALL_ARGUMENTS = frozenset({"stride", "padding", "dilation", "padding_mode", "backend", "_backend"})
 
 
 def layer_conv2d(op: FactoredOp, memo: dict, x: Tensor, parameters: dict, factors: Callable[[], Any], stride,
@@ -283,8 +287,11 @@ def layer_conv2d(op: FactoredOp, memo: dict, x: Tensor, parameters: dict, factor
     choices memoised in ``memo`` (the layer's) per call signature.
 
     A signature is everything the checks, the backend and the CPU plan read: ``x``'s shape, strides, dtype and
-    device; whether the call needs gradients; torch's thread count; the layer's conv arguments and backend; the
-    identity of its parameter tensors. What else they read is checked on each call: graph capture, an ONNX
+    device; whether the call needs gradients; torch's thread count; the identity of the layer's parameter tensors.
+    The layer's conv arguments and backend are read too, but kept out of the key, whose hashing they would slow on
+    every call: the layer clears ``memo`` when one of them is assigned (:data:`CALL_ARGUMENTS`), and a call whose
+    arguments cannot be hashed (a list, which could change in place) is never memoised. What else they read is
+    checked on each call: graph capture, an ONNX
     export and autocast take :func:`factored_conv2d` whole and memoise nothing; so do tensor subclasses (fake
     tensors of an export among them) and parameters moved out of ``parameters`` (a parametrization). A CPU plan
     is kept while :func:`cpkernels.dispatch.cpu.plan_state` is unchanged, a settled GPU plan's choice while
@@ -295,14 +302,21 @@ def layer_conv2d(op: FactoredOp, memo: dict, x: Tensor, parameters: dict, factor
     key = None
     # No ONNX export check here: both exporters trace, by TorchScript (is_tracing) or torch.export (compiling, or
     # fake tensors, which are no plain Tensor), and the check costs more than the rest (two imports a call).
-    if type(x) is Tensor and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _any_autocast()):
+    if type(x) is Tensor and not (torch.compiler.is_compiling() or _is_tracing() or _any_autocast()):
         try:
             tensors = op.layer_tensors(parameters)
-            needs_grad = torch.is_grad_enabled() and (
-                x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
-            key = (x.shape, x.stride(), x.dtype, x.device, needs_grad, torch.get_num_threads(), backend, stride,
-                   padding, dilation, padding_mode, *map(id, tensors))
+            needs_grad = False
+            if torch.is_grad_enabled():
+                # a loop, not any() over a generator: a third of the cost, and this runs on every call
+                needs_grad = x.requires_grad
+                for t in tensors:
+                    if needs_grad:
+                        break
+                    needs_grad = t is not None and t.requires_grad
+            key = (x.shape, x.stride(), x.dtype, x.device, needs_grad, torch.get_num_threads(), *map(id, tensors))
             call = memo.get(key)
+            if call is None:
+                hash((stride, padding, dilation, padding_mode, backend))  # an unhashable one: never memoised
         except (KeyError, TypeError, RuntimeError):
             # a parameter moved away (a parametrization); an unhashable argument; an input without strides
             # (sparse, nested): the unmemoised path says what it makes of them
@@ -316,6 +330,9 @@ def layer_conv2d(op: FactoredOp, memo: dict, x: Tensor, parameters: dict, factor
         x = x.unsqueeze(0)
     if call.mode_pad is not None:
         x = F.pad(x, call.mode_pad, mode=call.padding_mode)
+    if call.cpu_plan is not None:
+        y = op.cpu_planned(call.cpu_plan, x, *tensors, call.stride, call.pad, call.dilation)
+        return y.squeeze(0) if call.unbatched else y
     # backend="triton" on a CPU tensor reads TRITON_INTERPRET, which is read at call time.
     impl = call.impl if backend != "triton" else resolve_backend(backend, x)
     args = [x, *tensors]
@@ -327,10 +344,7 @@ def layer_conv2d(op: FactoredOp, memo: dict, x: Tensor, parameters: dict, factor
             impl, settled = planned_impl(op, args, call.stride, call.pad, call.dilation, measure=True)
             if settled:
                 call.gpu_impl, call.gpu_state = impl, gpu.plan_state()
-    if call.cpu_plan is not None:
-        y = op.cpu_planned(call.cpu_plan, *args, call.stride, call.pad, call.dilation)
-    else:
-        y = _run_eager(op, impl, args, call.stride, call.pad, call.dilation)
+    y = _run_eager(op, impl, args, call.stride, call.pad, call.dilation)
     return y.squeeze(0) if call.unbatched else y
 
 
