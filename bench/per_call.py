@@ -17,8 +17,9 @@ autograd, the median per-call time of:
 ``layer - impl`` is the layer's per-call work above the ops it runs, torch's module call included;
 ``forward - impl`` is this package's own share of it: its ``forward`` above the ops it runs. ``layer - impl -
 module`` is an older estimate of that share, which takes the module call's cost from an ``nn.Identity`` timed
-apart; beside autograd's work the same module call costs this layer more (``layer - forward``). The candidates are timed interleaved, round by
-round, so load from other processes falls on each alike; the load average before and after is recorded.
+apart; beside autograd's work the same module call costs this layer more (``layer - forward``). The candidates
+are timed interleaved, round by round, so load from other processes falls on each alike; the load average before
+and after is recorded.
 
     python -m bench.per_call --out bench/results/cpu-intel-xeon-avx512-2core
 """
