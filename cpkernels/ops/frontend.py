@@ -277,8 +277,9 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", _any_autocast_by_d
 _is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 # A layer keeps this many call signatures; one more clears them (a layer fed ever new shapes stays small).
 MEMO_SIZE = 8
-# A layer's attributes that layer_conv2d reads but keeps out of the memo's key: assigning one clears the memo.
-CALL_ARGUMENTS = frozenset({"stride", "padding", "dilation", "padding_mode", "backend", "_backend"})
+# The layer attributes its forward passes to layer_conv2d, which keeps them out of the memo's key: assigning one
+# clears the memo (``backend`` is a property that assigns ``_backend``).
+CALL_ARGUMENTS = frozenset({"stride", "padding", "dilation", "padding_mode", "_backend"})
 
 
 def layer_conv2d(op: FactoredOp, memo: dict, x: Tensor, parameters: dict, factors: Callable[[], Any], stride,
