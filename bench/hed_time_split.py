@@ -2,6 +2,7 @@
 
     python -m bench.hed_time_split --out bench/results/cpu-amd-epyc-2core
     python -m bench.hed_time_split --out DIR --configs cp-data-0.25 tucker2-data-0.25 --runs 9
+    python -m bench.hed_time_split --out DIR --memory-formats contiguous channels_last   # each model in both
 
 A budget counts the 13 3x3 convs (:func:`bench.hed_alternatives.body_convs`). The rest of the network is not
 compressed: the 1x1 side outputs and the fusion (``hed.HEAD_PATTERNS``), and what HED's forward runs between its
@@ -17,6 +18,12 @@ Each model (dense, then the ``--configs`` of :mod:`bench.hed_methods`, from its 
 ``--runs`` rounds after one warm-up call each (which lets the CPU plan time its forms). Forward pre- and post-hooks
 on every conv module (``nn.Conv2d`` or a factored conv) read ``time.perf_counter`` around its call; the rest is the
 call's total minus its convs. Medians over the rounds; the load average before and after is recorded.
+
+``--memory-formats contiguous channels_last`` runs every model on the photo in each memory format (NCHW, and
+NHWC strides: ``x.contiguous(memory_format=torch.channels_last)``, which the convs, the factored layers among them,
+keep through the network), all in the same rounds. Each row's speed-up and ceiling are against the first row (the
+dense network in the first format given), and its total is also compared with the dense network's in its own
+memory format.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ from .report import save_results
 
 CONFIGS = ("cp-data-0.25", "cp-data-0.125")
 RUNS = 7
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 PARTS = ("total", "budget_convs", "head_convs", "rest")
 
 
@@ -90,24 +98,34 @@ def split_once(model: nn.Module, clock: ConvClock, x: torch.Tensor) -> dict[str,
             "convs": dict(clock.spent)}
 
 
-def measure(configs: Sequence[str] = CONFIGS, runs: int = RUNS, cache: str = CACHE) -> dict:
+def row_name(model: str, memory_format: str) -> str:
+    return model if memory_format == "contiguous" else f"{model} ({memory_format})"
+
+
+def measure(configs: Sequence[str] = CONFIGS, runs: int = RUNS, cache: str = CACHE,
+            memory_formats: Sequence[str] = ("contiguous",)) -> dict:
     dense = hed.load_hed()
-    models = {"dense": dense}
+    networks = {"dense": dense}
     for config in configs:
-        models[config] = compressed_hed(dense, *parse_config(config), cache=cache)[0]
-    x = judging_inputs()["china"]
+        networks[config] = compressed_hed(dense, *parse_config(config), cache=cache)[0]
+    photo = judging_inputs()["china"]
+    # one row per memory format and network, by the row's name
+    rows_of = {row_name(name, fmt): (name, fmt) for fmt in memory_formats for name in networks}
+    models = {row: networks[name] for row, (name, _) in rows_of.items()}
+    inputs = {row: photo.contiguous(memory_format=MEMORY_FORMATS[fmt]) for row, (_, fmt) in rows_of.items()}
     previous = torch.get_num_threads()
     torch.set_num_threads(SETTINGS["threads"])
-    clocks = {name: ConvClock(m) for name, m in models.items()}
+    clocks = {name: ConvClock(m) for name, m in networks.items()}
+    clock_of = {row: clocks[name] for row, (name, _) in rows_of.items()}
     samples: dict[str, list[dict]] = {name: [] for name in models}
     try:
         with torch.no_grad():
             for name, m in models.items():
-                m(x)  # warm-up: first-call plans and allocations
+                m(inputs[name])  # warm-up: first-call plans and allocations
             load_before = os.getloadavg()
             for _ in range(runs):
                 for name, m in models.items():
-                    samples[name].append(split_once(m, clocks[name], x))
+                    samples[name].append(split_once(m, clock_of[name], inputs[name]))
             load_after = os.getloadavg()
     finally:
         torch.set_num_threads(previous)
@@ -118,13 +136,17 @@ def measure(configs: Sequence[str] = CONFIGS, runs: int = RUNS, cache: str = CAC
     for name, runs_of in samples.items():
         ms = {part: 1e3 * median(s[part] for s in runs_of) for part in PARTS}
         convs = {conv: 1e3 * median(s["convs"][conv] for s in runs_of) for conv in runs_of[0]["convs"]}
-        rows.append({"model": name, **{f"{part}_ms": v for part, v in ms.items()}, "convs_ms": convs})
+        rows.append({"model": name, "memory_format": rows_of[name][1], **{f"{part}_ms": v for part, v in ms.items()},
+                     "convs_ms": convs})
     dense_row = rows[0]
+    dense_in = {row["memory_format"]: row for row in rows if rows_of[row["model"]][0] == "dense"}
     for row in rows:
         row["speedup"] = dense_row["total_ms"] / row["total_ms"]
+        row["speedup_same_format"] = dense_in[row["memory_format"]]["total_ms"] / row["total_ms"]
         row["budget_convs_speedup"] = dense_row["budget_convs_ms"] / row["budget_convs_ms"]
         row["ceiling"] = dense_row["total_ms"] / (row["total_ms"] - row["budget_convs_ms"])
-    return {"rows": rows, "runs": runs, "size": list(x.shape[-2:]), "threads": SETTINGS["threads"],
+    return {"rows": rows, "runs": runs, "size": list(photo.shape[-2:]), "threads": SETTINGS["threads"],
+            "memory_formats": list(memory_formats),
             "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in load_after]}
 
@@ -138,13 +160,14 @@ def to_markdown(result: dict, env: dict) -> str:
              "convs: the 13 3x3 convs a budget counts (each conv's call, read by forward hooks); head convs: the 1x1 "
              "side outputs and the fusion; rest: everything else the forward runs (ReLUs, max pools, upsampling, "
              "concatenation, sigmoid). Ceiling: dense total / (this total - its budget convs), the speed-up if "
-             "its 3x3 convs took no time.", "",
-             "| model | total ms (×) | budget convs ms (×) | head convs ms | rest ms | ceiling × |",
-             "|---|---|---|---|---|---|"]
+             "its 3x3 convs took no time. (×): against the first row; same format: the dense network's total in "
+             "this row's memory format over this row's.", "",
+             "| model | total ms (×) | same format | budget convs ms (×) | head convs ms | rest ms | ceiling × |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['total_ms']:.0f} ({r['speedup']:.2f}×) | {r['budget_convs_ms']:.0f} "
-                     f"({r['budget_convs_speedup']:.2f}×) | {r['head_convs_ms']:.0f} | {r['rest_ms']:.0f} "
-                     f"| {r['ceiling']:.2f}× |")
+        lines.append(f"| {r['model']} | {r['total_ms']:.0f} ({r['speedup']:.2f}×) | {r['speedup_same_format']:.2f}× "
+                     f"| {r['budget_convs_ms']:.0f} ({r['budget_convs_speedup']:.2f}×) | {r['head_convs_ms']:.0f} "
+                     f"| {r['rest_ms']:.0f} | {r['ceiling']:.2f}× |")
     names = list(result["rows"][0]["convs_ms"])
     lines += ["", "Each conv's ms:", "", "| conv | " + " | ".join(r["model"] for r in result["rows"]) + " |",
               "|---|" + "---|" * len(result["rows"])]
@@ -160,8 +183,10 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="bench.hed_methods configurations")
     parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--cache", default=CACHE, help="the compressed models' cache (bench/hed_methods.py's)")
+    parser.add_argument("--memory-formats", nargs="+", choices=list(MEMORY_FORMATS), default=["contiguous"],
+                        help="run every model on the photo in each of these memory formats")
     args = parser.parse_args(argv)
-    result = measure(args.configs, args.runs, args.cache)
+    result = measure(args.configs, args.runs, args.cache, args.memory_formats)
     env = environment("cpu")
     save_results(args.out, "hed_time_split", {"environment": env, "settings": SETTINGS, **result},
                  to_markdown(result, env))

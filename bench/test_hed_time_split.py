@@ -30,6 +30,23 @@ def test_the_parts_add_up_to_the_total(tmp_path, monkeypatch):
     assert "| dense | " in text and "| cp-data-0.25 | " in text and "| conv1_2 | " in text
 
 
+def test_each_model_in_each_memory_format(tmp_path, monkeypatch):
+    tiny_settings(monkeypatch)
+    args = ["--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--configs", "cp-data-0.25", "--runs", "1",
+            "--memory-formats", "contiguous", "channels_last"]
+    assert hed_time_split.main(args) == 0
+    rows = json.loads((tmp_path / "hed_time_split.json").read_text())["rows"]
+    assert [(r["model"], r["memory_format"]) for r in rows] == [
+        ("dense", "contiguous"), ("cp-data-0.25", "contiguous"),
+        ("dense (channels_last)", "channels_last"), ("cp-data-0.25 (channels_last)", "channels_last")]
+    dense, cp, dense_cl, cp_cl = rows
+    assert dense["speedup_same_format"] == dense_cl["speedup_same_format"] == 1.0
+    assert cp_cl["speedup_same_format"] == pytest.approx(dense_cl["total_ms"] / cp_cl["total_ms"])
+    assert cp_cl["speedup"] == pytest.approx(dense["total_ms"] / cp_cl["total_ms"])
+    # every conv of the channels_last rows was clocked on its own calls
+    assert all(v > 0 for v in cp_cl["convs_ms"].values()) and len(cp_cl["convs_ms"]) == 19
+
+
 def test_the_clock_reads_each_call_and_is_removed():
     model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(), nn.Conv2d(1, 1, 1))
     clock = hed_time_split.ConvClock(model)
