@@ -288,6 +288,7 @@ def test_demo_writes_its_figure_and_prints_its_table(tmp_path, one_thread):
         assert row in text
     assert result["macs_after"] <= 0.25 * result["macs_before"] and 0 <= result["f1"] <= 1
     assert result["params_after"] < result["params_before"] == 14_716_171
+    assert result["memory_format"] == "channels_last" and "on channels_last inputs" in text
     assert torch.get_num_threads() == threads  # restored
 
 
@@ -300,6 +301,8 @@ def test_demo_refuses_bad_settings_before_any_work(tmp_path):
         demo.run(str(tmp_path / "x.png"), calibration_photos=("china",))  # a judging photo: refused
     with pytest.raises(FileNotFoundError, match="no folder"):
         demo.run(str(tmp_path / "absent" / "x.png"))
+    with pytest.raises(ValueError, match="memory_format"):
+        demo.run(str(tmp_path / "x.png"), memory_format="nhwc")
 
 
 def test_weights_path_names_the_install_command_without_the_package(monkeypatch):

