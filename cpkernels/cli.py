@@ -94,6 +94,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser, budget_required: bool) -
     parser.add_argument("--exclude", nargs="*", help="glob patterns of conv names to leave dense")
     parser.add_argument("--skip-first", action="store_true", help="leave the first conv dense")
     parser.add_argument("--seed", type=int, default=0, help="random_state of the decompositions")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="--metric latency: time the candidates on channels_last inputs, as the model will run")
 
 
 def make_plan(args):
@@ -103,7 +105,8 @@ def make_plan(args):
         plan = plan_ranks(model, args.budget, metric=args.metric, method=args.method, calibration=calibration,
                           input_size=args.input_size, include=args.include, exclude=args.exclude,
                           skip_first=args.skip_first, rank_multiple=args.rank_multiple, random_state=args.seed,
-                          budget_over=args.budget_over, decomposition=args.decomposition)
+                          budget_over=args.budget_over, decomposition=args.decomposition,
+                          memory_format=torch.channels_last if args.channels_last else None)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"cpkernels plan: {error}") from error
     return model, plan

@@ -7,6 +7,7 @@ import torch
 
 from cpkernels import CPConv2d, RankPlan, apply_structure
 from cpkernels.__main__ import main
+from cpkernels.compression import ranks as rank_plans
 
 MODEL_FILE = textwrap.dedent("""
     import torch
@@ -47,6 +48,21 @@ def test_plan_then_compress_then_load_into_a_fresh_model(model_file, tmp_path, c
     with torch.no_grad():
         dense = namespace["net"]()(x)
         assert (fresh(x) - dense).norm() < dense.norm()  # the compressed model, loaded, runs and approximates
+
+
+def test_a_latency_plan_times_in_channels_last_when_asked(model_file, tmp_path, monkeypatch):
+    seen = []
+
+    def clock(layer, x):  # a fake clock that records the layouts it was given; every factored form wins
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return 100.0 if type(layer) is torch.nn.Conv2d else 1.0
+    monkeypatch.setattr(rank_plans, "_time_layer", clock)
+    monkeypatch.setattr(rank_plans, "_LATENCY_US", {})
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", f"{model_file}:net", "--budget", "0.5", "--metric", "latency", "--input-size", "1,3,12,12",
+                 "--channels-last", "--out", str(plan_path)]) == 0
+    assert RankPlan.from_json(plan_path.read_text()).memory_format == "channels_last"
+    assert seen and all(seen)
 
 
 def test_compress_with_a_budget_and_data_calibration(model_file, tmp_path):

@@ -291,6 +291,63 @@ def test_compress_keeps_the_dense_conv_where_the_factored_form_is_slower_here(mo
         compress_model(model, rank=ranks, keep_dense_where_faster=True)
 
 
+def _layout_clock(layer, x):
+    """A fake clock on which the factored form wins only in channels_last: dense 100, CP 2 per rank unit in
+    channels_last and 200 in NCHW."""
+    if isinstance(layer, nn.Conv2d):
+        return 100.0
+    return 2.0 * layer.rank if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else 200.0
+
+
+def test_the_timed_choices_follow_the_memory_format_the_model_runs_in(monkeypatch):
+    """Where the fastest form depends on the layout, every timed choice is made in the deployed one: the latency
+    plan and ``keep_dense_where_faster`` take it from ``memory_format`` or from channels_last example inputs,
+    the plan records it through JSON, and ``compress_model(plan)`` checks again in it."""
+    monkeypatch.setattr(rank_plans, "_LATENCY_US", {})
+    monkeypatch.setattr(rank_plans, "_time_layer", _layout_clock)
+    model = small_net()
+    size = (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="4 conv.s. have no candidate faster than dense here"):
+        plan_ranks(model, 0.5, metric="latency", input_size=size, progress=False)  # NCHW: nothing wins
+    last = plan_ranks(model, 0.5, metric="latency", input_size=size, memory_format=torch.channels_last,
+                      progress=False)
+    example = (torch.zeros(size).contiguous(memory_format=torch.channels_last),)
+    inferred = plan_ranks(model, 0.5, metric="latency", example_inputs=example, progress=False)
+    assert last.structure and inferred.structure == last.structure and last.memory_format == "channels_last"
+    again = RankPlan.from_json(last.to_json())
+    assert again.memory_format == "channels_last"
+    compressed, report = compress_model(model, again)  # the check times channels_last too: every layer kept
+    assert all(r["skipped"] is None for r in report.rows if r["name"] in last.structure)
+    assert all(isinstance(compressed.get_submodule(n), cpkernels.CPConv2d) for n in last.structure)
+
+    ranks = {"0": 8, "2": 20}
+    for memory_format, example_inputs, factored in ((None, None, False), (torch.channels_last, None, True),
+                                                    (None, example, True)):
+        kept, report = compress_model(model, rank=ranks, input_size=None if example_inputs else size,
+                                      example_inputs=example_inputs, keep_dense_where_faster=True,
+                                      memory_format=memory_format, progress=False, n_iter_max=2)
+        assert all(isinstance(kept.get_submodule(n), cpkernels.CPConv2d if factored else nn.Conv2d) for n in ranks)
+        if not factored:
+            assert report.rows[0]["skipped"].endswith("input 2x3x16x16")
+    assert convs_kept_dense(model, ranks, size, torch.channels_last) == {}
+    assert set(convs_kept_dense(model, ranks, size)) == set(ranks)
+
+
+def test_a_memory_format_other_than_nchw_or_channels_last_is_refused_before_any_work(monkeypatch):
+    def no_timing(layer, x):
+        raise AssertionError("timed before the argument was checked")
+    monkeypatch.setattr(rank_plans, "_time_layer", no_timing)
+    model = small_net()
+    with pytest.raises(ValueError, match="memory_format must be torch.contiguous_format or torch.channels_last"):
+        plan_ranks(model, 0.5, metric="latency", input_size=(2, 3, 16, 16), memory_format=torch.channels_last_3d)
+    with pytest.raises(ValueError, match="memory_format must be torch.contiguous_format or torch.channels_last"):
+        compress_model(model, rank=8, input_size=(2, 3, 16, 16), keep_dense_where_faster=True,
+                       memory_format="channels_last")
+    plan = plan_ranks(model, 0.5, input_size=(2, 3, 16, 16), progress=False)
+    with pytest.raises(ValueError, match="give memory_format to plan_ranks instead"):
+        compress_model(model, plan, memory_format=torch.channels_last)
+
+
 def test_convs_kept_dense_names_what_keep_dense_where_faster_keeps(monkeypatch):
     """The same fake clock as above, a Tucker-2 pair among the ranks: ``convs_kept_dense`` names the convs that
     ``compress_model(keep_dense_where_faster=True)`` keeps, with the report's reason, each timed at its own input,

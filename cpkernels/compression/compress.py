@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -29,7 +30,7 @@ from cpkernels.compression.convs import conv_input_sizes, conv_shape, convs_of, 
 from cpkernels.compression.families import (FAMILIES, applicable, families_for, family_for, family_named,
                                             family_of_layer, not_applicable_reason)
 from cpkernels.compression.families.base import Family
-from cpkernels.compression.ranks import RankPlan, latency_us
+from cpkernels.compression.ranks import RankPlan, latency_us, plan_memory_format, timing_memory_format
 from cpkernels.decompositions.cp import RankSpec
 from cpkernels.dispatch.measured import fastest_keeping_dense
 
@@ -158,6 +159,7 @@ def compress_model(
     compensate: Union[bool, Mapping[str, Any]] = False,
     calibration: Optional[Iterable] = None,
     keep_dense_where_faster: bool = False,
+    memory_format=None,
     **decompose_kwargs,
 ) -> tuple[nn.Module, CompressionReport]:
     """Replace the ``nn.Conv2d`` layers of ``model`` by ``CPConv2d`` (or ``TuckerConv2d``, ``SVDConv2d``).
@@ -201,6 +203,9 @@ def compress_model(
             shape ``input_size`` or ``example_inputs`` gives it, and keep the conv where the factored form is not
             faster by :data:`cpkernels.dispatch.measured.DENSE_MARGIN` (the report says why). A latency plan
             always does this.
+        memory_format: the layout ``keep_dense_where_faster`` times both forms in, ``torch.contiguous_format``
+            (NCHW) or ``torch.channels_last``, as the model will be called (the fastest form can differ between
+            them). None: that of the first example input when it is given, else NCHW. A latency plan uses its own.
         decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, random_state, ...);
             Tucker-2 takes ``n_iter_max``, ``random_state`` and ``input_covariance`` of them, the SVD
             ``input_covariance``.
@@ -225,9 +230,14 @@ def compress_model(
     if keep_dense_where_faster and input_size is None and example_inputs is None and not isinstance(rank, RankPlan):
         raise ValueError("keep_dense_where_faster=True needs input_size or example_inputs (a conv's time depends "
                          "on its input)")
+    if memory_format is not None and isinstance(rank, RankPlan):
+        raise ValueError("a RankPlan was timed in its own memory format (plan.memory_format): give memory_format "
+                         "to plan_ranks instead")
+    memory_format = timing_memory_format(memory_format, None if input_size is not None else example_inputs)
     compressed, report = _compress(model, rank, target_error, include, exclude, predicate, min_channels, skip_first,
                                    inplace, input_size, example_inputs, backend, progress, rank_multiple,
-                                   decomposition, fold_batchnorm, keep_dense_where_faster, decompose_kwargs)
+                                   decomposition, fold_batchnorm, keep_dense_where_faster, memory_format,
+                                   decompose_kwargs)
     if compensate is not False:
         folded = fold_batchnorm or (isinstance(rank, RankPlan) and rank.fold_batchnorm)
         compressed, report.compensation = compensate_model(compressed, dense, batches, fold_batchnorm=folded,
@@ -251,7 +261,7 @@ def _compensate_options(compensate) -> dict:
 
 def _compress(model, rank, target_error, include, exclude, predicate, min_channels, skip_first, inplace, input_size,
               example_inputs, backend, progress, rank_multiple, decomposition, fold_batchnorm, keep_faster,
-              decompose_kwargs) -> tuple[nn.Module, CompressionReport]:
+              memory_format, decompose_kwargs) -> tuple[nn.Module, CompressionReport]:
     """:func:`compress_model` without compensation."""
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
@@ -295,7 +305,7 @@ def _compress(model, rank, target_error, include, exclude, predicate, min_channe
             if shape is not None and not family.macs(shape, layer.rank) < shape.dense_macs():
                 row["skipped"] = f"rank {layer.rank} (from target_error) saves no MACs"
             elif keep_faster and in_hw is not None and (slower := slower_than_dense(
-                    conv, family.name, layer.rank, (batch, conv.in_channels, *in_hw))):
+                    conv, family.name, layer.rank, (batch, conv.in_channels, *in_hw), memory_format)):
                 row["skipped"] = slower
             else:
                 factored_row(row, conv, layer, shape, seconds)
@@ -366,7 +376,7 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
             row.update(macs_before=planned["cost_before"], macs_after=planned["cost_before"])
         if planned["rank"] is not None and plan.metric == "latency" and planned.get("input_shape"):
             row["skipped"] = slower_than_dense(conv, planned["decomposition"], planned["rank"],
-                                               planned["input_shape"])
+                                               planned["input_shape"], plan_memory_format(plan))
         if planned["rank"] is not None and row["skipped"] is None:
             start = time.perf_counter()
             family = family_named(planned["decomposition"])
@@ -381,22 +391,26 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
     return model, report
 
 
-def slower_than_dense(conv: nn.Conv2d, decomposition: str, rank, input_shape: Sequence[int]) -> Optional[str]:
-    """Why ``conv`` stays dense: its factored form at ``rank`` is not faster than it on ``input_shape`` by
+def slower_than_dense(conv: nn.Conv2d, decomposition: str, rank, input_shape: Sequence[int],
+                      memory_format=torch.contiguous_format) -> Optional[str]:
+    """Why ``conv`` stays dense: its factored form at ``rank`` is not faster than it on ``input_shape`` (in
+    ``memory_format``) by
     :data:`cpkernels.dispatch.measured.DENSE_MARGIN`, timed on the conv's device
     (:func:`cpkernels.compression.ranks.latency_us`); None where it is. The timings are cached per shape and
     device, so a plan made in this process keeps its own; a plan read from JSON (made on another machine,
     perhaps) is timed again here, where the model runs."""
-    dense_us = latency_us(conv, tuple(input_shape), None)
-    factored_us = latency_us(conv, tuple(input_shape), rank)
+    dense_us = latency_us(conv, tuple(input_shape), None, memory_format)
+    factored_us = latency_us(conv, tuple(input_shape), rank, memory_format)
     if fastest_keeping_dense({"dense": dense_us, "factored": factored_us}, "dense") == "factored":
         return None
+    layout = " channels_last" if memory_format is torch.channels_last else ""
     return (f"dense: rank {family_named(decomposition).rank_text(rank)} ran {factored_us:,.1f} µs against the dense "
-            f"conv's {dense_us:,.1f} µs on {conv.weight.device.type}, input {'x'.join(map(str, input_shape))}")
+            f"conv's {dense_us:,.1f} µs on {conv.weight.device.type}, input {'x'.join(map(str, input_shape))}"
+            f"{layout}")
 
 
 def convs_kept_dense(model: nn.Module, structure: Mapping[str, Union[int, tuple[int, int]]],
-                     input_shape: Sequence[int]) -> dict[str, str]:
+                     input_shape: Sequence[int], memory_format=torch.contiguous_format) -> dict[str, str]:
     """``{name: why}`` of the convs of ``model`` in ``structure`` (conv name -> rank, any family's) that
     ``compress_model(..., keep_dense_where_faster=True)`` would keep as ``nn.Conv2d`` on ``input_shape``: those
     whose factored form at that rank is not faster than the conv (:func:`slower_than_dense`), each timed at the
@@ -408,7 +422,7 @@ def convs_kept_dense(model: nn.Module, structure: Mapping[str, Union[int, tuple[
         if id(conv) not in sizes:
             raise ValueError(f"{name!r} is not reached by an input of shape {tuple(input_shape)}")
         why = slower_than_dense(conv, family_for(conv, rank).name, rank,
-                                (input_shape[0], conv.in_channels, *sizes[id(conv)]))
+                                (input_shape[0], conv.in_channels, *sizes[id(conv)]), memory_format)
         if why is not None:
             kept[name] = why
     return kept

@@ -28,6 +28,7 @@ from cpkernels.compression.families import (DECOMPOSITIONS, applicable, families
                                             not_applicable_reason)
 from cpkernels.compression.families.cp import EXACT
 from cpkernels.compression.knapsack import knapsack, scale_to_budget
+from cpkernels.core.conv_args import MEMORY_FORMATS, memory_format_name, memory_format_of
 from cpkernels.core.timing import time_median
 from cpkernels.decompositions.whitening import input_whitening, whiten_input_mode
 from cpkernels.dispatch.measured import DENSE_MARGIN
@@ -52,8 +53,9 @@ class RankPlan:
     output's relative change per unit of relative error in this conv's output; 1 otherwise),
     ``cost_before``, ``cost_after`` in ``metric`` units (microseconds for latency; a conv not considered keeps
     its dense cost, 0 where the example inputs do not reach it), for ``"latency"`` the ``input_shape`` it was
-    timed at, and for ``"vbmf"`` the layer's unscaled estimate ``vbmf_rank``. ``budget_over``: what ``budget`` is a fraction of, ``"network"`` (every conv) or
-    ``"considered"``."""
+    timed at, and for ``"vbmf"`` the layer's unscaled estimate ``vbmf_rank``. ``budget_over``: what ``budget`` is a
+    fraction of, ``"network"`` (every conv) or ``"considered"``. ``memory_format``: of the inputs a latency plan
+    timed (``"contiguous_format"`` or ``"channels_last"``)."""
 
     metric: str
     method: str
@@ -63,6 +65,7 @@ class RankPlan:
     decomposition: str = "cp"
     fold_batchnorm: bool = False  # planned on the model with its BatchNorms folded: compress_model folds them too
     budget_over: str = "network"
+    memory_format: str = "contiguous_format"
 
     @property
     def totals(self) -> dict:
@@ -116,7 +119,8 @@ class RankPlan:
     def to_json(self) -> str:
         return json.dumps({"metric": self.metric, "method": self.method, "budget": self.budget,
                            "decomposition": self.decomposition, "fold_batchnorm": self.fold_batchnorm,
-                           "budget_over": self.budget_over, "totals": self.totals,
+                           "budget_over": self.budget_over, "memory_format": self.memory_format,
+                           "totals": self.totals,
                            "rows": [{**r, "shape": list(r["shape"]),
                                      **({"input_shape": list(r["input_shape"])} if r.get("input_shape") else {})}
                                     for r in self.rows]}, indent=1)
@@ -130,7 +134,8 @@ class RankPlan:
                 for r in data["rows"]]
         # A plan written before whole-network budgets counted its budget over the convs it considered.
         return cls(data["metric"], data["method"], data["budget"], rows, decomposition=data.get("decomposition", "cp"),
-                   fold_batchnorm=data.get("fold_batchnorm", False), budget_over=data.get("budget_over", "considered"))
+                   fold_batchnorm=data.get("fold_batchnorm", False), budget_over=data.get("budget_over", "considered"),
+                   memory_format=data.get("memory_format", "contiguous_format"))
 
     def check_model(self, model: nn.Module) -> None:
         """A plan applies only to a model with the same convs under the same names."""
@@ -141,7 +146,7 @@ class RankPlan:
             raise ValueError(f"this plan was made for another model: its convs differ at {missing[:5]}")
 
 
-_LATENCY_US: dict = {}  # (conv signature, input shape, rank or None, device, dtype) -> median microseconds
+_LATENCY_US: dict = {}  # (conv signature, input shape, memory format, rank or None, device, dtype) -> median µs
 
 
 # Seconds of timed calls after which a candidate's timing stops (after three calls; at most ten): a call of
@@ -153,15 +158,19 @@ def _time_layer(layer: nn.Module, x: torch.Tensor) -> float:
     return 1e6 * time_median(layer, x, budget_s=LATENCY_BUDGET_S)
 
 
-def latency_us(conv: nn.Conv2d, input_shape: tuple, rank) -> float:
+def latency_us(conv: nn.Conv2d, input_shape: tuple, rank, memory_format=torch.contiguous_format) -> float:
     """Median microseconds of ``conv`` (``rank=None``) or of its factored layer at ``rank`` (the family
     whose rank it is) with the same arguments, on ``conv``'s device and dtype, with the backend ``"auto"``
-    runs there (the CPU plan or the GPU plan). Cached per shape: the factors' values do not change the time."""
+    runs there (the CPU plan or the GPU plan), on an input of ``input_shape`` in ``memory_format``. Cached per
+    shape: the factors' values do not change the time."""
     p = conv.weight
     key = (tuple(p.shape), conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode,
-           conv.bias is not None, tuple(input_shape), rank, str(p.device), p.dtype)
+           conv.bias is not None, tuple(input_shape), memory_format_name(memory_format), rank, str(p.device),
+           p.dtype)
     if key not in _LATENCY_US:
-        x = torch.randn(input_shape, device=p.device, dtype=p.dtype)
+        # the layout matters: on the CPU a conv and its factored form run faster on channels_last strides, by
+        # different amounts (README, channels_last on the CPU)
+        x = torch.randn(input_shape, device=p.device, dtype=p.dtype).contiguous(memory_format=memory_format)
         layer = conv if rank is None else family_for(conv, rank).empty_layer(conv, rank)
         _LATENCY_US[key] = _time_layer(layer, x)
     return _LATENCY_US[key]
@@ -204,6 +213,7 @@ def plan_ranks(
     decomposition: str = "cp",
     fold_batchnorm: bool = False,
     budget_over: str = "network",
+    memory_format: Optional[torch.memory_format] = None,
     **decompose_kwargs,
 ) -> RankPlan:
     """Ranks for every conv of ``model`` so that its convs keep at most ``budget`` of their ``metric``, with the
@@ -253,7 +263,13 @@ def plan_ranks(
         fold_batchnorm: plan on the model with every BatchNorm2d that follows a conv (and only it feeds) folded
             into that conv (as :func:`cpkernels.compress_model` folds it); the model must be in eval mode and is
             not modified. The plan records it, so ``compress_model(model, plan)`` folds the same pairs.
+        memory_format: for ``metric="latency"``, the layout every candidate is timed in: ``torch.contiguous_format``
+            (NCHW) or ``torch.channels_last``, as the deployed model will be called. None: that of the first
+            example input (or calibration batch) when one is given, else NCHW. The plan records it, and
+            ``compress_model(model, plan)`` times its check in it.
     """
+    if memory_format is not None:
+        memory_format_name(memory_format)  # refused before any work
     _check_arguments(budget, metric, method, rank_multiple, shrinkage, max_rank, decomposition, calibration)
     if budget_over not in BUDGET_OVER:
         raise ValueError(f"budget_over must be one of {BUDGET_OVER}, got {budget_over!r}")
@@ -266,17 +282,19 @@ def plan_ranks(
     sizes = _input_sizes(model, input_size, example_inputs, batches)
     batch = (input_size[0] if input_size is not None
              else next(iter(example_inputs)).shape[0] if example_inputs is not None else None)
+    memory_format = timing_memory_format(memory_format, None if input_size is not None else example_inputs)
     options = dict(method="als", init="svd", n_iter_max=n_iter_max, tol=1e-8, random_state=random_state,
                    l2_reg=0.0, **decompose_kwargs)
     plan = RankPlan(metric, method, float(budget), decomposition=decomposition, fold_batchnorm=fold_batchnorm,
-                    budget_over=budget_over)
+                    budget_over=budget_over, memory_format=memory_format_name(memory_format))
 
     layers = _select_convs(plan, model, sizes, metric, include, exclude, predicate, min_channels, skip_first,
                            families)
     for layer in layers:
         _measure_costs(layer, sizes.get(id(layer.conv)), batch, metric,
-                       () if method == "vbmf" else applicable(families, layer.conv), rank_multiple, ladder, max_rank)
-    _dense_costs(plan, model, sizes, batch, metric)
+                       () if method == "vbmf" else applicable(families, layer.conv), rank_multiple, ladder, max_rank,
+                       memory_format)
+    _dense_costs(plan, model, sizes, batch, metric, memory_format)
     if not layers:
         return plan
     considered = sum(layer.row["cost_before"] for layer in layers)
@@ -322,6 +340,21 @@ def _check_arguments(budget, metric, method, rank_multiple, shrinkage, max_rank,
         raise ValueError(f"calibration is used by method='data' only, not by method={method!r}")
 
 
+def timing_memory_format(memory_format, example_inputs) -> torch.memory_format:
+    """The layout candidates are timed in: ``memory_format`` when given, else channels_last where the first of
+    ``example_inputs`` (the model's positional inputs) is a 4-D channels_last tensor, else NCHW."""
+    if memory_format is not None:
+        memory_format_name(memory_format)
+        return memory_format
+    first = next(iter(example_inputs), None) if example_inputs is not None else None
+    return memory_format_of(first) if isinstance(first, torch.Tensor) else torch.contiguous_format
+
+
+def plan_memory_format(plan: RankPlan) -> torch.memory_format:
+    """The memory format ``plan`` was timed in."""
+    return MEMORY_FORMATS[plan.memory_format]
+
+
 def _calibration_batches(method, calibration, input_size, example_inputs):
     """``(batches, example_inputs)``: the calibration batches for ``"data"`` (None otherwise), and what sizes
     the convs (the first batch, when nothing else does)."""
@@ -365,7 +398,8 @@ def _select_convs(plan, model, sizes, metric, include, exclude, predicate, min_c
     return layers
 
 
-def _measure_costs(layer: _Layer, in_hw, batch, metric, families, rank_multiple, fractions, max_rank) -> None:
+def _measure_costs(layer: _Layer, in_hw, batch, metric, families, rank_multiple, fractions, max_rank,
+                   memory_format) -> None:
     """The layer's dense cost, the cost of a rank, and its candidate ranks (none for ``"vbmf"``)."""
     conv = layer.conv
     if metric == "params":
@@ -382,10 +416,10 @@ def _measure_costs(layer: _Layer, in_hw, batch, metric, families, rank_multiple,
     if metric == "latency":
         call = (batch, conv.in_channels, *in_hw)
         layer.row["input_shape"] = call  # compress_model times the planned rank against dense again on this shape
-        dense = latency_us(conv, call, None)
+        dense = latency_us(conv, call, None, memory_format)
 
         def cost(r):
-            return latency_us(conv, call, r)
+            return latency_us(conv, call, r, memory_format)
     else:
         dense, cost = ladder_dense, ladder_cost
     layer.row.update(cost_before=dense, cost_after=dense)
@@ -400,7 +434,7 @@ def _measure_costs(layer: _Layer, in_hw, batch, metric, families, rank_multiple,
                                   f"{conv.weight.device.type}")
 
 
-def _dense_costs(plan: RankPlan, model, sizes, batch, metric) -> None:
+def _dense_costs(plan: RankPlan, model, sizes, batch, metric, memory_format) -> None:
     """The dense cost of every conv not considered, which a whole-network budget counts in full (0 for a conv the
     example inputs do not reach: it costs nothing in that forward)."""
     convs = {name: conv for name, conv, _ in convs_of(model)}
@@ -416,7 +450,7 @@ def _dense_costs(plan: RankPlan, model, sizes, batch, metric) -> None:
             cost = conv_shape(conv, in_hw).dense_macs()
         else:
             row["input_shape"] = (batch, conv.in_channels, *in_hw)  # as a considered conv's: its MACs in the report
-            cost = latency_us(conv, row["input_shape"], None)
+            cost = latency_us(conv, row["input_shape"], None, memory_format)
         row.update(cost_before=cost, cost_after=cost)
 
 

@@ -77,3 +77,17 @@ def is_channels_last(x: Tensor) -> bool:
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
+
+# The memory formats of a 4-D conv input, by the names torch gives them (``str(torch.channels_last)`` without
+# ``torch.``): what a plan records in its JSON.
+MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def memory_format_name(memory_format) -> str:
+    """``memory_format``'s name in :data:`MEMORY_FORMATS`, or a ValueError naming the two accepted."""
+    for name, fmt in MEMORY_FORMATS.items():
+        if memory_format is fmt:
+            return name
+    raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last (a 4-D conv input's), "
+                     f"got {memory_format!r}")
