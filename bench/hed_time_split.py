@@ -2,7 +2,7 @@
 
     python -m bench.hed_time_split --out bench/results/cpu-amd-epyc-2core
     python -m bench.hed_time_split --out DIR --configs cp-data-0.25 tucker2-data-0.25 --runs 9
-    python -m bench.hed_time_split --out DIR --memory-formats contiguous channels_last   # each model in both
+    python -m bench.hed_time_split --out DIR --memory-formats contiguous_format channels_last  # each model in both
 
 A budget counts the 13 3x3 convs (:func:`bench.hed_alternatives.body_convs`). The rest of the network is not
 compressed: the 1x1 side outputs and the fusion (``hed.HEAD_PATTERNS``), and what HED's forward runs between its
@@ -19,7 +19,7 @@ Each model (dense, then the ``--configs`` of :mod:`bench.hed_methods`, from its 
 on every conv module (``nn.Conv2d`` or a factored conv) read ``time.perf_counter`` around its call; the rest is the
 call's total minus its convs. Medians over the rounds; the load average before and after is recorded.
 
-``--memory-formats contiguous channels_last`` runs every model on the photo in each memory format (NCHW, and
+``--memory-formats contiguous_format channels_last`` runs every model on the photo in each memory format (NCHW, and
 NHWC strides: ``x.contiguous(memory_format=torch.channels_last)``, which the convs, the factored layers among them,
 keep through the network), all in the same rounds. Each row's speed-up and ceiling are against the first row (the
 dense network in the first format given), and its total is also compared with the dense network's in its own
@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from cpkernels.core.conv_args import MEMORY_FORMATS
 from cpkernels.modules.factored import FactoredConv2d
 from cpkernels.tools import hed
 from cpkernels.tools.profile import environment
@@ -46,7 +47,6 @@ from .report import save_results
 
 CONFIGS = ("cp-data-0.25", "cp-data-0.125")
 RUNS = 7
-MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 PARTS = ("total", "budget_convs", "head_convs", "rest")
 
 
@@ -99,11 +99,11 @@ def split_once(model: nn.Module, clock: ConvClock, x: torch.Tensor) -> dict[str,
 
 
 def row_name(model: str, memory_format: str) -> str:
-    return model if memory_format == "contiguous" else f"{model} ({memory_format})"
+    return model if memory_format == "contiguous_format" else f"{model} ({memory_format})"
 
 
 def measure(configs: Sequence[str] = CONFIGS, runs: int = RUNS, cache: str = CACHE,
-            memory_formats: Sequence[str] = ("contiguous",)) -> dict:
+            memory_formats: Sequence[str] = ("contiguous_format",)) -> dict:
     dense = hed.load_hed()
     networks = {"dense": dense}
     for config in configs:
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="bench.hed_methods configurations")
     parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--cache", default=CACHE, help="the compressed models' cache (bench/hed_methods.py's)")
-    parser.add_argument("--memory-formats", nargs="+", choices=list(MEMORY_FORMATS), default=["contiguous"],
+    parser.add_argument("--memory-formats", nargs="+", choices=list(MEMORY_FORMATS), default=["contiguous_format"],
                         help="run every model on the photo in each of these memory formats")
     args = parser.parse_args(argv)
     result = measure(args.configs, args.runs, args.cache, args.memory_formats)

@@ -33,11 +33,11 @@ def test_the_parts_add_up_to_the_total(tmp_path, monkeypatch):
 def test_each_model_in_each_memory_format(tmp_path, monkeypatch):
     tiny_settings(monkeypatch)
     args = ["--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--configs", "cp-data-0.25", "--runs", "1",
-            "--memory-formats", "contiguous", "channels_last"]
+            "--memory-formats", "contiguous_format", "channels_last"]
     assert hed_time_split.main(args) == 0
     rows = json.loads((tmp_path / "hed_time_split.json").read_text())["rows"]
     assert [(r["model"], r["memory_format"]) for r in rows] == [
-        ("dense", "contiguous"), ("cp-data-0.25", "contiguous"),
+        ("dense", "contiguous_format"), ("cp-data-0.25", "contiguous_format"),
         ("dense (channels_last)", "channels_last"), ("cp-data-0.25 (channels_last)", "channels_last")]
     dense, cp, dense_cl, cp_cl = rows
     assert dense["speedup_same_format"] == dense_cl["speedup_same_format"] == 1.0

