@@ -154,7 +154,9 @@ def measure(configs: Sequence[str] = CONFIGS, runs: int = RUNS, cache: str = CAC
 def to_markdown(result: dict, env: dict) -> str:
     h, w = result["size"]
     lines = [f"# Where HED's time goes, dense and compressed ({env['device']})", "",
-             f"torch {env['torch']}, commit {env['git_commit'][:7]}. Batch 1 at {h}x{w}, {result['threads']} threads, "
+             f"torch {env['torch']}, commit {env['git_commit'][:7]}"
+             + (f", allocator environment {env['allocator_env']}" if env.get("allocator_env") else "")
+             + f". Batch 1 at {h}x{w}, {result['threads']} threads, "
              f"no autograd; median of {result['runs']} interleaved rounds; load average "
              f"{result['load_average_before']} before, {result['load_average_after']} after. ms per image. Budget "
              "convs: the 13 3x3 convs a budget counts (each conv's call, read by forward hooks); head convs: the 1x1 "

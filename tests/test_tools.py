@@ -31,6 +31,18 @@ def test_rows_kernel_factor_bytes_by_hand():
     assert strided.rows_kernel_factor_bytes(5, 4, 16, 2) == 2 * (9 * 3 * 8 * 5 + 4 * 6 * 5) * 2
 
 
+def test_results_record_the_allocator_environment(monkeypatch):
+    # glibc's malloc settings change the CPU time of large tensors (README): every result says which were set
+    for key in [k for k in os.environ if k.startswith(profile.ALLOCATOR_ENV_PREFIXES)]:
+        monkeypatch.delenv(key)
+    assert profile.environment("cpu")["allocator_env"] == {}
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    monkeypatch.setenv("MALLOCX", "1")  # not one of glibc's MALLOC_ variables: left out
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    assert profile.environment("cpu")["allocator_env"] == {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0",
+                                                          "MALLOC_MMAP_MAX_": "0"}
+
+
 def test_profiler_on_cpu(tmp_path, capsys):
     out = tmp_path / "p.json"
     trace = tmp_path / "trace.json"

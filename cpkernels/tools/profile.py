@@ -178,7 +178,18 @@ def environment(device: str) -> dict:
         "triton": triton_version,
         "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
         "git_commit": commit,
+        "allocator_env": allocator_env(),
     }
+
+
+# Environment variables that change how the process allocates memory, and so the CPU time of large tensors: glibc's
+# malloc settings, a preloaded allocator, PyTorch's transparent huge pages.
+ALLOCATOR_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
+
+
+def allocator_env() -> dict[str, str]:
+    """Those of :data:`ALLOCATOR_ENV_PREFIXES` set in this process's environment."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ALLOCATOR_ENV_PREFIXES)}
 
 
 # --------------------------------------------------------------------------------------------------
