@@ -94,6 +94,24 @@ def test_per_layer_targets_bring_each_factored_layer_toward_its_conv(digits):
     assert all(after[n] < before[n] for n in names), (before, after)
 
 
+def test_per_layer_targets_are_the_layers_outputs_before_an_in_place_relu():
+    # the op after a layer may work in place on its output: the per-layer loss still reads the conv's output
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 1))
+    student, _ = compress_model(teacher, rank={"0": 2}, progress=False)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad(), _Kept(student, ["0"]) as outs, _Kept(teacher, ["0"], detach=True) as dense:
+        student(x)
+        teacher(x)
+        conv_out = teacher[0](x)
+    assert torch.equal(dense["0"], conv_out) and (conv_out < 0).any()  # kept before the ReLU zeroed them
+    assert torch.equal(outs["0"], student[0](x))
+    with torch.enable_grad(), _Kept(student, ["0"]) as outs:  # differentiable: the copy passes gradients back
+        student(x)
+        outs["0"].sum().backward()
+    assert student[0].output_factor.grad is not None
+
+
 def test_the_factor_penalty_shrinks_the_factors(digits):
     teacher, compressed, batches, _ = digits
 

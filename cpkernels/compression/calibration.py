@@ -123,8 +123,10 @@ class EvalHooks(_ForwardHooks):
 class _Kept(_ForwardHooks):
     """``with _Kept(model, names) as kept``: ``kept[name]`` is the output of ``model``'s submodule ``name`` (its first
     positional input with ``want="input"``) in the last forward pass inside the block, detached with ``detach``.
-    ``stop``: the forward pass ends once a value is kept (the rest of the network is not run). The model's training
-    flags and the grad mode are left alone."""
+    ``stop``: the forward pass ends once a value is kept (the rest of the network is not run). Otherwise the value is
+    kept as a copy (differentiable unless detached): an op later in the pass may work in place on the module's
+    output (an in-place ReLU, as torchvision's VGG and ResNet have) and must not change what was kept. The model's
+    training flags and the grad mode are left alone."""
 
     def __init__(self, model: nn.Module, names: Iterable[str], want: str = "output", detach: bool = False,
                  stop: bool = False) -> None:
@@ -133,9 +135,11 @@ class _Kept(_ForwardHooks):
         def hook(name):
             def keep(module, args, output):
                 value = args[0] if want == "input" else output
-                self.kept[name] = value.detach() if detach else value
+                value = value.detach() if detach else value
                 if stop:
+                    self.kept[name] = value
                     raise _Stop
+                self.kept[name] = value.clone()
             return keep
 
         super().__init__({name: model.get_submodule(name) for name in names}, hook)
