@@ -12,7 +12,9 @@ depend on the values, and no decomposition is timed), both models are exported w
 (:func:`cpkernels.core.timing.interleaved_median_seconds`). The medians and speed-ups go to ``onnx_speed.json`` and
 ``onnx_speed.md`` with the machine and versions. The compressed model is exported with
 ``merge_depthwise="auto"`` (each layer in its fastest form, dense where CP does not win);
-``--merge-both`` also times it with every layer's depthwise stage as one conv and as two.
+``--merge-both`` also times it with every layer's depthwise stage as one conv and as two. ``--channels-last``
+runs eager PyTorch on channels_last inputs (both models, and ``--keep-dense``'s timing of each layer); ONNX Runtime
+takes its NCHW input as before.
 """
 from __future__ import annotations
 
@@ -108,7 +110,8 @@ def ort_session(path: str, threads: int):
 
 def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: int = 1, threads: int = 2,
         repeats: int = 10, rank_multiple: int = 8, merge_both: bool = False, keep_dense: bool = False,
-        workdir=None) -> list[dict]:
+        workdir=None, channels_last: bool = False) -> list[dict]:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,6 +120,7 @@ def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: i
             torch.manual_seed(0)
             dense = NETWORKS[net]().eval()
             x = torch.randn(batch, 3, size, size)
+            x_eager = x.contiguous(memory_format=memory_format)
             dense_path = os.path.join(workdir, f"{net}_dense.onnx")
             export_onnx(dense, x, dense_path)
             dense_session = ort_session(dense_path, threads)
@@ -124,12 +128,12 @@ def run(networks=tuple(NETWORKS), fractions=FRACTIONS, size: int = 224, batch: i
             for fraction in fractions:
                 structure = cp_structure(dense, fraction, rank_multiple)
                 cp = apply_structure(copy.deepcopy(dense), structure).eval()  # random factors at these ranks
-                calls = {"dense": lambda: dense(x), "cp": lambda: cp(x)}
-                kept = convs_kept_dense(dense, structure, tuple(x.shape)) if keep_dense else {}
+                calls = {"dense": lambda: dense(x_eager), "cp": lambda: cp(x_eager)}
+                kept = convs_kept_dense(dense, structure, tuple(x.shape), memory_format) if keep_dense else {}
                 if keep_dense:  # the convs whose CP form does not win stay nn.Conv2d
                     cp_kept = apply_structure(copy.deepcopy(dense), {n: r for n, r in structure.items()
                                                                      if n not in kept}).eval()
-                    calls["cp_kept"] = lambda: cp_kept(x)
+                    calls["cp_kept"] = lambda: cp_kept(x_eager)
                 with torch.inference_mode():
                     eager = interleaved_ms(calls, repeats)
                 eager_dense, eager_cp = eager["dense"], eager["cp"]
@@ -171,7 +175,8 @@ def to_markdown(rows: list[dict], env: dict, args) -> str:
     lines = [f"# ONNX Runtime against PyTorch eager: {env['device']}", "",
              f"onnxruntime {ort.__version__} (CPU provider, ORT_ENABLE_ALL, intra_op_num_threads={args.threads}), "
              f"torch {env['torch']} ({args.threads} threads), batch {args.batch}, 3x{args.size}x{args.size}, "
-             f"median of {args.repeats} runs after a warm-up, dense and CP taking turns in each round (in eager "
+             + ("eager PyTorch on channels_last inputs, " if args.channels_last else "")
+             + f"median of {args.repeats} runs after a warm-up, dense and CP taking turns in each round (in eager "
              "PyTorch and in ONNX Runtime alike, whose sessions do not spin-wait); ranks = "
              "compress_model(rank=fraction) rounded up "
              f"to multiples of {args.rank_multiple}.", "",
@@ -224,9 +229,10 @@ def main(argv=None) -> int:
     parser.add_argument("--merge-both", action="store_true")
     parser.add_argument("--keep-dense", action="store_true",
                         help="also time the CP model with nn.Conv2d kept where its CP form is not faster")
+    parser.add_argument("--channels-last", action="store_true", help="eager PyTorch on channels_last inputs")
     args = parser.parse_args(argv)
     rows = run(args.networks, args.fractions, args.size, args.batch, args.threads, args.repeats, args.rank_multiple,
-               args.merge_both, args.keep_dense)
+               args.merge_both, args.keep_dense, channels_last=args.channels_last)
     env = environment("cpu")
     save_results(args.out, "onnx_speed", {"environment": env, "arguments": vars(args), "rows": rows},
                  to_markdown(rows, env, args))
