@@ -8,6 +8,7 @@ import torch
 from cpkernels import CPConv2d, RankPlan, apply_structure
 from cpkernels.__main__ import main
 from cpkernels.compression import ranks as rank_plans
+from cpkernels.core.conv_args import is_channels_last
 
 MODEL_FILE = textwrap.dedent("""
     import torch
@@ -54,7 +55,7 @@ def test_a_latency_plan_times_in_channels_last_when_asked(model_file, tmp_path, 
     seen = []
 
     def clock(layer, x):  # a fake clock that records the layouts it was given; every factored form wins
-        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        seen.append(is_channels_last(x))
         return 100.0 if type(layer) is torch.nn.Conv2d else 1.0
     monkeypatch.setattr(rank_plans, "_time_layer", clock)
     monkeypatch.setattr(rank_plans, "_LATENCY_US", {})

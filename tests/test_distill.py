@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 import cpkernels
@@ -16,6 +17,8 @@ from cpkernels import CPConv2d, compress_model, distill
 from cpkernels.compression.calibration import _Kept
 from cpkernels.compression.distill import relative_mse
 from cpkernels.tools.digits import output_change
+
+from .oracle import assert_matches_oracle, oracle_conv2d
 
 
 @pytest.fixture
@@ -103,9 +106,12 @@ def test_per_layer_targets_are_the_layers_outputs_before_an_in_place_relu():
     with torch.no_grad(), _Kept(student, ["0"]) as outs, _Kept(teacher, ["0"], detach=True) as dense:
         student(x)
         teacher(x)
-        conv_out = teacher[0](x)
-    assert torch.equal(dense["0"], conv_out) and (conv_out < 0).any()  # kept before the ReLU zeroed them
-    assert torch.equal(outs["0"], student[0](x))
+    conv_out = F.conv2d(x.double(), teacher[0].weight.double(), teacher[0].bias.double(), padding=1)
+    assert (conv_out < 0).any()  # the ReLU would have zeroed these: what was kept is from before it
+    assert_matches_oracle(dense["0"], conv_out, torch.float32)
+    layer = student[0]
+    assert_matches_oracle(outs["0"], oracle_conv2d(x, layer.factors.detach(), layer.bias.detach(), padding=1),
+                          torch.float32)
     with torch.enable_grad(), _Kept(student, ["0"]) as outs:  # differentiable: the copy passes gradients back
         student(x)
         outs["0"].sum().backward()

@@ -12,6 +12,7 @@ from cpkernels import RankPlan, compress_model, plan_ranks
 from cpkernels.compression import ranks as rank_plans
 from cpkernels.compression.compress import convs_kept_dense
 from cpkernels.compression.knapsack import knapsack
+from cpkernels.core.conv_args import is_channels_last
 from cpkernels.dispatch.measured import DENSE_MARGIN
 
 from .oracle import random_factors
@@ -296,7 +297,7 @@ def _layout_clock(layer, x):
     channels_last and 200 in NCHW."""
     if isinstance(layer, nn.Conv2d):
         return 100.0
-    return 2.0 * layer.rank if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else 200.0
+    return 2.0 * layer.rank if is_channels_last(x) else 200.0
 
 
 def test_the_timed_choices_follow_the_memory_format_the_model_runs_in(monkeypatch):
