@@ -95,7 +95,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser, budget_required: bool) -
     parser.add_argument("--skip-first", action="store_true", help="leave the first conv dense")
     parser.add_argument("--seed", type=int, default=0, help="random_state of the decompositions")
     parser.add_argument("--channels-last", action="store_true",
-                        help="--metric latency: time the candidates on channels_last inputs, as the model will run")
+                        help="time on channels_last inputs, as the model will run: --metric latency's candidates, "
+                             "and compress --keep-dense-where-faster's check")
 
 
 def make_plan(args):
@@ -131,18 +132,27 @@ def compress_main(argv) -> int:
                                      epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_plan_arguments(parser, budget_required=False)
     parser.add_argument("--plan", help="a plan JSON from cpkernels plan (instead of --budget)")
+    parser.add_argument("--keep-dense-where-faster", action="store_true",
+                        help="time each planned conv against its factored form at --input-size on this machine and "
+                             "keep the conv where it is faster (a --metric latency plan always does)")
     parser.add_argument("--out", required=True, help="where to write {structure, state_dict, plan}")
     args = parser.parse_args(argv)
     if (args.plan is None) == (args.budget is None):
         parser.error("give either --plan or --budget")
+    if args.keep_dense_where_faster and args.input_size is None:
+        parser.error("--keep-dense-where-faster needs --input-size (a conv's time depends on its input)")
     if args.plan is not None:
         model = load_model(args.model)
         with open(args.plan) as f:
             plan = RankPlan.from_json(f.read())
     else:
         model, plan = make_plan(args)
+    timed_here = args.keep_dense_where_faster and plan.metric != "latency"  # a latency plan keeps its own layout
     try:
-        compressed, report = compress_model(model, plan)
+        compressed, report = compress_model(
+            model, plan, keep_dense_where_faster=args.keep_dense_where_faster,
+            input_size=args.input_size if timed_here else None,
+            memory_format=torch.channels_last if timed_here and args.channels_last else None)
     except ValueError as error:
         raise SystemExit(f"cpkernels compress: {error}") from error
     print(report)

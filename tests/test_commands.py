@@ -66,6 +66,27 @@ def test_a_latency_plan_times_in_channels_last_when_asked(model_file, tmp_path, 
     assert seen and all(seen)
 
 
+def test_compress_keeps_the_convs_that_are_faster_dense_here(model_file, tmp_path, monkeypatch, capsys):
+    """``--keep-dense-where-faster`` times a MAC plan's convs at ``--input-size`` (in channels_last when asked)
+    and keeps the conv where the factored form is slower: on a fake clock, every planned conv."""
+    seen = []
+
+    def clock(layer, x):
+        seen.append(is_channels_last(x))
+        return 100.0 if type(layer) is torch.nn.Conv2d else 1000.0
+    monkeypatch.setattr(rank_plans, "_time_layer", clock)
+    monkeypatch.setattr(rank_plans, "_LATENCY_US", {})
+    out = tmp_path / "cp.pt"
+    args = ["compress", f"{model_file}:net", "--budget", "0.3", "--input-size", "1,3,12,12", "--out", str(out)]
+    assert main(args) == 0 and not seen and torch.load(out)["structure"]  # a conv is factored
+    assert main(args + ["--keep-dense-where-faster", "--channels-last"]) == 0
+    assert torch.load(out)["structure"] == {} and seen and all(seen)
+    assert "dense: rank" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["compress", f"{model_file}:net", "--budget", "0.3", "--keep-dense-where-faster", "--out", str(out)])
+    assert "--keep-dense-where-faster needs --input-size" in capsys.readouterr().err
+
+
 def test_compress_with_a_budget_and_data_calibration(model_file, tmp_path):
     out = tmp_path / "cp.pt"
     assert main(["compress", f"{model_file}:net", "--budget", "0.3", "--method", "data",

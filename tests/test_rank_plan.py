@@ -317,6 +317,8 @@ def test_the_timed_choices_follow_the_memory_format_the_model_runs_in(monkeypatc
     assert last.structure and inferred.structure == last.structure and last.memory_format == "channels_last"
     again = RankPlan.from_json(last.to_json())
     assert again.memory_format == "channels_last"
+    with pytest.raises(ValueError, match="give memory_format to plan_ranks instead"):
+        compress_model(model, again, memory_format=torch.contiguous_format)
     compressed, report = compress_model(model, again)  # the check times channels_last too: every layer kept
     assert all(r["skipped"] is None for r in report.rows if r["name"] in last.structure)
     assert all(isinstance(compressed.get_submodule(n), cpkernels.CPConv2d) for n in last.structure)
@@ -345,8 +347,58 @@ def test_a_memory_format_other_than_nchw_or_channels_last_is_refused_before_any_
         compress_model(model, rank=8, input_size=(2, 3, 16, 16), keep_dense_where_faster=True,
                        memory_format="channels_last")
     plan = plan_ranks(model, 0.5, input_size=(2, 3, 16, 16), progress=False)
-    with pytest.raises(ValueError, match="give memory_format to plan_ranks instead"):
+    with pytest.raises(ValueError, match="memory_format is the layout keep_dense_where_faster=True times in"):
         compress_model(model, plan, memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="memory_format is the layout keep_dense_where_faster=True times in"):
+        compress_model(model, rank=8, memory_format=torch.channels_last)
+
+
+def test_keep_dense_where_faster_times_a_mac_plan_where_the_model_will_run(monkeypatch):
+    """A MAC plan's ranks were never timed. With ``keep_dense_where_faster``, ``compress_model(plan)`` times each
+    planned conv at the input it sees from ``input_size`` or ``example_inputs``, in their layout (else the plan's),
+    and keeps the conv where the factored form is slower (a fake clock: CP 4 per rank unit, dense 100); without
+    it nothing is timed and every planned conv is factored. A plan read from JSON is checked the same way."""
+    calls = []
+
+    def clock(layer, x):
+        calls.append((tuple(x.shape), is_channels_last(x)))
+        return 100.0 if isinstance(layer, nn.Conv2d) else 4.0 * layer.rank
+    monkeypatch.setattr(rank_plans, "_LATENCY_US", {})
+    monkeypatch.setattr(rank_plans, "_time_layer", clock)
+    model = small_net()
+    plan = plan_ranks(model, 0.3, input_size=(1, 3, 16, 16), progress=False)
+    slow = {name for name, rank in plan.structure.items() if 4.0 * rank >= (1 - DENSE_MARGIN) * 100.0}
+    assert slow and slow != set(plan.structure)  # both outcomes are checked below
+
+    plain, _ = compress_model(model, plan)
+    assert not calls and all(isinstance(plain.get_submodule(n), cpkernels.CPConv2d) for n in plan.structure)
+    with pytest.raises(ValueError, match="keep_dense_where_faster=True needs input_size or example_inputs"):
+        compress_model(model, plan, keep_dense_where_faster=True)
+    for given in (plan, RankPlan.from_json(plan.to_json())):
+        kept, report = compress_model(model, given, input_size=(2, 3, 16, 16), keep_dense_where_faster=True)
+        rows = {r["name"]: r for r in report.rows}
+        for name, rank in plan.structure.items():
+            assert isinstance(kept.get_submodule(name), nn.Conv2d if name in slow else cpkernels.CPConv2d), name
+            if name in slow:
+                assert torch.equal(kept.get_submodule(name).weight, model.get_submodule(name).weight)
+                assert rows[name]["skipped"] == (f"dense: rank {rank} ran {4.0 * rank:,.1f} µs against the dense "
+                                                 "conv's 100.0 µs on cpu, input "
+                                                 f"2x{model.get_submodule(name).in_channels}x16x16")
+            else:
+                assert rows[name]["skipped"] is None and rows[name]["rank"] == rank
+    timed = {(2, model.get_submodule(n).in_channels, 16, 16) for n in plan.structure}
+    assert {shape for shape, _ in calls} == timed and not any(last for _, last in calls)
+
+    calls.clear()
+    rank_plans._LATENCY_US.clear()  # the timings are cached per layout: each check below times afresh
+    example = (torch.zeros(2, 3, 16, 16).contiguous(memory_format=torch.channels_last),)
+    compress_model(model, plan, example_inputs=example, keep_dense_where_faster=True)
+    assert {shape for shape, _ in calls} == timed and all(last for _, last in calls)
+    calls.clear()
+    rank_plans._LATENCY_US.clear()
+    compress_model(model, plan_ranks(model, 0.3, input_size=(1, 3, 16, 16), memory_format=torch.channels_last,
+                                     progress=False), input_size=(2, 3, 16, 16), keep_dense_where_faster=True)
+    assert calls and all(last for _, last in calls)
 
 
 def test_convs_kept_dense_names_what_keep_dense_where_faster_keeps(monkeypatch):

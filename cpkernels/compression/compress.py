@@ -201,11 +201,12 @@ def compress_model(
         calibration: input batches for ``compensate`` (at least two: some are held out to choose the ridge).
         keep_dense_where_faster: time each factored layer against its conv on the model's device, at the input
             shape ``input_size`` or ``example_inputs`` gives it, and keep the conv where the factored form is not
-            faster by :data:`cpkernels.dispatch.measured.DENSE_MARGIN` (the report says why). A latency plan
-            always does this.
+            faster by :data:`cpkernels.dispatch.measured.DENSE_MARGIN` (the report says why). A MAC plan's ranks
+            are timed so too; a latency plan always checks again, at the inputs it was timed at.
         memory_format: the layout ``keep_dense_where_faster`` times both forms in, ``torch.contiguous_format``
             (NCHW) or ``torch.channels_last``, as the model will be called (the fastest form can differ between
-            them). None: that of the first example input when it is given, else NCHW. A latency plan uses its own.
+            them). None: that of the first example input when it is given, else a plan's ``memory_format``, else
+            NCHW. A latency plan uses its own.
         decompose_kwargs: passed to :func:`cpkernels.decompose_conv` (init, n_iter_max, random_state, ...);
             Tucker-2 takes ``n_iter_max``, ``random_state`` and ``input_covariance`` of them, the SVD
             ``input_covariance``.
@@ -227,12 +228,18 @@ def compress_model(
         dense = copy.deepcopy(model) if inplace else model
     elif calibration is not None:
         raise ValueError("calibration is for compensate=True (plan_ranks takes its own)")
-    if keep_dense_where_faster and input_size is None and example_inputs is None and not isinstance(rank, RankPlan):
+    latency_plan = isinstance(rank, RankPlan) and rank.metric == "latency"
+    if keep_dense_where_faster and input_size is None and example_inputs is None and not latency_plan:
         raise ValueError("keep_dense_where_faster=True needs input_size or example_inputs (a conv's time depends "
                          "on its input)")
-    if memory_format is not None and isinstance(rank, RankPlan):
-        raise ValueError("a RankPlan was timed in its own memory format (plan.memory_format): give memory_format "
-                         "to plan_ranks instead")
+    if memory_format is not None and latency_plan:
+        raise ValueError("a latency plan was timed in its own memory format (plan.memory_format): give "
+                         "memory_format to plan_ranks instead")
+    if memory_format is not None and not keep_dense_where_faster:
+        raise ValueError("memory_format is the layout keep_dense_where_faster=True times in: without it nothing "
+                         "is timed")
+    if memory_format is None and example_inputs is None and isinstance(rank, RankPlan):
+        memory_format = plan_memory_format(rank)  # the layout the plan was made for
     memory_format = timing_memory_format(memory_format, None if input_size is not None else example_inputs)
     compressed, report = _compress(model, rank, target_error, include, exclude, predicate, min_channels, skip_first,
                                    inplace, input_size, example_inputs, backend, progress, rank_multiple,
@@ -272,7 +279,8 @@ def _compress(model, rank, target_error, include, exclude, predicate, min_channe
     if isinstance(rank, RankPlan):
         if rank_multiple != 1:
             raise ValueError("a RankPlan has its ranks already: give rank_multiple to plan_ranks instead")
-        return _apply_plan(model, rank, inplace, backend, fold_batchnorm or rank.fold_batchnorm)
+        return _apply_plan(model, rank, inplace, backend, fold_batchnorm or rank.fold_batchnorm,
+                           keep_faster and rank.metric != "latency", input_size, example_inputs, memory_format)
     if rank is None and target_error is None:
         rank = DEFAULT_RANK
     if target_error is not None and rank is not None and not isinstance(rank, Mapping):
@@ -282,7 +290,7 @@ def _compress(model, rank, target_error, include, exclude, predicate, min_channe
     elif not inplace:
         model = copy.deepcopy(model)
     sizes = conv_input_sizes(model, input_size, example_inputs)
-    batch = input_size[0] if input_size is not None else next(iter(example_inputs)).shape[0] if keep_faster else None
+    batch = _timing_batch(input_size, example_inputs) if keep_faster else None
     convs = list(convs_of(model))
     report = CompressionReport()
     for i, (name, conv, names) in enumerate(tqdm(convs, desc="compressing", unit="layer",
@@ -350,10 +358,18 @@ def _best_layer(conv, candidates: dict, target, multiple, backend, shape, decomp
                                       else m.factors.num_params))
 
 
-def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
-                fold_batchnorm: bool) -> tuple[nn.Module, CompressionReport]:
+def _timing_batch(input_size, example_inputs) -> int:
+    """The batch size ``keep_dense_where_faster`` times each conv at."""
+    return input_size[0] if input_size is not None else next(iter(example_inputs)).shape[0]
+
+
+def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str, fold_batchnorm: bool,
+                keep_faster: bool = False, input_size=None, example_inputs=None,
+                memory_format=torch.contiguous_format) -> tuple[nn.Module, CompressionReport]:
     """``compress_model(model, plan)``: the plan's ranks, with the factors it decomposed when it has them
-    (a plan read from JSON has none: those layers are decomposed at the planned rank)."""
+    (a plan read from JSON has none: those layers are decomposed at the planned rank). A latency plan checks
+    each factored conv again at the input it was timed at; ``keep_faster`` times a MAC plan's at the input
+    ``input_size`` or ``example_inputs`` gives it, in ``memory_format``."""
     plan.check_model(model)
     if fold_batchnorm:
         model, _ = fold_batchnorm_into_convs(model, inplace=inplace)
@@ -365,6 +381,8 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
     if not inplace:
         model = copy.deepcopy(model)
     names_of = {id(conv): names for _, conv, names in convs_of(model)}
+    sizes = conv_input_sizes(model, input_size, example_inputs) if keep_faster else {}
+    batch = _timing_batch(input_size, example_inputs) if keep_faster else None
     report = CompressionReport()
     for planned in plan.rows:
         conv = model.get_submodule(planned["name"])
@@ -377,6 +395,10 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str,
         if planned["rank"] is not None and plan.metric == "latency" and planned.get("input_shape"):
             row["skipped"] = slower_than_dense(conv, planned["decomposition"], planned["rank"],
                                                planned["input_shape"], plan_memory_format(plan))
+        elif planned["rank"] is not None and id(conv) in sizes:
+            # keep_faster on a MAC plan; a conv that the input does not reach is factored as planned
+            row["skipped"] = slower_than_dense(conv, planned["decomposition"], planned["rank"],
+                                               (batch, conv.in_channels, *sizes[id(conv)]), memory_format)
         if planned["rank"] is not None and row["skipped"] is None:
             start = time.perf_counter()
             family = family_named(planned["decomposition"])
