@@ -132,9 +132,10 @@ def compress_main(argv) -> int:
                                      epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_plan_arguments(parser, budget_required=False)
     parser.add_argument("--plan", help="a plan JSON from cpkernels plan (instead of --budget)")
-    parser.add_argument("--keep-dense-where-faster", action="store_true",
+    parser.add_argument("--keep-dense-where-faster", nargs="?", const="alone", choices=["alone", "network"],
                         help="time each planned conv against its factored form at --input-size on this machine and "
-                             "keep the conv where it is faster (a --metric latency plan always does)")
+                             "keep the conv where it is faster: each layer alone (a --metric latency plan always "
+                             "does), or inside the network's forward pass (network)")
     parser.add_argument("--out", required=True, help="where to write {structure, state_dict, plan}")
     args = parser.parse_args(argv)
     if (args.plan is None) == (args.budget is None):
@@ -147,12 +148,13 @@ def compress_main(argv) -> int:
             plan = RankPlan.from_json(f.read())
     else:
         model, plan = make_plan(args)
-    timed_here = args.keep_dense_where_faster and plan.metric != "latency"  # a latency plan keeps its own layout
+    keep = {None: False, "alone": True, "network": "network"}[args.keep_dense_where_faster]
+    timed_here = keep == "network" or (keep and plan.metric != "latency")  # a latency plan keeps its own layout
     try:
         compressed, report = compress_model(
-            model, plan, keep_dense_where_faster=args.keep_dense_where_faster,
-            input_size=args.input_size if timed_here else None,
-            memory_format=torch.channels_last if timed_here and args.channels_last else None)
+            model, plan, keep_dense_where_faster=keep, input_size=args.input_size if timed_here else None,
+            memory_format=torch.channels_last if timed_here and args.channels_last and plan.metric != "latency"
+            else None)
     except ValueError as error:
         raise SystemExit(f"cpkernels compress: {error}") from error
     print(report)

@@ -7,6 +7,7 @@ import torch
 
 from cpkernels import CPConv2d, RankPlan, apply_structure
 from cpkernels.__main__ import main
+from cpkernels.compression import network_timing
 from cpkernels.compression import ranks as rank_plans
 from cpkernels.core.conv_args import is_channels_last
 
@@ -82,6 +83,12 @@ def test_compress_keeps_the_convs_that_are_faster_dense_here(model_file, tmp_pat
     assert main(args + ["--keep-dense-where-faster", "--channels-last"]) == 0
     assert torch.load(out)["structure"] == {} and seen and all(seen)
     assert "dense: rank" in capsys.readouterr().out
+    seen.clear()
+    monkeypatch.setattr(network_timing, "seconds_in_forward", lambda forwards, modules, repeats: {
+        which: {name: 1.0 if which == "dense" else 10.0 for name in named} for which, named in modules.items()})
+    assert main(args + ["--keep-dense-where-faster", "network"]) == 0
+    assert torch.load(out)["structure"] == {} and not seen  # timed in the network only
+    assert "dense: in the network, rank" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["compress", f"{model_file}:net", "--budget", "0.3", "--keep-dense-where-faster", "--out", str(out)])
     assert "--keep-dense-where-faster needs --input-size" in capsys.readouterr().err

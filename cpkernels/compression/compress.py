@@ -30,6 +30,7 @@ from cpkernels.compression.convs import conv_input_sizes, conv_shape, convs_of, 
 from cpkernels.compression.families import (FAMILIES, applicable, families_for, family_for, family_named,
                                             family_of_layer, not_applicable_reason)
 from cpkernels.compression.families.base import Family
+from cpkernels.compression.network_timing import keep_dense_where_slower_in_network
 from cpkernels.compression.ranks import RankPlan, latency_us, plan_memory_format, timing_memory_format
 from cpkernels.decompositions.cp import RankSpec
 from cpkernels.dispatch.measured import fastest_keeping_dense
@@ -158,7 +159,7 @@ def compress_model(
     fold_batchnorm: bool = False,
     compensate: Union[bool, Mapping[str, Any]] = False,
     calibration: Optional[Iterable] = None,
-    keep_dense_where_faster: bool = False,
+    keep_dense_where_faster: Union[bool, str] = False,
     memory_format=None,
     **decompose_kwargs,
 ) -> tuple[nn.Module, CompressionReport]:
@@ -202,7 +203,10 @@ def compress_model(
         keep_dense_where_faster: time each factored layer against its conv on the model's device, at the input
             shape ``input_size`` or ``example_inputs`` gives it, and keep the conv where the factored form is not
             faster by :data:`cpkernels.dispatch.measured.DENSE_MARGIN` (the report says why). A MAC plan's ranks
-            are timed so too; a latency plan always checks again, at the inputs it was timed at.
+            are timed so too; a latency plan always checks again, at the inputs it was timed at. ``"network"``:
+            instead, time the compressed model as a whole on those inputs, with every factored layer and then with
+            every conv in its place, and keep the conv where the factored layer was not faster *there*
+            (:mod:`cpkernels.compression.network_timing`: the layers before it can change the winner).
         memory_format: the layout ``keep_dense_where_faster`` times both forms in, ``torch.contiguous_format``
             (NCHW) or ``torch.channels_last``, as the model will be called (the fastest form can differ between
             them). None: that of the first example input when it is given, else a plan's ``memory_format``, else
@@ -229,9 +233,12 @@ def compress_model(
     elif calibration is not None:
         raise ValueError("calibration is for compensate=True (plan_ranks takes its own)")
     latency_plan = isinstance(rank, RankPlan) and rank.metric == "latency"
-    if keep_dense_where_faster and input_size is None and example_inputs is None and not latency_plan:
-        raise ValueError("keep_dense_where_faster=True needs input_size or example_inputs (a conv's time depends "
-                         "on its input)")
+    if not (isinstance(keep_dense_where_faster, bool) or keep_dense_where_faster == "network"):
+        raise ValueError(f"keep_dense_where_faster must be True, False or 'network', got {keep_dense_where_faster!r}")
+    inputs_needed = keep_dense_where_faster == "network" or (keep_dense_where_faster and not latency_plan)
+    if inputs_needed and input_size is None and example_inputs is None:
+        raise ValueError(f"keep_dense_where_faster={keep_dense_where_faster!r} needs input_size or example_inputs "
+                         "(a conv's time depends on its input)")
     if memory_format is not None and latency_plan:
         raise ValueError("a latency plan was timed in its own memory format (plan.memory_format): give "
                          "memory_format to plan_ranks instead")
@@ -280,7 +287,8 @@ def _compress(model, rank, target_error, include, exclude, predicate, min_channe
         if rank_multiple != 1:
             raise ValueError("a RankPlan has its ranks already: give rank_multiple to plan_ranks instead")
         return _apply_plan(model, rank, inplace, backend, fold_batchnorm or rank.fold_batchnorm,
-                           keep_faster and rank.metric != "latency", input_size, example_inputs, memory_format)
+                           "network" if keep_faster == "network" else keep_faster and rank.metric != "latency",
+                           input_size, example_inputs, memory_format)
     if rank is None and target_error is None:
         rank = DEFAULT_RANK
     if target_error is not None and rank is not None and not isinstance(rank, Mapping):
@@ -293,6 +301,7 @@ def _compress(model, rank, target_error, include, exclude, predicate, min_channe
     batch = _timing_batch(input_size, example_inputs) if keep_faster else None
     convs = list(convs_of(model))
     report = CompressionReport()
+    replaced = {}  # name -> (conv, its names, its row, the row as dense): what "network" may put back
     for i, (name, conv, names) in enumerate(tqdm(convs, desc="compressing", unit="layer",
                                                  disable=None if progress is None else not progress)):
         in_hw = sizes.get(id(conv))
@@ -312,14 +321,37 @@ def _compress(model, rank, target_error, include, exclude, predicate, min_channe
             family = family_of_layer(layer)
             if shape is not None and not family.macs(shape, layer.rank) < shape.dense_macs():
                 row["skipped"] = f"rank {layer.rank} (from target_error) saves no MACs"
-            elif keep_faster and in_hw is not None and (slower := slower_than_dense(
+            elif keep_faster is True and in_hw is not None and (slower := slower_than_dense(
                     conv, family.name, layer.rank, (batch, conv.in_channels, *in_hw), memory_format)):
                 row["skipped"] = slower
             else:
+                replaced[name] = (conv, names, row, dict(row))
                 factored_row(row, conv, layer, shape, seconds)
                 replace_everywhere(model, names, layer)
         report.rows.append(row)
+    if keep_faster == "network":
+        _keep_dense_in_network(model, replaced, input_size, example_inputs, memory_format)
     return model, report
+
+
+def _keep_dense_in_network(model: nn.Module, replaced: Mapping[str, tuple], input_size, example_inputs,
+                           memory_format) -> None:
+    """``keep_dense_where_faster="network"``: the convs in ``replaced`` whose factored layer was not faster in the
+    model's forward on ``example_inputs`` (else on a random input of ``input_size`` in ``memory_format``) are put
+    back, their report rows made dense again with the reason."""
+    if not replaced:
+        return
+    if example_inputs is None:
+        ref = next(model.parameters())
+        # a generator of its own: the caller's random state is not drawn from
+        x = torch.randn(tuple(input_size), generator=torch.Generator().manual_seed(0), dtype=ref.dtype)
+        example_inputs = (x.to(ref.device).contiguous(memory_format=memory_format),)
+    kept = keep_dense_where_slower_in_network(model, {name: (conv, names) for name, (conv, names, _, _) in
+                                                      replaced.items()}, example_inputs)
+    for name, why in kept.items():
+        _, _, row, dense_row = replaced[name]
+        row.clear()
+        row.update(dense_row, skipped=why)
 
 
 def _candidates(conv: nn.Conv2d, layer_rank, target, families, multiple: int, in_hw,
@@ -364,12 +396,13 @@ def _timing_batch(input_size, example_inputs) -> int:
 
 
 def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str, fold_batchnorm: bool,
-                keep_faster: bool = False, input_size=None, example_inputs=None,
+                keep_faster: Union[bool, str] = False, input_size=None, example_inputs=None,
                 memory_format=torch.contiguous_format) -> tuple[nn.Module, CompressionReport]:
     """``compress_model(model, plan)``: the plan's ranks, with the factors it decomposed when it has them
     (a plan read from JSON has none: those layers are decomposed at the planned rank). A latency plan checks
     each factored conv again at the input it was timed at; ``keep_faster`` times a MAC plan's at the input
-    ``input_size`` or ``example_inputs`` gives it, in ``memory_format``."""
+    ``input_size`` or ``example_inputs`` gives it, in ``memory_format`` (``"network"``: any plan's, in the model's
+    forward on those inputs)."""
     plan.check_model(model)
     if fold_batchnorm:
         model, _ = fold_batchnorm_into_convs(model, inplace=inplace)
@@ -381,9 +414,10 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str, f
     if not inplace:
         model = copy.deepcopy(model)
     names_of = {id(conv): names for _, conv, names in convs_of(model)}
-    sizes = conv_input_sizes(model, input_size, example_inputs) if keep_faster else {}
-    batch = _timing_batch(input_size, example_inputs) if keep_faster else None
+    sizes = conv_input_sizes(model, input_size, example_inputs) if keep_faster is True else {}
+    batch = _timing_batch(input_size, example_inputs) if keep_faster is True else None
     report = CompressionReport()
+    replaced = {}  # name -> (conv, its names, its row, the row as dense): what "network" may put back
     for planned in plan.rows:
         conv = model.get_submodule(planned["name"])
         # a latency plan recorded the input each conv it reached was timed at: its MACs there go in the report
@@ -405,11 +439,14 @@ def _apply_plan(model: nn.Module, plan: RankPlan, inplace: bool, backend: str, f
             factors = plan.factors.get(planned["name"])
             layer = (family.module.from_conv(conv, family.normalise(planned["rank"]), backend=backend)
                      if factors is None else family.from_factors(factors, conv, backend))
+            replaced[planned["name"]] = (conv, names_of[id(conv)], row, dict(row))
             factored_row(row, conv, layer, shape, time.perf_counter() - start)
             if plan.metric == "macs":
                 row.update(macs_before=planned["cost_before"], macs_after=planned["cost_after"])
             replace_everywhere(model, names_of[id(conv)], layer)
         report.rows.append(row)
+    if keep_faster == "network":
+        _keep_dense_in_network(model, replaced, input_size, example_inputs, memory_format)
     return model, report
 
 

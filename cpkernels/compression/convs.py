@@ -3,6 +3,7 @@ input size each one sees, which ones a user's filters leave dense and why, and r
 from __future__ import annotations
 
 import fnmatch
+from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -56,12 +57,25 @@ def conv_input_sizes(model: nn.Module, input_size=None, example_inputs=None) -> 
 
     hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*tuple(example_inputs))
     finally:
         for h in hooks:
             h.remove()
     return sizes
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode within the block, each module's own flag put back after it: a probe's or a timing's
+    forward pass must not update a BatchNorm's running statistics or draw dropout masks."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def conv_shape(conv: nn.Conv2d, in_hw: Optional[tuple[int, int]]) -> Optional[ConvShape]:

@@ -73,3 +73,51 @@ def interleaved_median_seconds(calls: dict[str, Callable[[], object]], repeats: 
             call()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in samples.items()}
+
+
+def seconds_in_forward(forwards: dict[str, Callable[[], object]], modules: dict[str, dict[str, torch.nn.Module]],
+                       repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall-clock seconds of each module's calls inside a forward pass, per forward: ``forwards`` maps a
+    name to a call that runs one whole forward pass (of a model as it stands then), ``modules[that name]`` the
+    modules to time in it, by name (a module called several times in one pass: the sum). After one warm-up call
+    each, the forwards take turns in every round (:func:`interleaved_median_seconds`' reason). A module times the
+    cache, memory and allocator state the layers before it leave, which a layer timed alone on its own input
+    does not see."""
+    for forward_name, named in modules.items():
+        if len({id(m) for m in named.values()}) != len(named):
+            raise ValueError(f"a module is named twice among those timed in {forward_name!r}: name it once")
+    samples = {f: {name: [] for name in modules[f]} for f in forwards}
+    current: dict[str, float] = {}
+    start_of: dict[int, float] = {}
+
+    def start(module, args):  # returns None: a pre-hook's return value would replace the input
+        start_of[id(module)] = time.perf_counter()
+
+    def stop(name):
+        def hook(module, args, output):  # returns None: a hook's return value would replace the output
+            current[name] = current.get(name, 0.0) + time.perf_counter() - start_of.pop(id(module))
+        return hook
+
+    def run(forward_name, record: bool):
+        handles = []
+        try:
+            for name, module in modules[forward_name].items():
+                handles.append(module.register_forward_pre_hook(start))
+                handles.append(module.register_forward_hook(stop(name)))
+            current.clear()
+            forwards[forward_name]()
+        finally:
+            for handle in handles:
+                handle.remove()
+        if record:
+            for name in modules[forward_name]:
+                if name not in current:
+                    raise ValueError(f"{name!r} was not called by the forward pass it is timed in")
+                samples[forward_name][name].append(current[name])
+
+    for forward_name in forwards:
+        run(forward_name, record=False)
+    for _ in range(repeats):
+        for forward_name in forwards:
+            run(forward_name, record=True)
+    return {f: {name: statistics.median(t) for name, t in by_name.items()} for f, by_name in samples.items()}
