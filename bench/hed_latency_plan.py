@@ -2,6 +2,7 @@
 size and batch the network runs at, against planning by MACs.
 
     python -m bench.hed_latency_plan --out bench/results/cpu-intel-xeon-avx512-2core
+    python -m bench.hed_latency_plan --out DIR --channels-last  # planned and timed on channels_last inputs
 
 A latency budget is a fraction of the 13 3x3 convs' dense time at batch 1 and 416x640 on this machine's threads
 (the 1x1 side outputs and the fusion stay dense, as in :mod:`bench.hed_methods`, and so does the first conv, by
@@ -16,6 +17,9 @@ A latency budget is a fraction of the 13 3x3 convs' dense time at batch 1 and 41
 - the whole network's time against dense, interleaved with the MAC plans of :mod:`bench.hed_methods` named by
   ``--macs`` (planned there, on its cache), so that both plans meet the same machine.
 
+``--channels-last`` plans (``plan_ranks(..., memory_format=torch.channels_last)``: the candidates and the dense
+time of the budget) and times every network on channels_last inputs, the layout the CPU runs HED fastest in.
+
 Writes ``hed_latency_plan.json`` and ``hed_latency_plan.md`` in ``--out``.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 
 from cpkernels import compress_model, plan_ranks
+from cpkernels.core.conv_args import MEMORY_FORMATS
 from cpkernels.tools import hed
 from cpkernels.tools.profile import environment
 
@@ -46,6 +51,7 @@ SETTINGS = dict(
     # conv1_1 (3 -> 64 on raw pixels) stays dense: factored, the latency plan made it Tucker-2 (9, 1), one input
     # channel of three, and the judging photos' F1 fell to 0.919 / 0.839 at 0.35 (README, "Planning by time on HED")
     skip_first=True,
+    memory_format="contiguous_format",  # of the inputs planned and timed on; --channels-last: "channels_last"
 )
 
 
@@ -58,6 +64,7 @@ def latency_hed(model: nn.Module, budget: float) -> tuple[nn.Module, dict]:
     plan = plan_ranks(model, budget, metric="latency", method="data", decomposition="auto",
                       calibration=calibration_batches(), input_size=size, exclude=list(hed.HEAD_PATTERNS),
                       budget_over="considered", skip_first=SETTINGS["skip_first"],
+                      memory_format=MEMORY_FORMATS[SETTINGS["memory_format"]],
                       n_iter_max=METHOD_SETTINGS["n_iter_max"],
                       random_state=METHOD_SETTINGS["random_state"], progress=False,
                       **({} if SETTINGS["ladder"] is None else {"ladder": SETTINGS["ladder"]}))
@@ -103,7 +110,8 @@ def measure(budgets, macs_configs, cache: str) -> tuple[list[dict], dict]:
             row["f1"] = edge_f1s(models[row["config"]], dense_maps, inputs)
         load = os.getloadavg()[0]
         with torch.no_grad():
-            seconds = interleaved_seconds(models, inputs["china"], SETTINGS["runs"])
+            photo = inputs["china"].contiguous(memory_format=MEMORY_FORMATS[SETTINGS["memory_format"]])
+            seconds = interleaved_seconds(models, photo, SETTINGS["runs"])
     finally:
         torch.set_num_threads(previous)
     for row in rows:
@@ -122,7 +130,8 @@ def to_markdown(rows: list[dict], env: dict, extra: dict) -> str:
              "`compress_model(model, plan)`; cp-data-B: `bench.hed_methods`' MAC plans (B a fraction of the 3x3 "
              f"convs' MACs, planned on {METHOD_SETTINGS['plan_threads']} thread). Calibration: scikit-image's photos "
              f"and their mirrors at {'x'.join(map(str, METHOD_SETTINGS['calibration_size']))}; edge F1 against dense "
-             f"on scikit-learn's china and flower at {size}; no fine-tuning. Time: batch 1 on china, median of "
+             f"on scikit-learn's china and flower at {size}; no fine-tuning. Planned and timed on "
+             f"{SETTINGS['memory_format']} inputs. Time: batch 1 on china, median of "
              f"{SETTINGS['runs']}, every model and dense taking turns in each round; load average "
              f"{extra['load_average_before_timing']:.1f} before timing.", "",
              "| plan | budget | planned time kept | MACs kept | forms | F1 china | F1 flower | plan s | dense ms "
@@ -146,12 +155,15 @@ def main(argv=None) -> int:
     parser.add_argument("--macs", nargs="*", default=list(SETTINGS["macs"]),
                         help="bench.hed_methods configurations timed beside them (e.g. cp-data-0.25)")
     parser.add_argument("--cache", default=CACHE, help="bench.hed_methods' model cache")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="plan and time on channels_last inputs (the latency plans' memory_format)")
     args = parser.parse_args(argv)
     for name in args.macs:  # before any work
         parse_config(name)
     for budget in args.budgets:
         if not 0 < budget <= 1:
             raise SystemExit(f"a budget is a fraction in (0, 1], got {budget}")
+    SETTINGS["memory_format"] = "channels_last" if args.channels_last else "contiguous_format"
     rows, extra = measure(args.budgets, args.macs, args.cache)
     if args.out:
         env = environment("cpu")
