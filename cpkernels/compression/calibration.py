@@ -18,6 +18,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from cpkernels.compression.convs import eval_mode
+
 
 @dataclass
 class InputStatistics:
@@ -106,8 +108,8 @@ class EvalHooks(_ForwardHooks):
         self.model = model
 
     def __enter__(self):
-        self.training = [(m, m.training) for m in self.model.modules()]  # each one's flag, mixed ones too
-        self.model.eval()
+        self.modes = eval_mode(self.model)  # each module's own flag comes back after the block
+        self.modes.__enter__()
         self.no_grad = torch.no_grad()
         self.no_grad.__enter__()
         return super().__enter__()
@@ -115,8 +117,7 @@ class EvalHooks(_ForwardHooks):
     def __exit__(self, exc_type, *exc) -> bool:
         stopped = super().__exit__(exc_type, *exc)
         self.no_grad.__exit__(exc_type, *exc)
-        for module, training in self.training:
-            module.training = training
+        self.modes.__exit__(exc_type, *exc)
         return stopped
 
 
